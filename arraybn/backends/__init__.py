@@ -1,0 +1,89 @@
+"""Backend registry: pick the array module and the fused BN kernels.
+
+Backends are imported only when asked for, so ``import arraybn`` never imports Numba or CuPy.
+A CuPy array is recognised by its type's module name, without importing CuPy.
+"""
+import importlib
+import os
+
+from arraybn.backends.base import Backend, BackendUnavailableError
+
+_MODULES = {
+    "numpy": "arraybn.backends.numpy_backend",
+    "numba": "arraybn.backends.numba_backend",
+    "cupy": "arraybn.backends.cupy_backend",
+}
+BACKEND_NAMES = tuple(_MODULES)
+_AUTO_ORDER = ("cupy", "numba", "numpy")
+_instances = {}
+
+__all__ = ["Backend", "BackendUnavailableError", "BACKEND_NAMES", "get_backend",
+           "available_backends", "backend_for"]
+
+
+def _load(name):
+    if name not in _instances:
+        module = importlib.import_module(_MODULES[name])
+        _instances[name] = module.create()  # raises BackendUnavailableError with the reason
+    return _instances[name]
+
+
+def available_backends():
+    """Names of the backends that work on this machine, in registry order."""
+    names = []
+    for name in BACKEND_NAMES:
+        try:
+            _load(name)
+        except BackendUnavailableError:
+            continue
+        names.append(name)
+    return names
+
+
+def get_backend(name="auto"):
+    """Return the backend called ``name`` ('numpy', 'numba', 'cupy' or 'auto').
+
+    'auto' honours the environment variable ARRAYBN_BACKEND, else picks cupy if a CUDA GPU
+    works, else numba, else numpy. A backend object passes through unchanged.
+    """
+    if isinstance(name, Backend):
+        return name
+    if name is None or name == "auto":
+        forced = os.environ.get("ARRAYBN_BACKEND", "").strip().lower()
+        if forced and forced != "auto":
+            return get_backend(forced)
+        for candidate in _AUTO_ORDER:
+            try:
+                return _load(candidate)
+            except BackendUnavailableError:
+                continue
+        raise BackendUnavailableError("no backend works here; is NumPy installed?")
+    if not isinstance(name, str) or name.lower() not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of "
+                         f"{', '.join(BACKEND_NAMES)} or 'auto'")
+    return _load(name.lower())
+
+
+def is_cupy_array(x):
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def backend_for(x, backend=None):
+    """The backend to run ``x`` on: the one named, else cupy for a CuPy array, else the default.
+
+    A NumPy array never goes to the cupy backend implicitly: when 'auto' would pick cupy, it
+    runs on the best CPU backend instead.
+    """
+    if backend is not None:
+        return get_backend(backend)
+    if is_cupy_array(x):
+        return get_backend("cupy")
+    default = get_backend("auto")
+    if default.name != "cupy":
+        return default
+    for candidate in ("numba", "numpy"):
+        try:
+            return _load(candidate)
+        except BackendUnavailableError:
+            continue
+    raise BackendUnavailableError("no CPU backend works here; is NumPy installed?")

@@ -1,0 +1,53 @@
+"""The contract every backend implements.
+
+A backend owns an array module ``xp`` and four kernels. The BN core reshapes every input to
+``x3`` of shape ``(N, C, M)`` (M = product of the spatial axes, 1 for dense data), C-contiguous,
+float32 or float64, and calls only these. Per-channel arrays (mean, var, coefficients, sums) are
+float64 of shape ``(C,)`` on the backend's device; element-wise arithmetic is done in float64
+and rounded once to the data's dtype, so float32 results are correctly rounded, not merely close.
+
+- ``moments(x3) -> (mean, var)``: per-channel mean and biased variance, two-pass or Chan merges,
+  never ``E[x^2] - E[x]^2``.
+- ``forward_train(x3, gamma, beta, eps, center_only, out) -> (y, mean, var)``: the fused training
+  forward. ``y = gamma * (x - mean) / sqrt(var + eps) + beta``, or ``gamma * (x - mean) + beta``
+  when ``center_only``.
+- ``affine(x3, a, b, out) -> y``: ``y = a[c] * x + b[c]`` (inference, frozen statistics, renorm).
+- ``backward(gy3, x3, mean, scale, w, centered, out) -> (gx, sum_gy, sum_gy_xc)``:
+  ``sum_gy = sum(gy)``, ``sum_gy_xc = sum(gy * (x - mean))`` per channel, and
+  ``gx = scale * (gy - sum_gy / m - w * (x - mean) * sum_gy_xc / m)`` when ``centered``
+  (statistics computed from this batch), else ``gx = scale * gy`` (statistics are constants);
+  ``m = N * M``.
+
+``out``, when given, is a preallocated C-contiguous array of x3's shape and dtype to write into.
+"""
+
+
+import abc
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why and what to do."""
+
+
+class Backend(abc.ABC):
+    name = "abstract"
+    xp = None
+
+    @abc.abstractmethod
+    def moments(self, x3):
+        """Per-channel (mean, biased var), float64 (C,)."""
+
+    @abc.abstractmethod
+    def forward_train(self, x3, gamma, beta, eps, center_only=False, out=None):
+        """Fused training forward: (y, mean, var)."""
+
+    @abc.abstractmethod
+    def affine(self, x3, a, b, out=None):
+        """y = a[c] * x + b[c]."""
+
+    @abc.abstractmethod
+    def backward(self, gy3, x3, mean, scale, w, centered=True, out=None):
+        """(gx, sum_gy, sum_gy_xc)."""
+
+    def __repr__(self):
+        return f"<arraybn backend {self.name!r}>"

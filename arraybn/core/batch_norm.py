@@ -1,0 +1,207 @@
+"""Batch normalization forward/backward for every variant, on any backend.
+
+Every variant is written with the backend's four kernels (see ``arraybn.backends.base``). For each
+group of samples (the whole batch, or one ghost batch) the cache keeps the statistics used to centre
+it and the per-channel map ``x_hat = (x - mean) * xhat_scale + xhat_shift``; backward needs nothing
+else:
+
+=================  ============================  ===========  ================  ========
+variant            mean used                     xhat_scale   xhat_shift        centred
+=================  ============================  ===========  ================  ========
+full               batch mean                    inv_std      0                 yes
+mean_only          batch mean                    1            0                 yes
+renorm             batch mean                    r * inv_std  d                 yes
+frozen/inference   running mean                  inv_std (1)  0                 no
+=================  ============================  ===========  ================  ========
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from arraybn.backends import backend_for, is_cupy_array
+from arraybn.core import validation as v
+
+
+@dataclass
+class BNCache:
+    """What ``batch_norm_backward`` needs; built by ``batch_norm_forward``."""
+    backend: object
+    x3: object              # (N, C, M) C-contiguous input
+    shape: tuple            # the input's original shape
+    groups: tuple           # ((start, stop), ...) along N: one per ghost batch, else one
+    mean: list              # per group: float64 (C,) statistics that centre the group
+    xhat_scale: list        # per group: float64 (C,)
+    xhat_shift: list        # per group: float64 (C,) or None
+    w: list                 # per group: float64 (C,) weight of the variance term in gx
+    centered: bool          # statistics were computed from this batch
+    gamma: object           # float64 (C,)
+    gamma_dtype: object     # dtype for ggamma, None when gamma was None
+    beta_dtype: object      # dtype for gbeta, None when beta was None
+
+
+def _check_array_module(x, be):
+    on_gpu = is_cupy_array(x)
+    if on_gpu != (be.name == "cupy"):
+        where = "a CuPy (GPU) array" if on_gpu else "a NumPy (CPU) array"
+        fix = ("move it with cupy.asarray(x)" if be.name == "cupy"
+               else "use backend='cupy' or move it with x.get()")
+        raise TypeError(f"x is {where} but backend {be.name!r} was asked for; {fix}")
+
+
+def _groups(n, ghost_batch_size):
+    if ghost_batch_size is None:
+        return ((0, n),)
+    if int(ghost_batch_size) != ghost_batch_size or ghost_batch_size < 1:
+        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+    count = -(-n // int(ghost_batch_size))             # ceil: groups as equal as possible
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return tuple((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
+
+
+def _update_running(buf, momentum, value):
+    if buf is not None:
+        buf[...] = ((1.0 - momentum) * buf + momentum * value).astype(buf.dtype)
+
+
+def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, running_var=None,
+                       momentum=0.1, eps=1e-5, variant="full", backend=None,
+                       ghost_batch_size=None, renorm=False, rmax=3.0, dmax=5.0, frozen=False):
+    """Batch-normalize ``x`` of shape (N, C) or (N, C, *spatial); returns ``(y, cache)``.
+
+    Statistics are per channel (axis 1) over N and the spatial axes.
+
+    training=True: normalize with the batch mean and biased variance; running buffers, when
+        given, are updated in place: ``r = (1 - momentum) * r + momentum * batch`` (unbiased
+        variance for ``running_var``), exactly like ``torch.nn.functional.batch_norm``.
+    training=False or frozen=True: normalize with ``running_mean``/``running_var`` and update
+        nothing; backward treats those statistics as constants (fine-tuning with frozen BN).
+    variant: 'full' (``gamma * x_hat + beta``) or 'mean_only' (``gamma * (x - mean) + beta``,
+        Salimans & Kingma 2016; ``running_var`` is neither needed nor touched).
+    ghost_batch_size: normalize each run of about this many samples with its own statistics
+        (Hoffer et al. 2017); the batch is cut into ceil(N / size) groups as equal as possible,
+        and the running buffers are updated once per group, in order.
+    renorm: batch renormalization (Ioffe 2017): ``x_hat = (x - mean_B) / sigma_B * r + d`` with
+        ``r = clip(sigma_B / sigma_run, 1/rmax, rmax)``, ``d = clip((mean_B - mean_run) / sigma_run,
+        -dmax, dmax)``, r and d constants in backward; needs the running buffers.
+    gamma/beta may be None (no affine transform); their gradients are then None.
+    y has x's dtype and shape, C-contiguous.
+    """
+    be = backend_for(x, backend)
+    xp = be.xp
+    _check_array_module(x, be)
+    x3 = v.as_nc_m(x, xp)
+    n, channels, m = x3.shape
+    variant = v.check_variant(variant)
+    v.check_scalars(momentum, eps)
+    center_only = variant == "mean_only"
+    rm = v.check_buffer(running_mean, "running_mean", channels, xp)
+    rv = v.check_buffer(running_var, "running_var", channels, xp)
+    g = v.channel_param(gamma, "gamma", channels, xp, 1.0)
+    b = v.channel_param(beta, "beta", channels, xp, 0.0)
+    dtypes = (None if gamma is None else np.dtype(getattr(gamma, "dtype", np.float64)),
+              None if beta is None else np.dtype(getattr(beta, "dtype", np.float64)))
+    use_running = frozen or not training
+    if use_running or renorm:
+        _require_running(rm, rv, center_only, "frozen statistics / inference" if use_running
+                         else "batch renormalization")
+    if renorm and center_only:
+        raise ValueError("batch renormalization needs variant='full' (it rescales by r)")
+    y3 = xp.empty_like(x3)
+    if use_running:
+        cache_parts = _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only)
+        groups, centered = ((0, n),), False
+    else:
+        groups, centered = _groups(n, ghost_batch_size), True
+        cache_parts = _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps,
+                                       center_only, renorm, rmax, dmax)
+    cache = BNCache(be, x3, tuple(x.shape), groups, *cache_parts, centered, g, *dtypes)
+    return y3.reshape(x.shape), cache
+
+
+def _require_running(rm, rv, center_only, what):
+    if rm is None or (rv is None and not center_only):
+        raise ValueError(f"{what} needs running_mean" + ("" if center_only else " and running_var")
+                         + "; pass the stored statistics (or use training=True)")
+
+
+def _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only):
+    xp = be.xp
+    mean = rm.astype(np.float64)
+    v.check_finite(xp, [mean] if center_only else [mean, rv], "running statistics")
+    scale = xp.ones_like(mean) if center_only else 1.0 / xp.sqrt(rv.astype(np.float64) + eps)
+    a = g * scale
+    be.affine(x3, a, b - mean * a, out=y3)
+    return [mean], [scale], [None], [xp.zeros_like(mean)]
+
+
+def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_only, renorm,
+                     rmax, dmax):
+    xp = be.xp
+    means, scales, shifts, ws = [], [], [], []
+    for start, stop in groups:
+        xg, yg = x3[start:stop], y3[start:stop]
+        count = xg.shape[0] * xg.shape[2]
+        v.check_batch_size(count, xg.shape, "the batch" if len(groups) == 1 else "a ghost batch")
+        if renorm:
+            mean, var = be.moments(xg)
+        else:
+            _, mean, var = be.forward_train(xg, g, b, eps, center_only, out=yg)
+        v.check_finite(xp, [mean, var], "batch statistics")
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        shift = None
+        if center_only:
+            scale, w = xp.ones_like(mean), xp.zeros_like(mean)
+        elif renorm:
+            scale, shift = _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax)
+            a = g * scale
+            be.affine(xg, a, b + g * shift - mean * a, out=yg)
+            w = inv_std * inv_std
+        else:
+            scale, w = inv_std, inv_std * inv_std
+        _update_running(rm, momentum, mean)
+        if not center_only:
+            _update_running(rv, momentum, var * (count / (count - 1)))
+        means.append(mean), scales.append(scale), shifts.append(shift), ws.append(w)
+    return means, scales, shifts, ws
+
+
+def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
+    """(r / sigma_B, d) of batch renormalization, from the running statistics before the update."""
+    if not (rmax >= 1 and dmax >= 0):
+        raise ValueError(f"renorm needs rmax >= 1 and dmax >= 0; got rmax={rmax}, dmax={dmax}")
+    v.check_finite(xp, [rm, rv], "running statistics")
+    sigma_b = xp.sqrt(var + eps)
+    sigma_run = xp.sqrt(rv.astype(np.float64) + eps)
+    r = xp.clip(sigma_b / sigma_run, 1.0 / rmax, rmax)
+    d = xp.clip((mean - rm.astype(np.float64)) / sigma_run, -dmax, dmax)
+    return r / sigma_b, d
+
+
+def batch_norm_backward(gy, cache):
+    """Gradients ``(gx, ggamma, gbeta)`` of the loss, given ``gy = dL/dy`` and the forward cache.
+
+    gx has the input's shape and dtype; ggamma/gbeta have gamma's/beta's dtype (None when the
+    forward got None).
+    """
+    if not isinstance(cache, BNCache):
+        raise TypeError("cache must be the second value returned by batch_norm_forward")
+    be, x3 = cache.backend, cache.x3
+    xp = be.xp
+    if tuple(gy.shape) != cache.shape:
+        raise ValueError(f"gy has shape {tuple(gy.shape)} but the forward input had {cache.shape}")
+    _check_array_module(gy, be)
+    gy3 = xp.ascontiguousarray(gy, dtype=x3.dtype).reshape(x3.shape)
+    gx3 = xp.empty_like(x3)
+    ggamma = xp.zeros(x3.shape[1], dtype=np.float64)
+    gbeta = xp.zeros(x3.shape[1], dtype=np.float64)
+    for k, (start, stop) in enumerate(cache.groups):
+        _, sum_gy, sum_gy_xc = be.backward(gy3[start:stop], x3[start:stop], cache.mean[k],
+                                           cache.gamma * cache.xhat_scale[k], cache.w[k],
+                                           cache.centered, out=gx3[start:stop])
+        gbeta += sum_gy
+        ggamma += sum_gy_xc * cache.xhat_scale[k]
+        if cache.xhat_shift[k] is not None:
+            ggamma += sum_gy * cache.xhat_shift[k]
+    return (gx3.reshape(cache.shape),
+            None if cache.gamma_dtype is None else ggamma.astype(cache.gamma_dtype),
+            None if cache.beta_dtype is None else gbeta.astype(cache.beta_dtype))

@@ -1,0 +1,85 @@
+"""Input checks shared by the BN functions: every message says what was wrong and what to do."""
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+VARIANTS = {"full": "full", "mean_only": "mean_only", "mean-only": "mean_only"}
+
+
+def as_nc_m(x, xp):
+    """View ``x`` of shape (N, C, *spatial) as a C-contiguous (N, C, M) array (copies if needed)."""
+    if not hasattr(x, "ndim"):
+        x = xp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (N, C) or (N, C, *spatial); got shape {tuple(x.shape)}. "
+                         "Add a batch axis, e.g. x[None] for a single sample.")
+    if np.dtype(x.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}; convert it first, "
+                        "e.g. x.astype(numpy.float32)")
+    n, c = x.shape[:2]
+    if n == 0 or c == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); BN needs at least one sample and channel")
+    return xp.ascontiguousarray(x).reshape(n, c, -1)
+
+
+def check_variant(variant):
+    try:
+        return VARIANTS[variant]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown variant {variant!r}; choose 'full' or 'mean_only' (ghost batches, "
+                         "batch renormalization and frozen statistics are keyword options)") from None
+
+
+def channel_param(value, name, channels, xp, default):
+    """gamma/beta/coefficients as float64 (C,) on the backend; None gives ``default``."""
+    if value is None:
+        return xp.full(channels, default, dtype=np.float64)
+    arr = xp.asarray(value)
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) for {channels} channels; "
+                         f"got shape {tuple(arr.shape)}")
+    return arr.astype(np.float64)
+
+
+def check_buffer(buf, name, channels, xp):
+    if buf is None:
+        return None
+    if not isinstance(buf, xp.ndarray):
+        raise TypeError(f"{name} must be a {xp.__name__} array (it is updated in place); "
+                        f"got {type(buf).__name__}")
+    if buf.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},); got {tuple(buf.shape)}")
+    if np.dtype(buf.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {buf.dtype}")
+    return buf
+
+
+def check_scalars(momentum, eps):
+    if not (eps > 0):
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if momentum is None or not (0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r} "
+                         "(a cumulative average is BatchNorm(momentum=None) in arraybn.nn)")
+
+
+def check_batch_size(count, shape, what="the batch"):
+    if count < 2:
+        raise ValueError(
+            f"batch normalization in training mode needs more than one value per channel, but "
+            f"{what} of shape {tuple(shape)} has {count}. Use a batch size > 1 "
+            "(or larger ghost batches), or run in inference mode (training=False) with stored "
+            "statistics.")
+
+
+def check_finite(xp, arrays, what):
+    bad = None
+    for arr in arrays:
+        finite = xp.isfinite(arr)
+        if not bool(finite.all()):
+            idx = np.flatnonzero(~(finite.get() if hasattr(finite, "get") else finite))
+            bad = idx if bad is None else np.union1d(bad, idx)
+    if bad is not None:
+        from arraybn.core.errors import NonFiniteStatisticsError
+        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+        raise NonFiniteStatisticsError(
+            f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "
+            "(lower the learning rate, check the data, or use float64)", channels=bad)

@@ -1,0 +1,1 @@
+"""The arraybn command-line interface (installed as the package ``arraybn_cli``)."""
