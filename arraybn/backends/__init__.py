@@ -23,7 +23,13 @@ __all__ = ["Backend", "BackendUnavailableError", "BACKEND_NAMES", "get_backend",
 
 def _load(name):
     if name not in _instances:
-        module = importlib.import_module(_MODULES[name])
+        try:
+            module = importlib.import_module(_MODULES[name])
+        except ModuleNotFoundError as exc:
+            if exc.name != _MODULES[name]:
+                raise
+            raise BackendUnavailableError(f"backend {name!r} is missing from this installation "
+                                          "of arraybn; reinstall it") from exc
         _instances[name] = module.create()  # raises BackendUnavailableError with the reason
     return _instances[name]
 
