@@ -53,8 +53,10 @@ def _groups(n, ghost_batch_size):
         return ((0, n),)
     if int(ghost_batch_size) != ghost_batch_size or ghost_batch_size < 1:
         raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
-    count = -(-n // int(ghost_batch_size))             # ceil: groups as equal as possible
-    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    count = -(-n // int(ghost_batch_size))
+    base, extra = divmod(n, count)                     # like numpy.array_split: sizes differ by
+    sizes = [base + 1] * extra + [base] * (count - extra)  # at most one, larger ones first
+    bounds = np.cumsum([0] + sizes)
     return tuple((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
@@ -78,8 +80,8 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     variant: 'full' (``gamma * x_hat + beta``) or 'mean_only' (``gamma * (x - mean) + beta``,
         Salimans & Kingma 2016; ``running_var`` is neither needed nor touched).
     ghost_batch_size: normalize each run of about this many samples with its own statistics
-        (Hoffer et al. 2017); the batch is cut into ceil(N / size) groups as equal as possible,
-        and the running buffers are updated once per group, in order.
+        (Hoffer et al. 2017); the batch is cut into ceil(N / size) groups as equal as possible
+        (``numpy.array_split``: N=10, size 4 gives 4, 3, 3), and the running buffers are updated once per group, in order.
     renorm: batch renormalization (Ioffe 2017): ``x_hat = (x - mean_B) / sigma_B * r + d`` with
         ``r = clip(sigma_B / sigma_run, 1/rmax, rmax)``, ``d = clip((mean_B - mean_run) / sigma_run,
         -dmax, dmax)``, r and d constants in backward; needs the running buffers.
