@@ -1,0 +1,83 @@
+"""Seeded random affine augmentation (rotation, shear, zoom, shift) in NumPy.
+
+Each image gets one affine map drawn at random; the batch is warped in one vectorised pass with
+bilinear sampling. Pixels that map outside the source image take ``fill`` (the normalised
+background value).
+"""
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Ranges of the random transform: each parameter is drawn uniformly from +-range.
+
+    rotation: degrees; shear: shear factor (x shifted by shear * y); zoom: relative scale
+    change (0.1 -> scale in [0.9, 1.1]); shift: fraction of the image height/width.
+    """
+    rotation: float = 10.0
+    shear: float = 0.1
+    zoom: float = 0.1
+    shift: float = 0.1
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if not value >= 0:
+                raise ValueError(f"augmentation range {name} must be >= 0, got {value}")
+        if self.zoom >= 1:
+            raise ValueError(f"augmentation zoom must be < 1 (scale 1 +- zoom), got {self.zoom}")
+
+
+def random_affine(n, height, width, rng, config=AugmentConfig()):
+    """Inverse maps for ``n`` random transforms: ``(A, t)`` of shapes (n, 2, 2) and (n, 2).
+
+    A source point is ``A @ (p - centre) + centre + t`` for the output point ``p = (row, col)``.
+    """
+    angle = np.deg2rad(rng.uniform(-config.rotation, config.rotation, n))
+    shear = rng.uniform(-config.shear, config.shear, n)
+    scale = 1.0 + rng.uniform(-config.zoom, config.zoom, (n, 2))
+    shift = rng.uniform(-config.shift, config.shift, (n, 2)) * np.array([height, width])
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotate = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+    shear_m = np.zeros((n, 2, 2))
+    shear_m[:, 0, 0] = shear_m[:, 1, 1] = 1.0
+    shear_m[:, 1, 0] = shear                       # col += shear * row
+    forward = rotate @ shear_m * scale[:, :, None]  # row i of the map scaled by scale[i]
+    inverse = np.linalg.inv(forward)
+    offset = -np.einsum("nij,nj->ni", inverse, shift)
+    return inverse, offset
+
+
+def warp_affine(images, inverse, offset, fill=0.0):
+    """Bilinearly resample ``images`` (N, C, H, W) through per-image inverse maps.
+
+    ``inverse`` (N, 2, 2) and ``offset`` (N, 2) come from ``random_affine``. Returns an array of
+    the input's shape and dtype.
+    """
+    n, channels, height, width = images.shape
+    centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    grid = np.stack([rows.ravel(), cols.ravel()], 0) - centre[:, None]          # (2, HW)
+    src = inverse @ grid + (centre + offset)[:, :, None]                       # (N, 2, HW)
+    top_left = np.floor(src)
+    frac = (src - top_left).astype(images.dtype)
+    r0, c0 = top_left[:, 0].astype(np.int64), top_left[:, 1].astype(np.int64)
+    flat = images.reshape(n, channels, height * width)
+    out = np.zeros((n, channels, height * width), dtype=images.dtype)
+    for dr, dc in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        r, c = r0 + dr, c0 + dc
+        inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+        index = np.where(inside, r * width + c, 0)
+        values = np.take_along_axis(flat, index[:, None, :], axis=2)
+        values = np.where(inside[:, None, :], values, images.dtype.type(fill))
+        weight = (frac[:, 0] if dr else 1 - frac[:, 0]) * (frac[:, 1] if dc else 1 - frac[:, 1])
+        out += weight[:, None, :] * values
+    return out.reshape(images.shape)
+
+
+def augment_batch(images, rng, config=AugmentConfig(), fill=0.0):
+    """A randomly transformed copy of ``images`` (N, C, H, W), one transform per image."""
+    n, _, height, width = images.shape
+    inverse, offset = random_affine(n, height, width, rng, config)
+    return warp_affine(images, inverse, offset, fill)
