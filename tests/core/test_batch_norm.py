@@ -1,10 +1,12 @@
 """Every backend against the float64 reference of tests/reference.py: forward, backward, buffers."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import arraybn
 from tests import reference as ref
-from tests.conftest import to_backend, to_host
+from tests.conftest import CPU_BACKENDS, to_backend, to_host
 
 SHAPES = [(16, 3), (7, 5), (9, 1), (4, 3, 5, 5), (3, 1, 7, 7), (5, 4, 1, 1), (2, 3, 4, 5, 6),
           (128, 6, 26, 26)]
@@ -175,3 +177,22 @@ def test_outputs_in_the_input_dtype_with_float64_parameters(backend, rng):
     y, cache = arraybn.batch_norm_forward(x, g, b)
     gx, gg, gb = arraybn.batch_norm_backward(y.astype(np.float64), cache)
     assert y.dtype == np.float32 and gx.dtype == np.float32 and gg.dtype == np.float64
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.sampled_from([(8, 3), (4, 2, 3, 3), (3, 5, 7)]), seed=st.integers(0, 2**16),
+       log_a=st.floats(-3, 3), b=st.floats(-1e3, 1e3), name=st.sampled_from(CPU_BACKENDS))
+def test_full_bn_output_is_invariant_to_a_positive_affine_map_per_channel(shape, seed, log_a, b,
+                                                                          name):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape)
+    a = np.exp(log_a + rng.uniform(-0.5, 0.5, size=shape[1]))
+    shift = b * rng.uniform(-1, 1, size=shape[1])
+    bc = (1, -1) + (1,) * (len(shape) - 2)
+    gamma, beta = rng.uniform(0.5, 2, shape[1]), rng.normal(size=shape[1])
+    # eps scales with a**2 so that the invariance is exact in real arithmetic
+    y1, _ = arraybn.batch_norm_forward(x, gamma, beta, eps=1e-6, backend=name)
+    y2 = np.stack([arraybn.batch_norm_forward((x * a.reshape(bc) + shift.reshape(bc))[:, [c]],
+                                              gamma[[c]], beta[[c]], eps=1e-6 * a[c] ** 2,
+                                              backend=name)[0][:, 0] for c in range(shape[1])], 1)
+    np.testing.assert_allclose(y2, y1, rtol=1e-7, atol=1e-7)

@@ -1,0 +1,52 @@
+"""The backend registry: names, 'auto', the environment override, array ownership."""
+import numpy as np
+import pytest
+
+import arraybn
+from arraybn.backends import backend_for
+
+
+def test_numpy_is_always_available_and_cupy_only_with_a_gpu():
+    names = arraybn.available_backends()
+    assert names[0] == "numpy"
+    assert set(names) <= {"numpy", "numba", "cupy"}
+
+
+def test_backend_objects_expose_name_and_array_module():
+    be = arraybn.get_backend("numpy")
+    assert be.name == "numpy" and be.xp is np
+    assert arraybn.get_backend(be) is be
+
+
+def test_auto_prefers_compiled_backends(monkeypatch):
+    monkeypatch.delenv("ARRAYBN_BACKEND", raising=False)
+    expected = [n for n in ("cupy", "numba", "numpy") if n in arraybn.available_backends()][0]
+    assert arraybn.get_backend("auto").name == expected
+
+
+def test_environment_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("ARRAYBN_BACKEND", "numpy")
+    assert arraybn.get_backend().name == "numpy"
+    monkeypatch.setenv("ARRAYBN_BACKEND", "quantum")
+    with pytest.raises(ValueError, match="unknown backend 'quantum'"):
+        arraybn.get_backend("auto")
+
+
+def test_numpy_arrays_run_on_a_cpu_backend(monkeypatch):
+    monkeypatch.delenv("ARRAYBN_BACKEND", raising=False)
+    assert backend_for(np.ones((2, 2))).name in ("numpy", "numba")
+    assert backend_for(np.ones((2, 2)), "numpy").name == "numpy"
+
+
+def test_cupy_unavailable_is_a_readable_error_here():
+    if "cupy" in arraybn.available_backends():
+        pytest.skip("a CUDA GPU works here")
+    with pytest.raises(arraybn.BackendUnavailableError) as info:
+        arraybn.get_backend("cupy")
+    assert len(str(info.value)) > 20
+
+
+@pytest.mark.gpu
+def test_a_numpy_array_is_refused_by_the_cupy_backend_with_advice():
+    with pytest.raises(TypeError, match="cupy.asarray"):
+        arraybn.batch_norm_forward(np.ones((4, 2)), None, None, backend="cupy")
