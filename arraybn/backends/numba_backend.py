@@ -1,0 +1,118 @@
+"""The Numba backend: fused, multi-threaded CPU kernels (NumPy arrays in and out).
+
+Same contract and results as the NumPy backend (see ``arraybn.backends.base``), with fewer passes
+over memory: forward reads ``x`` once from DRAM and writes ``y`` once; backward reads ``gy`` and
+``x`` once and writes ``gx`` once. The public methods only check what a kernel relies on (dtype,
+layout, shapes of ``out``) and allocate; the kernels live in ``numba_kernels``.
+"""
+import numpy as np
+
+from arraybn.backends.base import Backend, BackendUnavailableError
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_INSTALL_HINT = ("install it with `python3 -m pip install numba` (or `pip install arraybn`, "
+                 "which depends on it), or use backend='numpy'")
+
+
+def _check_data(arr, name):
+    if not (isinstance(arr, np.ndarray) and arr.ndim == 3 and arr.dtype in _FLOATS
+            and arr.flags.c_contiguous):
+        raise TypeError(f"numba backend: {name} must be a C-contiguous float32/float64 NumPy array "
+                        f"of shape (N, C, M); got {type(arr).__name__} "
+                        f"{getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}")
+
+
+def _channel_array(values):
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def _output(out, like, name="out"):
+    """``out`` checked against ``like``, or a new array of like's shape and dtype."""
+    if out is None:
+        return np.empty_like(like)
+    if not (isinstance(out, np.ndarray) and out.shape == like.shape and out.dtype == like.dtype
+            and out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"numba backend: {name} must be a writeable C-contiguous {like.dtype} "
+                         f"array of shape {like.shape}; got {getattr(out, 'dtype', '')} "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+    return out
+
+
+class NumbaBackend(Backend):
+    """Kernels from ``numba_kernels``: per-channel fused passes for conv data, row-wise for dense."""
+    name = "numba"
+    xp = np
+
+    def __init__(self, kernels, numba_module):
+        self._k = kernels
+        self._numba = numba_module
+
+    def _blocks(self, channels):
+        """Channel blocks for the dense kernels: one per thread, at least 32 channels each."""
+        return max(1, min(self._numba.get_num_threads(), channels // 32))
+
+    def moments(self, x3):
+        _check_data(x3, "x3")
+        n, channels, m = x3.shape
+        mean, var = np.empty(channels), np.empty(channels)
+        if m == 1:
+            self._k.dense_moments(x3.reshape(n, channels), self._blocks(channels), mean, var)
+        else:
+            self._k.conv_moments(x3, mean, var)
+        return mean, var
+
+    def forward_train(self, x3, gamma, beta, eps, center_only=False, out=None):
+        _check_data(x3, "x3")
+        n, channels, m = x3.shape
+        y3 = _output(out, x3)
+        mean, var = np.empty(channels), np.empty(channels)
+        gamma, beta = _channel_array(gamma), _channel_array(beta)
+        if m == 1:
+            self._k.dense_forward(x3.reshape(n, channels), gamma, beta, float(eps),
+                                  bool(center_only), self._blocks(channels),
+                                  y3.reshape(n, channels), mean, var, np.empty(channels))
+        else:
+            self._k.conv_forward(x3, gamma, beta, float(eps), bool(center_only), y3, mean, var)
+        return y3, mean, var
+
+    def affine(self, x3, a, b, out=None):
+        _check_data(x3, "x3")
+        n, channels, m = x3.shape
+        y3 = _output(out, x3)
+        a, b = _channel_array(a), _channel_array(b)
+        if m == 1:
+            self._k.dense_affine(x3.reshape(n, channels), a, b, self._blocks(channels),
+                                 np.zeros(channels), y3.reshape(n, channels))
+        else:
+            self._k.conv_affine(x3, a, b, y3)
+        return y3
+
+    def backward(self, gy3, x3, mean, scale, w, centered=True, out=None):
+        _check_data(x3, "x3")
+        _check_data(gy3, "gy3")
+        if gy3.shape != x3.shape or gy3.dtype != x3.dtype:
+            raise ValueError(f"numba backend: gy3 ({gy3.dtype} {gy3.shape}) must match x3 "
+                             f"({x3.dtype} {x3.shape})")
+        n, channels, m = x3.shape
+        gx3 = _output(out, x3)
+        mean, scale, w = _channel_array(mean), _channel_array(scale), _channel_array(w)
+        sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
+        if m == 1:
+            shape2 = (n, channels)
+            self._k.dense_backward(gy3.reshape(shape2), x3.reshape(shape2), mean, scale, w,
+                                   bool(centered), self._blocks(channels), gx3.reshape(shape2),
+                                   sum_gy, sum_gy_xc, np.zeros(channels), np.zeros(channels))
+        else:
+            self._k.conv_backward(gy3, x3, mean, scale, w, bool(centered), gx3, sum_gy, sum_gy_xc)
+        return gx3, sum_gy, sum_gy_xc
+
+
+def create():
+    """The numba backend, or ``BackendUnavailableError`` saying how to install Numba."""
+    try:
+        import numba
+    except ImportError as exc:
+        raise BackendUnavailableError(f"the numba backend needs Numba, which cannot be imported "
+                                      f"({exc}); {_INSTALL_HINT}") from None
+    from arraybn.backends import numba_kernels
+    return NumbaBackend(numba_kernels, numba)

@@ -1,0 +1,249 @@
+"""Private Numba kernels of the numba backend; they write into preallocated outputs.
+
+Shapes: data ``x3``/``gy3``/``y3`` is (N, C, M) C-contiguous float32 or float64; per-channel arrays
+are float64 (C,). All arithmetic is float64 and each element is rounded once, when stored.
+
+Two layouts, picked by the caller:
+
+- conv (M > 1): ``prange`` over channels; one thread owns a whole channel and makes all its passes
+  back to back, so after the first pass the channel is read from cache, not DRAM. A channel is
+  reduced into ``LANES`` float64 accumulators (lane j takes elements j, j + LANES, ... of each row,
+  rows in order) and the lanes are folded pairwise. The order depends on the shape only, so
+  results are bit-identical for any number of threads, and the lane loops vectorize without
+  fastmath.
+- dense (M == 1, data viewed as (N, C)): channel-wise strided access would be slow, so each
+  thread walks the rows of a block of channels and keeps one accumulator per channel; the sum of
+  each channel still runs over n in order, whatever the blocks are.
+
+Compile flags come from ``_jit`` only: cached on disk, fastmath off (these are statistics).
+"""
+import warnings
+
+import numpy as np
+from numba import njit, prange
+
+LANES = 256                      # float64 accumulators per channel: 2 KiB, stays in L1
+_FLAGS = dict(fastmath=False, nogil=True, error_model="numpy", boundscheck=False)
+
+
+def _jit(parallel=False):
+    """The one place compile flags are set: ``cache=True``, and ``parallel`` where it pays.
+
+    Numba writes its cache next to this module, or in its user-wide cache directory when that is
+    read-only; if neither can be written, the kernels still work, compiled once per process.
+    """
+    def decorate(func):
+        try:
+            return njit(cache=True, parallel=parallel, **_FLAGS)(func)
+        except RuntimeError as exc:          # numba: "cannot cache function ...: no locator"
+            warnings.warn(f"arraybn numba kernels are not cached on disk ({exc}); set "
+                          "NUMBA_CACHE_DIR to a writable directory to avoid recompiling",
+                          RuntimeWarning, stacklevel=2)
+            return njit(cache=False, parallel=parallel, **_FLAGS)(func)
+    return decorate
+
+
+# ----------------------------------------------------------------------------- lane helpers
+
+@_jit()
+def _fold(acc):
+    """Sum of ``acc`` by pairwise folding in place (fixed order, vectorizable); destroys acc."""
+    length = acc.shape[0]
+    while length > 1:
+        half = length // 2
+        rest = length - half
+        for i in range(half):
+            acc[i] += acc[rest + i]
+        length = rest
+    return acc[0]
+
+
+@_jit()
+def _lane_sum(x3, c, acc):
+    """sum over n, m of x3[n, c, m] in float64."""
+    acc[:] = 0.0
+    for n in range(x3.shape[0]):
+        row = x3[n, c]
+        for start in range(0, row.shape[0], LANES):
+            stop = min(start + LANES, row.shape[0])
+            for j in range(stop - start):
+                acc[j] += row[start + j]
+    return _fold(acc)
+
+
+@_jit()
+def _lane_sq_dev(x3, c, mean, acc):
+    """sum over n, m of (x3[n, c, m] - mean)**2 in float64."""
+    acc[:] = 0.0
+    for n in range(x3.shape[0]):
+        row = x3[n, c]
+        for start in range(0, row.shape[0], LANES):
+            stop = min(start + LANES, row.shape[0])
+            for j in range(stop - start):
+                d = row[start + j] - mean
+                acc[j] += d * d
+    return _fold(acc)
+
+
+@_jit()
+def _channel_moments(x3, c, acc):
+    """(mean, biased var) of channel c: two passes, the second one from cache."""
+    count = x3.shape[0] * x3.shape[2]
+    mean = _lane_sum(x3, c, acc) / count
+    return mean, _lane_sq_dev(x3, c, mean, acc) / count
+
+
+@_jit()
+def _channel_centered_affine(x3, c, center, a, b, y3):
+    """y3[n, c, :] = (x3[n, c, :] - center) * a + b."""
+    for n in range(x3.shape[0]):
+        row, out = x3[n, c], y3[n, c]
+        for m in range(row.shape[0]):
+            out[m] = (row[m] - center) * a + b
+
+
+@_jit()
+def _channel_grad_sums(gy3, x3, c, center, acc_gy, acc_gy_xc):
+    """(sum gy, sum gy * (x - center)) over channel c."""
+    acc_gy[:] = 0.0
+    acc_gy_xc[:] = 0.0
+    for n in range(x3.shape[0]):
+        grow, xrow = gy3[n, c], x3[n, c]
+        for start in range(0, xrow.shape[0], LANES):
+            stop = min(start + LANES, xrow.shape[0])
+            for j in range(stop - start):
+                g = np.float64(grow[start + j])
+                acc_gy[j] += g
+                acc_gy_xc[j] += g * (xrow[start + j] - center)
+    return _fold(acc_gy), _fold(acc_gy_xc)
+
+
+@_jit()
+def _channel_gx(gy3, x3, c, center, scale, k_gy, k_xc, gx3):
+    """gx3[n, c, :] = scale * (gy - k_gy - k_xc * (x - center))."""
+    for n in range(x3.shape[0]):
+        grow, xrow, out = gy3[n, c], x3[n, c], gx3[n, c]
+        for m in range(xrow.shape[0]):
+            out[m] = scale * (grow[m] - k_gy - k_xc * (xrow[m] - center))
+
+
+# ----------------------------------------------------------------------------- conv (M > 1)
+
+@_jit(parallel=True)
+def conv_moments(x3, mean, var):
+    for c in prange(x3.shape[1]):
+        acc = np.empty(LANES)
+        mean[c], var[c] = _channel_moments(x3, c, acc)
+
+
+@_jit(parallel=True)
+def conv_forward(x3, gamma, beta, eps, center_only, y3, mean, var):
+    for c in prange(x3.shape[1]):
+        acc = np.empty(LANES)
+        mu, sigma2 = _channel_moments(x3, c, acc)
+        a = gamma[c] if center_only else gamma[c] / np.sqrt(sigma2 + eps)
+        _channel_centered_affine(x3, c, mu, a, beta[c], y3)
+        mean[c], var[c] = mu, sigma2
+
+
+@_jit(parallel=True)
+def conv_affine(x3, a, b, y3):
+    for c in prange(x3.shape[1]):
+        _channel_centered_affine(x3, c, 0.0, a[c], b[c], y3)
+
+
+@_jit(parallel=True)
+def conv_backward(gy3, x3, mean, scale, w, centered, gx3, sum_gy, sum_gy_xc):
+    count = x3.shape[0] * x3.shape[2]
+    for c in prange(x3.shape[1]):
+        acc_gy, acc_gy_xc = np.empty(LANES), np.empty(LANES)
+        s_gy, s_gy_xc = _channel_grad_sums(gy3, x3, c, mean[c], acc_gy, acc_gy_xc)
+        if centered:
+            _channel_gx(gy3, x3, c, mean[c], scale[c], s_gy / count, w[c] * s_gy_xc / count, gx3)
+        else:
+            _channel_centered_affine(gy3, c, 0.0, scale[c], 0.0, gx3)
+        sum_gy[c], sum_gy_xc[c] = s_gy, s_gy_xc
+
+
+# ----------------------------------------------------------------------------- dense (M == 1)
+
+@_jit()
+def _block(block, blocks, channels):
+    """Channel range [lo, hi) of one of ``blocks`` nearly equal blocks."""
+    return block * channels // blocks, (block + 1) * channels // blocks
+
+
+@_jit()
+def _dense_moments_block(x2, lo, hi, mean, var):
+    """mean[lo:hi], var[lo:hi] of x2 (N, C) by row-wise passes."""
+    n_rows = x2.shape[0]
+    mean[lo:hi] = 0.0
+    var[lo:hi] = 0.0
+    for n in range(n_rows):
+        for c in range(lo, hi):
+            mean[c] += x2[n, c]
+    for c in range(lo, hi):
+        mean[c] /= n_rows
+    for n in range(n_rows):
+        for c in range(lo, hi):
+            d = x2[n, c] - mean[c]
+            var[c] += d * d
+    for c in range(lo, hi):
+        var[c] /= n_rows
+
+
+@_jit()
+def _dense_centered_affine_block(x2, lo, hi, center, a, b, y2):
+    for n in range(x2.shape[0]):
+        for c in range(lo, hi):
+            y2[n, c] = (x2[n, c] - center[c]) * a[c] + b[c]
+
+
+@_jit(parallel=True)
+def dense_moments(x2, blocks, mean, var):
+    for block in prange(blocks):
+        lo, hi = _block(block, blocks, x2.shape[1])
+        _dense_moments_block(x2, lo, hi, mean, var)
+
+
+@_jit(parallel=True)
+def dense_forward(x2, gamma, beta, eps, center_only, blocks, y2, mean, var, a):
+    """``a`` is float64 (C,) scratch for the per-channel scale."""
+    for block in prange(blocks):
+        lo, hi = _block(block, blocks, x2.shape[1])
+        _dense_moments_block(x2, lo, hi, mean, var)
+        for c in range(lo, hi):
+            a[c] = gamma[c] if center_only else gamma[c] / np.sqrt(var[c] + eps)
+        _dense_centered_affine_block(x2, lo, hi, mean, a, beta, y2)
+
+
+@_jit(parallel=True)
+def dense_affine(x2, a, b, blocks, zero, y2):
+    """``zero`` is float64 (C,) zeros (the centre of a plain affine map)."""
+    for block in prange(blocks):
+        lo, hi = _block(block, blocks, x2.shape[1])
+        _dense_centered_affine_block(x2, lo, hi, zero, a, b, y2)
+
+
+@_jit(parallel=True)
+def dense_backward(gy2, x2, mean, scale, w, centered, blocks, gx2, sum_gy, sum_gy_xc, k_gy, k_xc):
+    """``k_gy``, ``k_xc`` are float64 (C,) scratch for the coefficients of gx, zeros on entry."""
+    n_rows = x2.shape[0]
+    for block in prange(blocks):
+        lo, hi = _block(block, blocks, x2.shape[1])
+        sum_gy[lo:hi] = 0.0
+        sum_gy_xc[lo:hi] = 0.0
+        for n in range(n_rows):
+            for c in range(lo, hi):
+                g = np.float64(gy2[n, c])
+                sum_gy[c] += g
+                sum_gy_xc[c] += g * (x2[n, c] - mean[c])
+        if not centered:
+            _dense_centered_affine_block(gy2, lo, hi, k_gy, scale, k_xc, gx2)
+            continue
+        for c in range(lo, hi):
+            k_gy[c] = sum_gy[c] / n_rows
+            k_xc[c] = w[c] * sum_gy_xc[c] / n_rows
+        for n in range(n_rows):
+            for c in range(lo, hi):
+                gx2[n, c] = scale[c] * (gy2[n, c] - k_gy[c] - k_xc[c] * (x2[n, c] - mean[c]))
