@@ -1,0 +1,177 @@
+"""2-D convolution (im2col + batched GEMM) and max pooling, NCHW like PyTorch.
+
+The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the layers call the
+fused kernels in ``arraybn.nn.ops_numba`` instead (direct convolution, one-pass pooling).
+"""
+from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
+
+
+def _out_size(size, k, stride, pad):
+    out = (size + 2 * pad - k) // stride + 1
+    if out < 1:
+        raise ValueError(f"input size {size} is too small for kernel {k} with padding {pad}; "
+                         "use a larger input or a smaller kernel")
+    return out
+
+
+def _pad(x, pad, xp):
+    if pad == 0:
+        return x
+    return xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def im2col(x, kh, kw, stride, pad, xp):
+    """x: (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), rows ordered (c, ki, kj) like weight.reshape."""
+    n, c, h, w = x.shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    xp_ = _pad(x, pad, xp)
+    cols = xp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    for ki in range(kh):
+        for kj in range(kw):
+            cols[:, :, ki, kj] = xp_[:, :, ki:ki + stride * (oh - 1) + 1:stride,
+                                     kj:kj + stride * (ow - 1) + 1:stride]
+    return cols.reshape(n, c * kh * kw, oh * ow)
+
+
+def col2im(cols, x_shape, kh, kw, stride, pad, xp):
+    """Adjoint of ``im2col``: cols (N, C*kh*kw, OH*OW) -> (N, C, H, W), overlaps summed."""
+    n, c, h, w = x_shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    cols6 = cols.reshape(n, c, kh, kw, oh, ow)
+    gx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    for ki in range(kh):
+        for kj in range(kw):
+            gx[:, :, ki:ki + stride * (oh - 1) + 1:stride,
+               kj:kj + stride * (ow - 1) + 1:stride] += cols6[:, :, ki, kj]
+    return gx[:, :, pad:pad + h, pad:pad + w] if pad else gx
+
+
+def conv2d_forward(x, weight, bias, stride, pad, xp):
+    """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW)."""
+    n = x.shape[0]
+    o, _, kh, kw = weight.shape
+    oh = _out_size(x.shape[2], kh, stride, pad)
+    ow = _out_size(x.shape[3], kw, stride, pad)
+    cols = im2col(x, kh, kw, stride, pad, xp)
+    y = xp.matmul(weight.reshape(o, -1), cols)                # (N, O, OH*OW)
+    if bias is not None:
+        y += bias[:, None]
+    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None)
+
+
+def conv2d_backward(gy, cache, xp, need_gx=True):
+    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None)."""
+    cols, x_shape, weight, stride, pad, has_bias = cache
+    o, _, kh, kw = weight.shape
+    gy3 = gy.reshape(gy.shape[0], o, -1)                      # (N, O, P)
+    gweight = xp.tensordot(gy3, cols, axes=([0, 2], [0, 2])).reshape(weight.shape)
+    gbias = gy3.sum(axis=(0, 2)) if has_bias else None
+    gx = None
+    if need_gx:
+        gcols = xp.matmul(weight.reshape(o, -1).T, gy3)        # (N, C*kh*kw, P)
+        gx = col2im(gcols, x_shape, kh, kw, stride, pad, xp)
+    return gx, gweight, gbias
+
+
+class Conv2d(Layer):
+    """PyTorch ``nn.Conv2d`` layout and init: weight (out, in, kh, kw), bias (out,)."""
+
+    def __init__(self, name, in_channels, out_channels, kernel_size, *, stride=1, padding=0,
+                 bias, rng, backend, dtype):
+        if stride < 1 or padding < 0 or kernel_size < 1:
+            raise ValueError(f"{name}: need kernel_size >= 1, stride >= 1 and padding >= 0; got "
+                             f"{kernel_size}, {stride}, {padding}")
+        self.name, self.stride, self.padding = name, int(stride), int(padding)
+        self.backend, self.xp = backend, backend.xp
+        fan_in = in_channels * kernel_size * kernel_size
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = Parameter(f"{name}.weight", self.xp.asarray(
+            kaiming_uniform(rng, shape, fan_in, dtype)))
+        self.bias = None
+        if bias:
+            self.bias = Parameter(f"{name}.bias", self.xp.asarray(
+                kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
+        self._fused = _numba_ops() if backend.name == "numba" else None
+
+    def parameters(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def forward(self, x, training):
+        bias = None if self.bias is None else self.bias.data
+        if self._fused is not None:
+            y = self._fused.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+            self._cache = (x, bias is not None)
+            return y
+        y, self._cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding,
+                                        self.xp)
+        return y
+
+    def backward(self, gy):
+        cache = self._take_cache()
+        if self._fused is not None:
+            x, has_bias = cache
+            gx, gweight, gbias = self._fused.conv2d_backward(
+                gy, x, self.weight.data, self.stride, self.padding, has_bias,
+                self.need_input_grad)
+        else:
+            gx, gweight, gbias = conv2d_backward(gy, cache, self.xp, self.need_input_grad)
+        self.weight.grad = gweight
+        if self.bias is not None:
+            self.bias.grad = gbias
+        return gx
+
+
+# --- max pooling --------------------------------------------------------------------------------
+
+def maxpool2d_forward(x, k, xp):
+    """Non-overlapping k x k max pooling (stride k, floor mode like PyTorch).
+
+    x: (N, C, H, W) -> y: (N, C, H//k, W//k); the cache holds the argmax (first maximum in
+    row-major window order, as PyTorch) of every window.
+    """
+    n, c, h, w = x.shape
+    oh, ow = h // k, w // k
+    if oh < 1 or ow < 1:
+        raise ValueError(f"max pooling {k}x{k} needs inputs of at least {k}x{k}; got {h}x{w}")
+    windows = (x[:, :, :oh * k, :ow * k].reshape(n, c, oh, k, ow, k)
+               .transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, k * k))
+    idx = windows.argmax(axis=-1)[..., None]
+    y = xp.take_along_axis(windows, idx, axis=-1)[..., 0]
+    return y, (idx, x.shape, k)
+
+
+def maxpool2d_backward(gy, cache, xp):
+    """gy: (N, C, OH, OW) -> gx (N, C, H, W): each gradient goes to its window's maximum."""
+    idx, (n, c, h, w), k = cache
+    oh, ow = gy.shape[2:]
+    gwin = (xp.arange(k * k) == idx) * gy[..., None]          # one-hot argmax times gy
+    gx = xp.zeros((n, c, h, w), dtype=gy.dtype)
+    gx[:, :, :oh * k, :ow * k] = (gwin.reshape(n, c, oh, ow, k, k).transpose(0, 1, 2, 4, 3, 5)
+                                  .reshape(n, c, oh * k, ow * k))
+    return gx
+
+
+class MaxPool2d(Layer):
+    def __init__(self, kernel_size, backend):
+        self.k, self.xp = int(kernel_size), backend.xp
+        self._fused = _numba_ops() if backend.name == "numba" else None
+
+    def forward(self, x, training):
+        if self._fused is not None:
+            y, argmax = self._fused.maxpool2d_forward(x, self.k)
+            self._cache = (argmax, x.shape)
+            return y
+        y, self._cache = maxpool2d_forward(x, self.k, self.xp)
+        return y
+
+    def backward(self, gy):
+        cache = self._take_cache()
+        if self._fused is not None:
+            argmax, x_shape = cache
+            return self._fused.maxpool2d_backward(gy, argmax, x_shape, self.k)
+        return maxpool2d_backward(gy, cache, self.xp)
+
+
+def _numba_ops():
+    from arraybn.nn import ops_numba            # imported only on the numba backend
+    return ops_numba

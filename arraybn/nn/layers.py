@@ -1,0 +1,172 @@
+"""Parameters and the simple layers: Dense, ReLU, Flatten, Dropout.
+
+Each op has a pure ``*_forward`` returning ``(out, cache)`` and a ``*_backward(gy, cache)`` beside
+it (cs231n style). The layer objects own parameters and keep the last cache so that a model can run
+``forward`` then ``backward``. Array maths goes through ``xp`` (numpy or cupy), never a fixed module.
+"""
+import math
+
+import numpy as np
+
+
+class Parameter:
+    """A trainable array: ``name`` (PyTorch state_dict key), ``data`` and ``grad`` (same shape).
+
+    ``grad`` is overwritten by every backward pass (never accumulated); None before the first.
+    """
+    __slots__ = ("name", "data", "grad")
+
+    def __init__(self, name, data):
+        self.name = name
+        self.data = data
+        self.grad = None
+
+    def __repr__(self):
+        return f"Parameter({self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+
+
+def kaiming_uniform(rng, shape, fan_in, dtype):
+    """PyTorch's default Linear/Conv weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    (``kaiming_uniform_(a=sqrt(5))`` reduces to exactly this bound.) Host numpy array.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+class Layer:
+    """Base class: ``forward(x, training)`` stores what ``backward(gy)`` needs and returns y."""
+    name = None
+    need_input_grad = True        # the model clears this on its first layer to skip gx
+
+    def parameters(self):
+        return []
+
+    def forward(self, x, training):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+    def _take_cache(self):
+        cache = getattr(self, "_cache", None)
+        if cache is None:
+            raise RuntimeError(f"{type(self).__name__} {self.name or ''}: backward called without "
+                               "a forward pass before it; run model.forward(x) first")
+        self._cache = None
+        return cache
+
+
+# --- Dense ------------------------------------------------------------------------------------
+
+def dense_forward(x, weight, bias):
+    """y = x @ W.T + b.  x: (N, in), weight: (out, in), bias: (out,) or None -> y: (N, out)."""
+    y = x @ weight.T
+    if bias is not None:
+        y += bias
+    return y, (x, weight, bias is not None)
+
+
+def dense_backward(gy, cache, need_gx=True):
+    """gy: (N, out) -> (gx (N, in) or None, gweight (out, in), gbias (out,) or None)."""
+    x, weight, has_bias = cache
+    gx = gy @ weight if need_gx else None
+    gweight = gy.T @ x
+    gbias = gy.sum(axis=0) if has_bias else None
+    return gx, gweight, gbias
+
+
+class Dense(Layer):
+    """Fully connected layer; PyTorch ``nn.Linear`` layout and init (weight (out, in))."""
+
+    def __init__(self, name, in_features, out_features, *, bias, rng, xp, dtype):
+        self.name = name
+        self.weight = Parameter(f"{name}.weight", xp.asarray(
+            kaiming_uniform(rng, (out_features, in_features), in_features, dtype)))
+        self.bias = None
+        if bias:
+            self.bias = Parameter(f"{name}.bias", xp.asarray(
+                kaiming_uniform(rng, (out_features,), in_features, dtype)))
+
+    def parameters(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def forward(self, x, training):
+        y, self._cache = dense_forward(x, self.weight.data,
+                                       None if self.bias is None else self.bias.data)
+        return y
+
+    def backward(self, gy):
+        gx, self.weight.grad, gbias = dense_backward(gy, self._take_cache(), self.need_input_grad)
+        if self.bias is not None:
+            self.bias.grad = gbias
+        return gx
+
+
+# --- ReLU, Flatten ------------------------------------------------------------------------------
+
+def relu_forward(x, xp):
+    """y = max(x, 0), any shape; the cache is the boolean mask x > 0."""
+    mask = x > 0
+    return x * mask, mask
+
+
+def relu_backward(gy, mask):
+    return gy * mask
+
+
+class ReLU(Layer):
+    def __init__(self, xp):
+        self.xp = xp
+
+    def forward(self, x, training):
+        y, self._cache = relu_forward(x, self.xp)
+        return y
+
+    def backward(self, gy):
+        return relu_backward(gy, self._take_cache())
+
+
+class Flatten(Layer):
+    """(N, *shape) -> (N, prod(shape)), C order like ``torch.flatten(x, 1)``."""
+
+    def forward(self, x, training):
+        self._cache = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, gy):
+        return gy.reshape(self._take_cache())
+
+
+# --- Dropout ------------------------------------------------------------------------------------
+
+def dropout_forward(x, p, rng, xp):
+    """Inverted dropout: zero each value with probability p, scale the rest by 1/(1-p).
+
+    The mask is drawn on the host from the numpy Generator ``rng`` (reproducible on every
+    backend), then moved to ``xp``. Returns (y, scaled_mask).
+    """
+    keep = rng.random(x.shape, dtype=np.float32) >= p
+    mask = xp.asarray(keep.astype(x.dtype) * np.asarray(1.0 / (1.0 - p), dtype=x.dtype))
+    return x * mask, mask
+
+
+class Dropout(Layer):
+    """Dropout with probability ``p`` in training; identity in evaluation. ``rng``: numpy Generator
+    owned by the model, so a seed fixes every mask."""
+
+    def __init__(self, p, rng, xp):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.rng, self.xp = p, rng, xp
+
+    def forward(self, x, training):
+        if not training or self.p == 0.0:
+            self._cache = False
+            return x
+        y, self._cache = dropout_forward(x, self.p, self.rng, self.xp)
+        return y
+
+    def backward(self, gy):
+        mask = self._take_cache()
+        return gy if mask is False else gy * mask

@@ -1,0 +1,48 @@
+"""Softmax cross-entropy: the loss and its gradient with respect to the logits, in one pass."""
+import numpy as np
+
+from arraybn.backends import backend_for
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def _check_labels(labels, n, classes, xp):
+    host = _host(labels)
+    if host.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) for {n} logit rows; got {host.shape}")
+    if not np.issubdtype(host.dtype, np.integer):
+        raise TypeError(f"labels must be integers (class indices), got dtype {host.dtype}; "
+                        "pass class indices, not one-hot vectors")
+    if n and (host.min() < 0 or host.max() >= classes):
+        raise ValueError(f"labels must lie in [0, {classes}); got values from {host.min()} "
+                         f"to {host.max()}")
+    return xp.asarray(labels)
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy over the batch and its gradient.
+
+    logits: (N, K) float array on numpy or cupy; labels: (N,) integer class indices.
+    Returns ``(loss, g_logits)``: loss a python float, g_logits (N, K) in the logits' dtype,
+    ``(softmax(logits) - onehot(labels)) / N``. Stable for large logits (max is subtracted).
+    """
+    xp = backend_for(logits).xp
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits must have shape (N, K) with N >= 1; got {tuple(logits.shape)}")
+    n, classes = logits.shape
+    labels = _check_labels(labels, n, classes, xp)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    rows = xp.arange(n)
+    log_prob_true = shifted[rows, labels] - xp.log(total[:, 0])
+    loss = -float(log_prob_true.astype(np.float64).mean())
+    if not np.isfinite(loss):
+        raise FloatingPointError("the loss is not finite (the logits hold NaN or inf); lower the "
+                                 "learning rate or check the data")
+    grad = exp / total
+    grad[rows, labels] -= 1.0
+    grad *= logits.dtype.type(1.0 / n)
+    return loss, grad

@@ -1,0 +1,206 @@
+"""The model family: LeNet-5 with BN (the seed text's network) and MLPs, built by ``build_model``.
+
+A ``Network`` is a list of layers run in order; ``backward`` runs them in reverse and fills every
+parameter's ``.grad``. Parameter and buffer names follow the equivalent PyTorch module's
+``state_dict`` (conv1, bn1, conv2, bn2, fc1, bn3, ...), so weights load into PyTorch unchanged.
+"""
+import numpy as np
+
+from arraybn.backends import get_backend
+from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
+from arraybn.nn.conv import Conv2d, MaxPool2d
+from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
+
+MODEL_NAMES = ("lenet5", "mlp")
+BN_CHOICES = ("none",) + BN_KINDS
+POSITIONS = ("before", "after")
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.array(a, copy=True)
+
+
+class Network:
+    """Layers in forward order; see ``build_model`` for how to make one."""
+
+    def __init__(self, layers, config, backend, dtype, rng):
+        self.layers = layers
+        self.config = config
+        self.backend = backend
+        self.dtype = np.dtype(dtype)
+        self.rng = rng                      # numpy Generator for dropout masks
+        self.in_shape = tuple(config["in_shape"])
+        if layers:
+            layers[0].need_input_grad = False
+
+    def forward(self, x, training=True):
+        """x: (N, *in_shape) on ``backend.xp`` (host arrays are moved) -> logits (N, classes)."""
+        if tuple(x.shape[1:]) != self.in_shape or x.shape[0] < 1:
+            raise ValueError(f"input must have shape (N, {', '.join(map(str, self.in_shape))}) "
+                             f"with N >= 1; got {tuple(x.shape)}")
+        x = self.backend.xp.asarray(x, dtype=self.dtype)
+        for layer in self.layers:
+            x = layer.forward(x, training)
+        return x
+
+    def backward(self, g_logits):
+        """Back-propagate dL/dlogits (N, classes); fills (overwrites) every parameter's grad."""
+        g = self.backend.xp.asarray(g_logits, dtype=self.dtype)
+        for layer in reversed(self.layers):
+            g = layer.backward(g)
+
+    def parameters(self):
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def bn_layers(self):
+        return [(layer.name, layer) for layer in self.layers if isinstance(layer, BatchNorm)]
+
+    def state_dict(self):
+        """Host copies in PyTorch ``state_dict`` order, names and layouts."""
+        state = {}
+        for layer in self.layers:
+            for p in layer.parameters():
+                state[p.name] = _host(p.data)
+            if isinstance(layer, BatchNorm):
+                for key, value in layer.buffers():
+                    state[key] = (np.array(value, dtype=np.int64) if isinstance(value, int)
+                                  else _host(value))
+        return state
+
+    def load_state_dict(self, state):
+        """Copy ``state`` (as from ``state_dict`` or a PyTorch module) into this model.
+
+        Raises ValueError naming every missing, unexpected or mis-shaped key; nothing is changed
+        then.
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        misshaped = [f"{k} {tuple(np.shape(state[k]))} (expected {own[k].shape})"
+                     for k in own if k in state and tuple(np.shape(state[k])) != own[k].shape]
+        problems = [f"{what}: {', '.join(items)}" for what, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected),
+                     ("wrong shapes", misshaped)) if items]
+        if problems:
+            raise ValueError("state does not fit this model (" + "; ".join(problems) + "); was it "
+                             "saved from a model with the same config?")
+        xp = self.backend.xp
+        params = {p.name: p for p in self.parameters()}
+        for name, bn in self.bn_layers():
+            if bn.track_running_stats:
+                bn.running_mean[...] = xp.asarray(np.asarray(state[f"{name}.running_mean"]))
+                bn.running_var[...] = xp.asarray(np.asarray(state[f"{name}.running_var"]))
+                bn.num_batches_tracked = int(np.asarray(state[f"{name}.num_batches_tracked"]))
+        for name, p in params.items():
+            p.data[...] = xp.asarray(np.asarray(state[name]), dtype=p.data.dtype)
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+class _Builder:
+    """Appends layers with PyTorch names; knows where BN goes and whether a bias is needed."""
+
+    def __init__(self, cfg, backend, dtype, init_rng, dropout_rng):
+        self.cfg, self.backend, self.dtype = cfg, backend, dtype
+        self.init_rng, self.dropout_rng = init_rng, dropout_rng
+        self.layers, self.bn_count = [], 0
+
+    def _bn(self, channels):
+        cfg = self.cfg
+        self.bn_count += 1
+        return BatchNorm(f"bn{self.bn_count}", channels, kind=cfg["bn"], backend=self.backend,
+                         dtype=self.dtype, momentum=cfg["bn_momentum"], eps=cfg["bn_eps"],
+                         ghost_batch_size=cfg["ghost_batch_size"], rmax=cfg["renorm_rmax"],
+                         dmax=cfg["renorm_dmax"], track_running_stats=cfg["track_running_stats"])
+
+    def block(self, make_layer, channels, dropout=False):
+        """make_layer(bias) -> linear layer; then BN/ReLU in the configured order (+ dropout)."""
+        use_bn = self.cfg["bn"] != "none"
+        before = use_bn and self.cfg["bn_position"] == "before"
+        self.layers.append(make_layer(not before))
+        relu = ReLU(self.backend.xp)
+        if use_bn:
+            self.layers += [self._bn(channels), relu] if before else [relu, self._bn(channels)]
+        else:
+            self.layers.append(relu)
+        if dropout and self.cfg["dropout"] > 0:
+            self.layers.append(Dropout(self.cfg["dropout"], self.dropout_rng, self.backend.xp))
+
+    def conv(self, name, cin, cout, k):
+        return lambda bias: Conv2d(name, cin, cout, k, bias=bias, rng=self.init_rng,
+                                   backend=self.backend, dtype=self.dtype)
+
+    def dense(self, name, fin, fout):
+        return lambda bias: Dense(name, fin, fout, bias=bias, rng=self.init_rng,
+                                  xp=self.backend.xp, dtype=self.dtype)
+
+
+def _lenet5(b, in_shape, num_classes):
+    channels, h, w = in_shape
+    b.block(b.conv("conv1", channels, 6, 3), 6)
+    b.layers.append(MaxPool2d(2, b.backend))
+    h, w = (h - 2) // 2, (w - 2) // 2
+    b.block(b.conv("conv2", 6, 16, 3), 16)
+    b.layers.append(MaxPool2d(2, b.backend))
+    h, w = (h - 2) // 2, (w - 2) // 2
+    if h < 1 or w < 1:
+        raise ValueError(f"lenet5 needs inputs of at least 10x10 pixels; got {in_shape}")
+    b.layers.append(Flatten())
+    b.block(b.dense("fc1", 16 * h * w, 120), 120, dropout=True)
+    b.block(b.dense("fc2", 120, 84), 84, dropout=True)
+    b.layers.append(b.dense("fc3", 84, num_classes)(True))
+
+
+def _mlp(b, in_shape, num_classes, hidden):
+    b.layers.append(Flatten())
+    width = int(np.prod(in_shape))
+    for i, units in enumerate(hidden, start=1):
+        b.block(b.dense(f"fc{i}", width, units), units, dropout=True)
+        width = units
+    b.layers.append(b.dense(f"fc{len(hidden) + 1}", width, num_classes)(True))
+
+
+def _check_config(cfg):
+    checks = [("name", MODEL_NAMES), ("bn", BN_CHOICES), ("bn_position", POSITIONS),
+              ("dtype", ("float32", "float64"))]
+    for key, allowed in checks:
+        if cfg[key] not in allowed:
+            raise ValueError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
+    if len(cfg["in_shape"]) != 3 or min(cfg["in_shape"]) < 1:
+        raise ValueError(f"in_shape must be (channels, height, width); got {cfg['in_shape']}")
+    if int(cfg["num_classes"]) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {cfg['num_classes']}")
+    if not cfg["hidden"] or min(cfg["hidden"]) < 1:
+        raise ValueError(f"hidden must list one or more positive widths, got {cfg['hidden']}")
+
+
+def build_model(name, *, bn="full", bn_position="before", backend=None, seed=0, num_classes=10,
+                in_shape=(1, 28, 28), dropout=0.0, ghost_batch_size=32, bn_momentum=0.1,
+                bn_eps=1e-5, renorm_rmax=3.0, renorm_dmax=5.0, track_running_stats=True,
+                hidden=(256, 128), dtype="float32"):
+    """Build 'lenet5' or 'mlp' with PyTorch-default init drawn from ``numpy.random.default_rng(seed)``.
+
+    lenet5 (seed text): conv1 6@3x3, BN, ReLU, maxpool 2 -> conv2 16@3x3, BN, ReLU, maxpool 2 ->
+    flatten -> fc1 120, BN, ReLU -> fc2 84, BN, ReLU -> fc3 num_classes (logits).
+    mlp: flatten -> for each width in ``hidden``: fc, BN, ReLU -> fc num_classes.
+    bn: 'none' | 'full' | 'mean-only' | 'ghost' | 'renorm'; bn_position 'before'/'after' the ReLU
+    (a layer followed directly by BN has no bias). Dropout follows each hidden dense block.
+    ``model.config`` records every argument except the backend.
+    """
+    config = dict(name=name, bn=bn, bn_position=bn_position, seed=int(seed),
+                  num_classes=int(num_classes), in_shape=[int(s) for s in in_shape],
+                  dropout=float(dropout), ghost_batch_size=int(ghost_batch_size),
+                  bn_momentum=None if bn_momentum is None else float(bn_momentum),
+                  bn_eps=float(bn_eps), renorm_rmax=float(renorm_rmax),
+                  renorm_dmax=float(renorm_dmax), track_running_stats=bool(track_running_stats),
+                  hidden=[int(h) for h in hidden], dtype=np.dtype(dtype).name)
+    _check_config(config)
+    be = get_backend(backend)
+    seeds = np.random.SeedSequence(config["seed"]).spawn(2)
+    builder = _Builder(config, be, np.dtype(dtype), np.random.default_rng(seeds[0]),
+                       np.random.default_rng(seeds[1]))
+    if name == "lenet5":
+        _lenet5(builder, tuple(config["in_shape"]), config["num_classes"])
+    else:
+        _mlp(builder, tuple(config["in_shape"]), config["num_classes"], config["hidden"])
+    return Network(builder.layers, config, be, dtype, builder.dropout_rng)

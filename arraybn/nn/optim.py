@@ -1,0 +1,134 @@
+"""SGD (momentum, Nesterov) and Adam with PyTorch's update rules, over ``Parameter`` lists.
+
+``state_dict()`` is a flat dict of python scalars / host numpy arrays (ready for ``numpy.savez``);
+``load_state_dict`` accepts the same dict back, also after a round trip through an ``.npz`` file
+(scalars then arrive as 0-d arrays).
+"""
+import math
+
+import numpy as np
+
+from arraybn.backends import backend_for
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.array(a, copy=True)
+
+
+class Optimizer:
+    kind = "abstract"
+    _buffer_names = ()
+
+    def __init__(self, params, lr, weight_decay):
+        params = list(params)
+        if not params:
+            raise ValueError("the optimizer got no parameters; pass model.parameters()")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise ValueError("parameter names must be unique; got duplicates in "
+                             f"{sorted({n for n in names if names.count(n) > 1})}")
+        if not lr > 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0; got lr={lr}, "
+                             f"weight_decay={weight_decay}")
+        self.params, self.lr, self.weight_decay = params, float(lr), float(weight_decay)
+        self.steps = 0
+        self.state = {name: {} for name in names}
+
+    def step(self):
+        """Update every parameter from its ``.grad`` (those with grad None are skipped)."""
+        self.steps += 1
+        for p in self.params:
+            if p.grad is None:
+                continue
+            grad = p.grad
+            if self.weight_decay:
+                grad = grad + self.weight_decay * p.data
+            self._update(p, grad, self.state[p.name])
+
+    def state_dict(self):
+        out = {"kind": self.kind, "lr": self.lr, "steps": self.steps}
+        for name, buffers in self.state.items():
+            for key, value in buffers.items():
+                out[f"{key}.{name}"] = _host(value)
+        return out
+
+    def load_state_dict(self, state):
+        kind = str(np.asarray(state.get("kind", "")))
+        if kind != self.kind:
+            raise ValueError(f"optimizer state is for {kind or 'an unknown optimizer'!r}, "
+                             f"this optimizer is {self.kind!r}")
+        by_name = {p.name: p for p in self.params}
+        expected = {f"{b}.{n}" for n in by_name for b in self._buffer_names}
+        given = set(state) - {"kind", "lr", "steps"}
+        unexpected = given - expected
+        problems = [f"unexpected keys: {sorted(unexpected)}"] if unexpected else []
+        for key in sorted(given - unexpected):
+            shape = by_name[key.split(".", 1)[1]].data.shape
+            if np.shape(state[key]) != shape:
+                problems.append(f"{key} has shape {np.shape(state[key])}, expected {shape}")
+        if problems:
+            raise ValueError("cannot load optimizer state: " + "; ".join(problems))
+        self.lr, self.steps = float(state["lr"]), int(state["steps"])
+        self.state = {name: {} for name in by_name}
+        for key in given:
+            buffer, name = key.split(".", 1)
+            p = by_name[name]
+            self.state[name][buffer] = _device_like(state[key], p.data)
+
+
+def _device_like(value, like):
+    xp = backend_for(like).xp
+    return xp.asarray(np.asarray(value), dtype=like.dtype).copy()
+
+
+class SGD(Optimizer):
+    """PyTorch ``torch.optim.SGD`` (dampening 0): buf = momentum * buf + g (buf = g at first),
+    then p -= lr * (g + momentum * buf if nesterov else buf)."""
+    kind = "sgd"
+    _buffer_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if nesterov and momentum == 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+
+    def _update(self, p, grad, state):
+        if self.momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = grad.copy()
+            else:
+                buf *= self.momentum
+                buf += grad
+            grad = grad + self.momentum * buf if self.nesterov else buf
+        p.data -= p.data.dtype.type(self.lr) * grad
+
+
+class Adam(Optimizer):
+    """PyTorch ``torch.optim.Adam`` (L2 weight decay added to the gradient, no amsgrad)."""
+    kind = "adam"
+    _buffer_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        if not all(0 <= b < 1 for b in betas) or len(betas) != 2 or not eps > 0:
+            raise ValueError(f"need betas in [0, 1) (two of them) and eps > 0; got {betas}, {eps}")
+        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+
+    def _update(self, p, grad, state):
+        beta1, beta2 = self.betas
+        if "exp_avg" not in state:
+            state["exp_avg"] = grad * 0
+            state["exp_avg_sq"] = grad * 0
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m *= beta1
+        m += (1 - beta1) * grad
+        v *= beta2
+        v += (1 - beta2) * grad * grad
+        correction1 = 1 - beta1 ** self.steps
+        correction2 = 1 - beta2 ** self.steps
+        denom = v ** 0.5 / math.sqrt(correction2) + self.eps
+        p.data -= (m / denom) * p.data.dtype.type(self.lr / correction1)
