@@ -1,0 +1,10 @@
+"""The stored stages of the BN pipeline: train, postproc (population statistics) and test.
+
+Each stage reads the previous stage's artifacts from a run directory and writes its own
+subdirectory atomically; see ``arraybn.stages.artifacts``.
+"""
+from arraybn.stages.artifacts import StageError
+from arraybn.stages.config import TrainConfig
+from arraybn.stages.train import TrainingInterrupted, run_train
+
+__all__ = ["StageError", "TrainConfig", "TrainingInterrupted", "run_train"]

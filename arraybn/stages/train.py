@@ -1,0 +1,218 @@
+"""The train stage: ``run_train(RUN, config)`` writes ``RUN/train/`` atomically.
+
+``RUN/train/``: model.npz (PyTorch state_dict names), history.csv, checkpoint.npz +
+checkpoint.json (final state, to train further with ``--resume --epochs M``), manifest.json.
+While training runs, ``RUN/train-checkpoint/`` holds the checkpoint of the last finished epoch
+(or of the step where Ctrl-C stopped it); ``--resume`` continues from it exactly, and it is
+removed once the stage is complete.
+"""
+import csv
+import json
+import os
+import shutil
+import time
+
+import arraybn
+from arraybn.data import sha256_file
+from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, output_digests,
+                                      read_manifest, save_npz, save_npz_atomic, stage_dir, staging,
+                                      verify_artifact, write_json, write_json_atomic)
+from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
+from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
+from arraybn.stages.trainer import HISTORY_FIELDS, Trainer
+
+PARTIAL_DIR = "train-checkpoint"
+CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C after saving a checkpoint; the message says how to resume."""
+
+
+def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on_step=None):
+    """Train a model and store ``RUN/train/``; returns the manifest dict.
+
+    config: a TrainConfig, a dict of TrainConfig fields, or None (defaults). With ``resume``,
+        the configuration comes from the checkpoint; ``config`` may then only change epochs,
+        backend and data_dir (a dict lists just the options to change).
+    force: replace an existing train stage (only once the new one is complete).
+    resume: continue from ``RUN/train-checkpoint/`` (interrupted run) or from ``RUN/train/``
+        with more epochs.
+    echo: prints one line per epoch. on_step: called after every step (see ``Trainer``).
+    Raises StageError (with the command that fixes it), TrainingInterrupted on Ctrl-C.
+    """
+    run_dir = os.fspath(run_dir)
+    if resume:
+        arrays, info, config = _resume_point(run_dir, config)
+    else:
+        config, arrays, info = _fresh_config(config), None, None
+        _check_fresh(run_dir, force)
+    started = time.perf_counter()
+    backend = arraybn.get_backend(config.backend)
+    raw, splits, norm = load_data(config)
+    if info is not None and info["dataset_fingerprint"] != raw.fingerprint:
+        raise StageError(f"the dataset in {raw.directory} differs from the one the checkpoint "
+                         f"was trained on; pass the original --data-dir, or start over with "
+                         f"`arraybn train {run_dir} --force`")
+    model = make_model(config, raw.train_images.shape[1:], backend)
+    saver = _PartialSaver(run_dir, config, raw.fingerprint, norm)
+    trainer = Trainer(model, config, splits, fill=-norm[0] / norm[1], on_step=on_step,
+                      on_epoch=lambda row: echo(format_history_row(row, config.epochs)),
+                      save_checkpoint=saver)
+    if arrays is not None:
+        _restore(trainer, arrays, info, run_dir)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(
+            f"training interrupted at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint "
+            f"saved in {saver.directory}. Continue exactly where it stopped with "
+            f"`arraybn train {run_dir} --resume`") from None
+    manifest = base_manifest("train", config, backend)
+    manifest.update(dataset=dataset_record(raw, splits, norm), resumed=bool(resume),
+                    inputs={os.path.basename(p): sha256_file(p) for p in raw.files.values()})
+    manifest = _write_stage(run_dir, trainer, saver, manifest, started, force or resume)
+    shutil.rmtree(saver.directory, ignore_errors=True)
+    return manifest
+
+
+def _fresh_config(config):
+    if config is None:
+        return TrainConfig()
+    if isinstance(config, dict):
+        return TrainConfig(**config)
+    return config
+
+
+def _check_fresh(run_dir, force):
+    check_can_write(run_dir, "train", force)
+    partial = os.path.join(run_dir, PARTIAL_DIR)
+    if os.path.exists(partial) and not force:
+        raise StageError(f"{partial} holds an interrupted training run; continue it with "
+                         f"`arraybn train {run_dir} --resume`, or start over with --force")
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+class _PartialSaver:
+    """Writes the trainer's state to ``RUN/train-checkpoint/`` (each file atomically)."""
+
+    def __init__(self, run_dir, config, fingerprint, norm):
+        self.directory = os.path.join(run_dir, PARTIAL_DIR)
+        self.config, self.fingerprint, self.norm = config, fingerprint, norm
+
+    def __call__(self, trainer):
+        os.makedirs(self.directory, exist_ok=True)
+        arrays, info = self.checkpoint(trainer)
+        npz_path = os.path.join(self.directory, CHECKPOINT_NPZ)
+        save_npz_atomic(npz_path, arrays)
+        info["npz_sha256"] = sha256_file(npz_path)
+        write_json_atomic(os.path.join(self.directory, CHECKPOINT_JSON), info)
+
+    def checkpoint(self, trainer):
+        arrays, info = trainer.state()
+        info.update(config=self.config.to_dict(), dataset_fingerprint=self.fingerprint,
+                    normalisation=list(self.norm), arraybn_version=arraybn.__version__)
+        return arrays, info
+
+
+def _read_checkpoint(directory, run_dir):
+    json_path = os.path.join(directory, CHECKPOINT_JSON)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{json_path} is unreadable ({exc}); start over with "
+                         f"`arraybn train {run_dir} --force`") from None
+    npz_path = os.path.join(directory, CHECKPOINT_NPZ)
+    if not os.path.isfile(npz_path) or sha256_file(npz_path) != info.get("npz_sha256"):
+        raise StageError(f"{npz_path} is missing or does not match {json_path} (SHA-256); "
+                         f"start over with `arraybn train {run_dir} --force`")
+    return load_npz(npz_path, "checkpoint", run_dir, "train"), info
+
+
+def _resume_point(run_dir, requested):
+    """``(arrays, info, config)`` to continue from: the interrupted run, else the finished one."""
+    partial = os.path.join(run_dir, PARTIAL_DIR)
+    if os.path.isfile(os.path.join(partial, CHECKPOINT_JSON)):
+        arrays, info = _read_checkpoint(partial, run_dir)
+        return arrays, info, _resume_config(info["config"], requested, run_dir)
+    if not os.path.isdir(stage_dir(run_dir, "train")):
+        raise StageError(f"nothing to resume in {run_dir}: no {PARTIAL_DIR}/ and no train/; "
+                         f"start with `arraybn train {run_dir}`")
+    manifest = read_manifest(run_dir, "train")
+    for name in (CHECKPOINT_NPZ, CHECKPOINT_JSON):
+        verify_artifact(run_dir, "train", name, manifest)
+    arrays, info = _read_checkpoint(stage_dir(run_dir, "train"), run_dir)
+    config = _resume_config(info["config"], requested, run_dir)
+    done = len(info["history"])
+    if config.epochs <= done:
+        raise StageError(f"{run_dir} is already trained for {done} epochs; pass --epochs M with "
+                         f"M > {done} to train further, or --force to start over")
+    return arrays, info, config
+
+
+def _resume_config(stored, requested, run_dir):
+    """The checkpoint's config with the allowed changes of ``requested`` applied."""
+    base = TrainConfig.from_dict(stored)
+    if requested is None:
+        return base
+    changes = requested if isinstance(requested, dict) else requested.to_dict()
+    current = base.to_dict()
+    conflicts = [f"{k}={v!r} (checkpoint: {current[k]!r})" for k, v in changes.items()
+                 if k not in RESUMABLE_CHANGES and k in current and _normal(v) != current[k]]
+    if conflicts:
+        raise StageError(f"cannot resume {run_dir} with different settings: "
+                         f"{', '.join(sorted(conflicts))}. Only {', '.join(RESUMABLE_CHANGES)} "
+                         f"may change; start over with --force to use new settings")
+    current.update({k: v for k, v in changes.items() if k in RESUMABLE_CHANGES})
+    return TrainConfig.from_dict(current)
+
+
+def _normal(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _restore(trainer, arrays, info, run_dir):
+    try:
+        trainer.restore(arrays, info)
+    except (KeyError, ValueError) as exc:
+        raise StageError(f"the checkpoint in {run_dir} does not fit this run ({exc}); start over "
+                         f"with `arraybn train {run_dir} --force`") from None
+
+
+# --- the stage's files --------------------------------------------------------------------------
+
+def format_history_row(row, epochs):
+    val = ("" if row["val_loss"] is None
+           else f"  val loss {row['val_loss']:.4f} acc {100 * row['val_acc']:.2f}%")
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc "
+            f"{100 * row['train_acc']:.2f}%{val}  lr {row['lr']:.3g}  {row['seconds']:.1f} s")
+
+
+def write_history(path, history):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS)
+        writer.writeheader()
+        for row in history:
+            writer.writerow({k: ("" if row[k] is None else row[k]) for k in HISTORY_FIELDS})
+
+
+def _write_stage(run_dir, trainer, saver, manifest, started, force):
+    last = trainer.history[-1]
+    manifest["metrics"] = {"epochs": len(trainer.history),
+                           **{k: last[k] for k in ("train_loss", "train_acc", "val_loss",
+                                                   "val_acc")}}
+    with staging(run_dir, "train", force=force) as tmp:
+        save_npz(os.path.join(tmp, "model.npz"), trainer.model.state_dict())
+        write_history(os.path.join(tmp, "history.csv"), trainer.history)
+        arrays, info = saver.checkpoint(trainer)
+        save_npz(os.path.join(tmp, CHECKPOINT_NPZ), arrays)
+        info["npz_sha256"] = sha256_file(os.path.join(tmp, CHECKPOINT_NPZ))
+        write_json(os.path.join(tmp, CHECKPOINT_JSON), info)
+        manifest["outputs"] = output_digests(tmp, ["model.npz", "history.csv", CHECKPOINT_NPZ,
+                                                   CHECKPOINT_JSON])
+        manifest["timings"] = {"train_seconds": sum(r["seconds"] for r in trainer.history),
+                               "wall_seconds": time.perf_counter() - started}
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
+    return manifest

@@ -1,0 +1,183 @@
+"""The training loop: seeded, resumable at any step boundary, and interruptible with Ctrl-C.
+
+Every random choice is a pure function of the seed and the position in training (batch order:
+``(seed, epoch)``; augmentation: ``(seed, epoch, step)``), except dropout masks, which come from
+the model's generator whose state is saved. A checkpoint therefore holds everything needed to
+continue exactly: model state, optimizer state, dropout generator state, epoch, step, the partial
+epoch sums and the history.
+"""
+import math
+import signal
+import threading
+import time
+
+import numpy as np
+
+from arraybn.core import NonFiniteStatisticsError
+from arraybn.data import augment_batch, batch_indices, num_batches, step_rng
+from arraybn.nn import SGD, Adam, make_schedule, softmax_cross_entropy
+from arraybn.stages.common import evaluate, to_host
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def make_optimizer(config, model):
+    if config.optimizer == "adam":
+        return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
+    return SGD(model.parameters(), config.lr, momentum=config.momentum,
+               weight_decay=config.weight_decay)
+
+
+class _DeferredInterrupt:
+    """While active (main thread only), Ctrl-C sets a flag that the loop checks between steps,
+    so a checkpoint is never taken half-way through an update. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """Trains ``model`` on ``splits['train']``, validating on ``splits['val']`` after each epoch.
+
+    ``on_step(info)`` is called after every completed step with a dict (epoch, epochs, step,
+    steps, loss, acc); it may raise KeyboardInterrupt to stop at that step boundary.
+    ``on_epoch(row)`` gets each history row. ``save_checkpoint(trainer)`` is called at the end of
+    every epoch and on interruption.
+    """
+
+    def __init__(self, model, config, splits, fill, on_step=None, on_epoch=None,
+                 save_checkpoint=None):
+        self.model, self.config, self.splits, self.fill = model, config, splits, fill
+        self.optimizer = make_optimizer(config, model)
+        self.steps_per_epoch = num_batches(len(splits["train"]), config.batch_size, drop_last=True)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {config.batch_size} is larger than the "
+                             f"{len(splits['train'])} training images; use a smaller batch size")
+        self.schedule = make_schedule(config.schedule, config.lr,
+                                      config.epochs * self.steps_per_epoch)
+        self.on_step, self.on_epoch = on_step, on_epoch
+        self.save_checkpoint = save_checkpoint
+        self.epoch, self.step = 0, 0            # position of the next step
+        self.sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
+        self.history = []
+
+    @property
+    def global_step(self):
+        return self.epoch * self.steps_per_epoch + self.step
+
+    @property
+    def finished(self):
+        return self.epoch >= self.config.epochs
+
+    # --- checkpoint state ----------------------------------------------------------------------
+
+    def state(self):
+        """``(arrays, info)``: arrays for an .npz, info for JSON; ``restore`` takes them back."""
+        arrays = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        arrays.update({f"optim/{k}": np.asarray(v) for k, v in self.optimizer.state_dict().items()})
+        info = {"epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
+                "sums": dict(self.sums), "history": list(self.history),
+                "dropout_rng": self.model.rng.bit_generator.state}
+        return arrays, info
+
+    def restore(self, arrays, info):
+        if info["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"the checkpoint has {info['steps_per_epoch']} steps per epoch but "
+                             f"this data and batch size give {self.steps_per_epoch}")
+        self.model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model/")})
+        self.optimizer.load_state_dict({k[6:]: v for k, v in arrays.items()
+                                        if k.startswith("optim/")})
+        self.model.rng.bit_generator.state = info["dropout_rng"]
+        self.epoch, self.step = int(info["epoch"]), int(info["step"])
+        self.sums, self.history = dict(info["sums"]), list(info["history"])
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def fit(self):
+        """Train up to ``config.epochs``; KeyboardInterrupt is re-raised after a checkpoint."""
+        with _DeferredInterrupt() as interrupt:
+            try:
+                while not self.finished:
+                    self._run_epoch(interrupt)
+            except KeyboardInterrupt:
+                if self.save_checkpoint:
+                    self.save_checkpoint(self)
+                raise
+        return self.history
+
+    def _run_epoch(self, interrupt):
+        train, config = self.splits["train"], self.config
+        started = time.perf_counter()
+        batches = batch_indices(len(train), config.batch_size, seed=config.seed, epoch=self.epoch,
+                                drop_last=True, start=self.step)
+        try:
+            for index in batches:
+                loss, correct = self._train_step(train.images[index], train.labels[index])
+                self.sums["loss"] += loss * len(index)
+                self.sums["correct"] += correct
+                self.sums["count"] += len(index)
+                self.step += 1
+                self._report_step(loss, correct / len(index))
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+        finally:
+            self.sums["seconds"] += time.perf_counter() - started
+        self._end_epoch()
+
+    def _train_step(self, images, labels):
+        config, model, xp = self.config, self.model, self.model.backend.xp
+        if config.augment:
+            rng = step_rng(config.seed, self.epoch, self.step)
+            images = augment_batch(images, rng, config.augment_config(), self.fill)
+        self.optimizer.lr = self.schedule(self.global_step)
+        where = f"epoch {self.epoch + 1}, step {self.step + 1}"
+        try:
+            logits = model.forward(xp.asarray(images), training=True)
+        except NonFiniteStatisticsError as exc:
+            raise exc.located(where) from None
+        loss, g_logits = softmax_cross_entropy(logits, xp.asarray(labels))
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{where}: the training loss is {loss}; training diverged. "
+                                     "Lower --lr or change the schedule.")
+        model.backward(g_logits)
+        self.optimizer.step()
+        correct = int((to_host(logits.argmax(axis=1)) == labels).sum())
+        return loss, correct
+
+    def _report_step(self, loss, acc):
+        if self.on_step:
+            self.on_step({"epoch": self.epoch + 1, "epochs": self.config.epochs,
+                          "step": self.step, "steps": self.steps_per_epoch,
+                          "loss": loss, "acc": acc})
+
+    def _end_epoch(self):
+        started = time.perf_counter()
+        val_loss, val_acc, _ = evaluate(self.model, self.splits["val"], self.config.eval_batch_size)
+        sums = self.sums
+        row = {"epoch": self.epoch + 1, "train_loss": sums["loss"] / sums["count"],
+               "train_acc": sums["correct"] / sums["count"], "val_loss": val_loss,
+               "val_acc": val_acc, "lr": self.optimizer.lr,
+               "seconds": sums["seconds"] + time.perf_counter() - started}
+        self.history.append(row)
+        self.epoch, self.step = self.epoch + 1, 0
+        self.sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
+        if self.on_epoch:
+            self.on_epoch(row)
+        if self.save_checkpoint and not self.finished:
+            self.save_checkpoint(self)
