@@ -5,6 +5,9 @@ subdirectory atomically; see ``arraybn.stages.artifacts``.
 """
 from arraybn.stages.artifacts import StageError
 from arraybn.stages.config import TrainConfig
+from arraybn.stages.inference import run_test
+from arraybn.stages.postproc import run_postproc
 from arraybn.stages.train import TrainingInterrupted, run_train
 
-__all__ = ["StageError", "TrainConfig", "TrainingInterrupted", "run_train"]
+__all__ = ["StageError", "TrainConfig", "TrainingInterrupted", "run_train", "run_postproc",
+           "run_test"]

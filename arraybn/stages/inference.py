@@ -1,0 +1,115 @@
+"""The test stage: evaluate the trained model on the test split; writes ``RUN/test/metrics.json``.
+
+Which statistics BN normalises with (``stats``):
+- 'postproc': the population statistics of ``RUN/postproc/bn_stats.npz`` (default when present);
+- 'running': the running averages stored in model.npz (default otherwise);
+- 'batch': each test batch's own statistics (results then depend on the batch size).
+"""
+import os
+import time
+
+import numpy as np
+
+from arraybn.data import CLASS_NAMES
+from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, read_manifest,
+                                      stage_dir, staging, verify_artifact, write_json)
+from arraybn.stages.common import TrainedRun, base_manifest, evaluate, set_eval_stats
+
+STATS_CHOICES = ("postproc", "running", "batch")
+
+
+def load_postproc_stats(run):
+    """``(bn_stats, sha256)`` of ``RUN/postproc/`` after checking it belongs to run's model.npz."""
+    manifest = read_manifest(run.run_dir, "postproc")
+    path, sha = verify_artifact(run.run_dir, "postproc", "bn_stats.npz", manifest)
+    if manifest.get("inputs", {}).get("train/model.npz") != run.model_sha:
+        raise StageError(f"{path} was computed for a different model.npz (the model was "
+                         f"retrained since); make it again with "
+                         f"`arraybn postproc {run.run_dir} --force`")
+    return load_npz(path, "BN statistics", run.run_dir, "postproc"), sha
+
+
+def apply_bn_stats(model, stats, where):
+    """Make every BN layer normalise with ``stats`` (``name.running_mean``/``_var``) in inference."""
+    xp = model.backend.xp
+    for name, bn in model.bn_layers():
+        keys = (f"{name}.running_mean", f"{name}.running_var")
+        missing = [k for k in keys if k not in stats]
+        if missing:
+            raise StageError(f"{where} lacks {', '.join(missing)}; it does not fit this model")
+        bn.track_running_stats = True
+        bn.running_mean = xp.asarray(stats[keys[0]], dtype=model.dtype)
+        bn.running_var = xp.asarray(stats[keys[1]], dtype=model.dtype)
+        bn.eval_stats = "running"
+
+
+def _choose_stats(run, requested):
+    has_postproc = os.path.isdir(stage_dir(run.run_dir, "postproc"))
+    stats = requested or ("postproc" if has_postproc else "running")
+    if stats not in STATS_CHOICES:
+        raise StageError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_CHOICES)}")
+    if stats == "postproc" and not has_postproc:
+        raise StageError(f"{run.run_dir} has no postproc stage; make it with "
+                         f"`arraybn postproc {run.run_dir}`, or test with --stats running|batch")
+    return stats
+
+
+def prepare_model(run, stats):
+    """The trained model set up to normalise with ``stats``; ``(model, inputs used)``."""
+    model = run.model()
+    inputs = {"train/model.npz": run.model_sha}
+    if stats == "postproc" and model.bn_layers():
+        bn_stats, sha = load_postproc_stats(run)
+        apply_bn_stats(model, bn_stats, f"{run.run_dir}/postproc/bn_stats.npz")
+        inputs["postproc/bn_stats.npz"] = sha
+    elif stats == "running":
+        untracked = [name for name, bn in model.bn_layers() if bn.running_mean is None]
+        if untracked:
+            raise StageError(f"the model in {run.run_dir} was trained with --stats none and has "
+                             f"no running statistics ({', '.join(untracked)}); run "
+                             f"`arraybn postproc {run.run_dir}` and test with --stats postproc, "
+                             "or test with --stats batch")
+    elif stats == "batch":
+        set_eval_stats(model, "batch")
+    return model, inputs
+
+
+def classification_metrics(labels, predictions, num_classes, names):
+    """Accuracy, per-class accuracy and the confusion matrix (rows: true class, cols: predicted)."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predictions), 1)
+    support = confusion.sum(axis=1)
+    per_class = {names[k]: (float(confusion[k, k] / support[k]) if support[k] else None)
+                 for k in range(num_classes)}
+    return {"accuracy": float((labels == predictions).mean()), "per_class_accuracy": per_class,
+            "confusion_matrix": confusion.tolist(), "class_names": list(names)}
+
+
+def run_test(run_dir, *, stats=None, batch_size=1000, backend=None, data_dir=None, force=False,
+             echo=print):
+    """Evaluate on the test split and write ``RUN/test/metrics.json``; returns the metrics dict."""
+    started = time.perf_counter()
+    run = TrainedRun(run_dir, backend, data_dir)
+    stats = _choose_stats(run, stats)
+    check_can_write(run_dir, "test", force)
+    if batch_size < 1:
+        raise StageError(f"--batch-size must be >= 1, got {batch_size}")
+    model, inputs = prepare_model(run, stats)
+    raw, splits, _ = run.data()
+    test = splits["test"]
+    if stats == "batch" and model.bn_layers() and len(test) % batch_size == 1:
+        raise StageError(f"with --stats batch the last test batch would hold one image (no "
+                         f"batch statistics); choose a --batch-size that does not leave "
+                         f"{len(test)} % batch size == 1")
+    loss, _, predictions = evaluate(model, test, batch_size)
+    result = base_manifest("test", run.config, run.backend)
+    result.update(classification_metrics(test.labels, predictions, 10, CLASS_NAMES[raw.name]))
+    result.update(loss=loss, stats=stats if model.bn_layers() else "none (model has no BN)",
+                  batch_size=batch_size, images=len(test), inputs=inputs,
+                  dataset={"fingerprint": raw.fingerprint})
+    with staging(run_dir, "test", force=force) as tmp:
+        result["timings"] = {"seconds": time.perf_counter() - started}
+        write_json(os.path.join(tmp, "metrics.json"), result)
+    echo(f"test: loss {loss:.4f}  accuracy {100 * result['accuracy']:.2f}% on {len(test)} "
+         f"images ({result['stats']} statistics)")
+    return result

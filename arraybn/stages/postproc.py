@@ -1,0 +1,116 @@
+"""The postproc stage: population statistics of every BN layer with the weights frozen.
+
+The seed text's "Postproc" step: disable all weight updates, run each BN layer with batch
+statistics over the training data, let an estimator accumulate each layer's mean/variance,
+and store them beside the network (``RUN/postproc/bn_stats.npz`` with PyTorch buffer names).
+"""
+import os
+import time
+
+import numpy as np
+
+from arraybn.core import make_estimator
+from arraybn.data import batch_indices
+from arraybn.stages.artifacts import (StageError, check_can_write, output_digests, save_npz,
+                                      staging, write_json)
+from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats, to_host
+
+METHODS = ("exact", "average", "ema")
+POSTPROC_SEED_STREAM = 5
+
+
+def estimator_options(method, decay, stat):
+    """The options that matter for ``method`` (only EMA has a decay and a statistic)."""
+    if method not in METHODS:
+        raise StageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
+    if method != "ema":
+        return {}
+    if not 0.0 <= decay < 1.0:
+        raise StageError(f"--decay must be in [0, 1), got {decay}")
+    if stat not in ("var", "std"):
+        raise StageError(f"--stat must be 'var' or 'std', got {stat!r}")
+    return {"decay": float(decay), "stat": stat}
+
+
+def _batches(n, batch_size, limit, seed):
+    """Seeded shuffled batches of the training split, at most ``limit`` of them.
+
+    A final batch of a single image is left out: batch statistics need two values.
+    """
+    if batch_size < 2:
+        raise StageError(f"--batch-size must be >= 2 for batch statistics, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise StageError(f"--batches must be >= 1, got {limit}")
+    drop_last = n % batch_size == 1
+    indices = batch_indices(n, batch_size, seed=seed, epoch=POSTPROC_SEED_STREAM,
+                            drop_last=drop_last)
+    for count, index in enumerate(indices):
+        if limit is not None and count >= limit:
+            return
+        yield index
+
+
+def collect_statistics(model, split, observers, batch_size, limit, seed):
+    """Feed ``split`` through ``model`` with every BN layer in batch-statistics mode.
+
+    observers: {layer name: PopulationStatistics}. Returns ``(bn_stats, images_seen)`` with
+    bn_stats {``name.running_mean``/``name.running_var``: host array in the model's dtype}.
+    """
+    xp = model.backend.xp
+    set_eval_stats(model, "batch")
+    for name, bn in model.bn_layers():
+        bn.observer = observers[name]
+    seen = 0
+    try:
+        for index in _batches(len(split), batch_size, limit, seed):
+            model.forward(xp.asarray(split.images[index]), training=False)
+            seen += len(index)
+    finally:
+        for _, bn in model.bn_layers():
+            bn.observer = None
+    stats = {}
+    for name, bn in model.bn_layers():
+        mean, var = observers[name].result()
+        stats[f"{name}.running_mean"] = to_host(mean).astype(model.dtype)
+        stats[f"{name}.running_var"] = to_host(var).astype(model.dtype)
+    return stats, seen
+
+
+def run_postproc(run_dir, *, method="exact", decay=0.9, stat="var", batches=None,
+                 batch_size=256, backend=None, data_dir=None, force=False, echo=print):
+    """Estimate population BN statistics for the trained model; writes ``RUN/postproc/``.
+
+    method: 'exact' (all values seen, order-independent), 'average' (mean of per-batch
+    statistics) or 'ema' (``s = decay * s + (1 - decay) * s_batch``; ``stat`` 'var' or 'std').
+    batches: use at most this many (seeded, shuffled) training batches; None: all.
+    Returns the manifest dict.
+    """
+    started = time.perf_counter()
+    run = TrainedRun(run_dir, backend, data_dir)
+    options = estimator_options(method, decay, stat)
+    check_can_write(run_dir, "postproc", force)
+    model = run.model()
+    if not model.bn_layers():
+        raise StageError(f"the model in {run_dir} has no BN layers (trained with --bn none); "
+                         f"there is nothing to post-process: run `arraybn test {run_dir}`")
+    _, splits, _ = run.data()
+    observers = {name: make_estimator(method, **options) for name, _ in model.bn_layers()}
+    stats, seen = collect_statistics(model, splits["train"], observers, batch_size, batches,
+                                     run.config.seed)
+    echo(f"postproc: {method} statistics of {len(observers)} BN layers from {seen} "
+         f"training images")
+    manifest = base_manifest("postproc", run.config, run.backend)
+    manifest.update(
+        postproc={"method": method, **options, "batches": batches, "batch_size": batch_size,
+                  "images_seen": seen},
+        dataset={"fingerprint": run.manifest["dataset"]["fingerprint"]},
+        inputs={"train/model.npz": run.model_sha},
+        metrics={name: {"mean_abs_mean": float(np.abs(stats[f"{name}.running_mean"]).mean()),
+                        "mean_var": float(stats[f"{name}.running_var"].mean())}
+                 for name in observers})
+    with staging(run_dir, "postproc", force=force) as tmp:
+        save_npz(os.path.join(tmp, "bn_stats.npz"), stats)
+        manifest["outputs"] = output_digests(tmp, ["bn_stats.npz"])
+        manifest["timings"] = {"seconds": time.perf_counter() - started}
+        write_json(os.path.join(tmp, "manifest.json"), manifest)
+    return manifest
