@@ -1,7 +1,8 @@
 """2-D convolution (im2col + batched GEMM) and max pooling, NCHW like PyTorch.
 
 The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the layers call the
-fused kernels in ``arraybn.nn.ops_numba`` instead (direct convolution, one-pass pooling).
+kernels in ``arraybn.nn.ops_numba`` instead (im2col/col2im with fused padding, one-pass pooling);
+the GEMMs are BLAS calls on every backend.
 """
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
@@ -46,22 +47,30 @@ def col2im(cols, x_shape, kh, kw, stride, pad, xp):
     return gx[:, :, pad:pad + h, pad:pad + w] if pad else gx
 
 
-def conv2d_forward(x, weight, bias, stride, pad, xp):
-    """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW)."""
+def _plain_ops(xp):
+    return (lambda x, kh, kw, s, p: im2col(x, kh, kw, s, p, xp),
+            lambda g, shape, kh, kw, s, p: col2im(g, shape, kh, kw, s, p, xp))
+
+
+def conv2d_forward(x, weight, bias, stride, pad, xp, ops=None):
+    """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
+
+    ops: optional (im2col, col2im) pair with the signatures of ``ops_numba``'s; default: plain xp.
+    """
     n = x.shape[0]
     o, _, kh, kw = weight.shape
     oh = _out_size(x.shape[2], kh, stride, pad)
     ow = _out_size(x.shape[3], kw, stride, pad)
-    cols = im2col(x, kh, kw, stride, pad, xp)
+    cols = (ops or _plain_ops(xp))[0](x, kh, kw, stride, pad)
     y = xp.matmul(weight.reshape(o, -1), cols)                # (N, O, OH*OW)
     if bias is not None:
         y += bias[:, None]
-    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None)
+    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None, ops)
 
 
 def conv2d_backward(gy, cache, xp, need_gx=True):
     """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None)."""
-    cols, x_shape, weight, stride, pad, has_bias = cache
+    cols, x_shape, weight, stride, pad, has_bias, ops = cache
     o, _, kh, kw = weight.shape
     gy3 = gy.reshape(gy.shape[0], o, -1)                      # (N, O, P)
     gweight = xp.tensordot(gy3, cols, axes=([0, 2], [0, 2])).reshape(weight.shape)
@@ -69,7 +78,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True):
     gx = None
     if need_gx:
         gcols = xp.matmul(weight.reshape(o, -1).T, gy3)        # (N, C*kh*kw, P)
-        gx = col2im(gcols, x_shape, kh, kw, stride, pad, xp)
+        gx = (ops or _plain_ops(xp))[1](gcols, x_shape, kh, kw, stride, pad)
     return gx, gweight, gbias
 
 
@@ -91,31 +100,23 @@ class Conv2d(Layer):
         if bias:
             self.bias = Parameter(f"{name}.bias", self.xp.asarray(
                 kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
-        self._fused = _numba_ops() if backend.name == "numba" else None
+        self._ops = None
+        if backend.name == "numba":
+            fused = _numba_ops()
+            self._ops = (fused.im2col, fused.col2im)
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
 
     def forward(self, x, training):
         bias = None if self.bias is None else self.bias.data
-        if self._fused is not None:
-            y = self._fused.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
-            self._cache = (x, bias is not None)
-            return y
         y, self._cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding,
-                                        self.xp)
+                                        self.xp, self._ops)
         return y
 
     def backward(self, gy):
-        cache = self._take_cache()
-        if self._fused is not None:
-            x, has_bias = cache
-            gx, gweight, gbias = self._fused.conv2d_backward(
-                gy, x, self.weight.data, self.stride, self.padding, has_bias,
-                self.need_input_grad)
-        else:
-            gx, gweight, gbias = conv2d_backward(gy, cache, self.xp, self.need_input_grad)
-        self.weight.grad = gweight
+        gx, self.weight.grad, gbias = conv2d_backward(gy, self._take_cache(), self.xp,
+                                                      self.need_input_grad)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx
