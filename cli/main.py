@@ -1,6 +1,19 @@
+"""The ``arraybn`` command group: only wires the commands together."""
 import click
+
+import arraybn
+from arraybn_cli.cmd_info import info_command
+from arraybn_cli.cmd_postproc import postproc_command
+from arraybn_cli.cmd_run import run_command
+from arraybn_cli.cmd_test import test_command
+from arraybn_cli.cmd_train import train_command
 
 
 @click.group()
+@click.version_option(arraybn.__version__, prog_name="arraybn")
 def cli():
     """arraybn: train, post-process and test networks with Batch Normalization."""
+
+
+for command in (train_command, postproc_command, test_command, run_command, info_command):
+    cli.add_command(command)

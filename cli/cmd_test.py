@@ -1,0 +1,35 @@
+"""``arraybn test RUN``: evaluate on the test split -> RUN/test/metrics.json."""
+import click
+
+from arraybn.stages import run_test
+from arraybn_cli.options import common_options, run_dir_argument, test_stats_option
+from arraybn_cli.reporting import Reporter, friendly_errors
+
+
+def test_stage(params, reporter, batch_size, force):
+    return run_test(params["run_dir"], stats=params["test_stats"], batch_size=batch_size,
+                    backend=params["backend"], data_dir=params["data_dir"], force=force,
+                    echo=reporter.echo)
+
+
+def per_class_table(metrics):
+    lines = [f"  {name:<12} {'-' if acc is None else f'{100 * acc:6.2f}%'}"
+             for name, acc in metrics["per_class_accuracy"].items()]
+    return "per-class accuracy:\n" + "\n".join(lines)
+
+
+@click.command("test")
+@run_dir_argument
+@test_stats_option("--stats")
+@click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
+@common_options
+def test_command(**params):
+    """Evaluate the trained model on the test split and store RUN/test/metrics.json.
+
+    BN uses the post-processed statistics when RUN/postproc exists, else the running ones;
+    --stats batch normalises with each test batch's own statistics.
+    """
+    reporter = Reporter(params["as_json"])
+    with friendly_errors():
+        metrics = test_stage(params, reporter, params["batch_size"], params["force"])
+    reporter.result(metrics, per_class_table(metrics))

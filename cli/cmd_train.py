@@ -1,0 +1,37 @@
+"""``arraybn train RUN``: train a model and store RUN/train/."""
+import click
+
+from arraybn.stages import run_train
+from arraybn_cli.options import common_options, run_dir_argument, train_config_from, train_options
+from arraybn_cli.reporting import EpochProgress, Reporter, friendly_errors
+
+
+def train_stage(ctx, params, reporter):
+    """Run the train stage for the parsed options; returns the manifest."""
+    config = train_config_from(ctx, params, params["resume"])
+    progress = EpochProgress()
+    try:
+        return run_train(params["run_dir"], config, force=params["force"],
+                         resume=params["resume"], echo=reporter.echo, on_step=progress)
+    finally:
+        progress.close()
+
+
+@click.command("train")
+@run_dir_argument
+@train_options
+@common_options
+@click.pass_context
+def train_command(ctx, **params):
+    """Train a network on the training split and store RUN/train/.
+
+    Writes model.npz (PyTorch state_dict names), history.csv, a checkpoint and manifest.json.
+    Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
+    """
+    reporter = Reporter(params["as_json"])
+    with friendly_errors():
+        manifest = train_stage(ctx, params, reporter)
+    metrics = manifest["metrics"]
+    val = "" if metrics["val_acc"] is None else f", validation accuracy {100 * metrics['val_acc']:.2f}%"
+    reporter.result(manifest, f"trained {metrics['epochs']} epochs{val}; "
+                              f"saved {params['run_dir']}/train/")

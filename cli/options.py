@@ -1,0 +1,135 @@
+"""Options shared by several commands, defined once and stacked as decorators.
+
+Training defaults come from ``arraybn.stages.TrainConfig`` so that the CLI and the Python API
+agree on them.
+"""
+import click
+from click.core import ParameterSource
+
+from arraybn.backends import BACKEND_NAMES
+from arraybn.data import DATASETS
+from arraybn.stages.config import (BN_KINDS, BN_POSITIONS, MODELS, OPTIMIZERS, SCHEDULES,
+                                   TRAIN_STATS, TrainConfig)
+from arraybn.stages.inference import STATS_CHOICES
+from arraybn.stages.postproc import METHODS
+
+DEFAULTS = TrainConfig()
+
+
+def stack(*decorators):
+    """One decorator that applies ``decorators`` in the order listed (top one outermost)."""
+    def apply(func):
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+    return apply
+
+
+def _hidden(ctx, param, value):
+    if value is None or isinstance(value, tuple):
+        return value
+    try:
+        widths = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated widths like 256,128; got {value!r}")
+    if not widths or min(widths) < 1:
+        raise click.BadParameter(f"expected one or more positive widths; got {value!r}")
+    return widths
+
+
+run_dir_argument = click.argument("run_dir", metavar="RUN", type=click.Path(file_okay=False))
+
+common_options = stack(
+    click.option("--backend", type=click.Choice(("auto",) + BACKEND_NAMES), default=None,
+                 help="Array backend (default: training's choice, 'auto' picks cupy > numba > "
+                      "numpy; env ARRAYBN_BACKEND overrides auto)."),
+    click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+                 help="Directory with the IDX files (default: $ARRAYBN_DATA, then "
+                      "/usr/share/datasets/<dataset>)."),
+    click.option("--force", is_flag=True,
+                 help="Replace existing results (kept until the new ones are complete)."),
+    click.option("--json", "as_json", is_flag=True,
+                 help="Print only the result as JSON on stdout (messages go to stderr)."),
+)
+
+train_options = stack(
+    click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULTS.dataset,
+                 show_default=True),
+    click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
+                 default=DEFAULTS.val_split, show_default=True,
+                 help="Fraction of the training images held out for validation."),
+    click.option("--model", type=click.Choice(MODELS), default=DEFAULTS.model, show_default=True),
+    click.option("--hidden", callback=_hidden, default=",".join(map(str, DEFAULTS.hidden)),
+                 show_default=True, help="MLP hidden widths, comma-separated."),
+    click.option("--bn", type=click.Choice(BN_KINDS), default=DEFAULTS.bn, show_default=True,
+                 help="Batch normalization variant."),
+    click.option("--bn-position", type=click.Choice(BN_POSITIONS), default=DEFAULTS.bn_position,
+                 show_default=True, help="BN before or after the ReLU."),
+    click.option("--bn-momentum", type=click.FloatRange(0, 1), default=DEFAULTS.bn_momentum,
+                 show_default=True, help="Running statistics: r = (1-m) r + m batch."),
+    click.option("--bn-eps", type=click.FloatRange(0, min_open=True), default=DEFAULTS.bn_eps,
+                 show_default=True),
+    click.option("--ghost-batch-size", type=click.IntRange(1), default=DEFAULTS.ghost_batch_size,
+                 show_default=True, help="Samples per ghost batch (--bn ghost)."),
+    click.option("--renorm-rmax", type=click.FloatRange(1), default=DEFAULTS.renorm_rmax,
+                 show_default=True, help="Batch renormalization r clip (--bn renorm)."),
+    click.option("--renorm-dmax", type=click.FloatRange(0), default=DEFAULTS.renorm_dmax,
+                 show_default=True, help="Batch renormalization d clip (--bn renorm)."),
+    click.option("--stats", type=click.Choice(TRAIN_STATS), default=DEFAULTS.stats,
+                 show_default=True,
+                 help="'none': keep no running statistics (postproc provides them)."),
+    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+                 default=DEFAULTS.dropout, show_default=True),
+    click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs, show_default=True),
+    click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size,
+                 show_default=True),
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
+                 show_default=True),
+    click.option("--lr", type=click.FloatRange(0, min_open=True), default=DEFAULTS.lr,
+                 show_default=True, help="Base learning rate."),
+    click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS.momentum,
+                 show_default=True, help="SGD momentum."),
+    click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule,
+                 show_default=True, help="Learning-rate schedule over all steps."),
+    click.option("--weight-decay", type=click.FloatRange(0), default=DEFAULTS.weight_decay,
+                 show_default=True),
+    click.option("--augment/--no-augment", default=DEFAULTS.augment, show_default=True,
+                 help="Random rotation, shear, zoom and shift of training images."),
+    click.option("--eval-batch-size", type=click.IntRange(1), default=DEFAULTS.eval_batch_size,
+                 show_default=True, help="Batch size for validation and testing."),
+    click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
+    click.option("--resume", is_flag=True,
+                 help="Continue an interrupted run exactly, or a finished one with more --epochs."),
+)
+
+TRAIN_KEYS = ("dataset", "val_split", "model", "hidden", "bn", "bn_position", "bn_momentum",
+              "bn_eps", "ghost_batch_size", "renorm_rmax", "renorm_dmax", "stats", "dropout",
+              "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule", "weight_decay",
+              "augment", "eval_batch_size", "seed", "backend", "data_dir")
+
+postproc_method_options = stack(
+    click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,
+                 help="exact: all values seen; average: mean of batch statistics; ema: "
+                      "s = decay s + (1-decay) s_batch."),
+    click.option("--decay", type=click.FloatRange(0, 1, max_open=True), default=0.9,
+                 show_default=True, help="EMA decay (--method ema)."),
+    click.option("--stat", type=click.Choice(("var", "std")), default="var", show_default=True,
+                 help="EMA averages the variance or the standard deviation (--method ema)."),
+    click.option("--batches", type=click.IntRange(1), default=None,
+                 help="Use at most N training batches (default: all)."),
+)
+
+
+def test_stats_option(name):
+    return click.option(name, "test_stats", type=click.Choice(STATS_CHOICES), default=None,
+                        help="BN statistics for testing (default: postproc when it exists, "
+                             "else running).")
+
+
+def train_config_from(ctx, params, resume):
+    """TrainConfig fields from the parsed options; with --resume only those given explicitly."""
+    values = {key: params[key] for key in TRAIN_KEYS}
+    if resume:
+        return {key: value for key, value in values.items()
+                if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT}
+    return {key: value for key, value in values.items() if value is not None}
