@@ -6,11 +6,10 @@ are float64 (C,). All arithmetic is float64 and each element is rounded once, wh
 Two layouts, picked by the caller:
 
 - conv (M > 1): ``prange`` over channels; one thread owns a whole channel and makes all its passes
-  back to back, so after the first pass the channel is read from cache, not DRAM. A channel is
-  reduced into ``LANES`` float64 accumulators (lane j takes elements j, j + LANES, ... of each row,
-  rows in order) and the lanes are folded pairwise. The order depends on the shape only, so
-  results are bit-identical for any number of threads, and the lane loops vectorize without
-  fastmath.
+  back to back, so after the first pass the channel is read from cache, not DRAM. Sums run into
+  ``LANES`` float64 accumulators (lane j takes elements j, j + LANES, ... of each row, rows in
+  order) that are folded pairwise. The order depends on the shape only, so results are
+  bit-identical for any number of threads, and the lane loops vectorize without fastmath.
 - dense (M == 1, data viewed as (N, C)): channel-wise strided access would be slow, so each
   thread walks the rows of a block of channels and keeps one accumulator per channel; the sum of
   each channel still runs over n in order, whatever the blocks are.
@@ -23,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 LANES = 256                      # float64 accumulators per channel: 2 KiB, stays in L1
+CHUNK = 4096                     # values per chunk of the one-read channel statistics
 _FLAGS = dict(fastmath=False, nogil=True, error_model="numpy", boundscheck=False)
 
 
@@ -59,38 +59,57 @@ def _fold(acc):
 
 
 @_jit()
-def _lane_sum(x3, c, acc):
-    """sum over n, m of x3[n, c, m] in float64."""
-    acc[:] = 0.0
-    for n in range(x3.shape[0]):
+def _lane_sum(x3, c, n0, n1, acc):
+    """sum of x3[n0:n1, c, :] in float64."""
+    lanes = acc[:min(LANES, x3.shape[2])]
+    lanes[:] = 0.0
+    for n in range(n0, n1):
         row = x3[n, c]
         for start in range(0, row.shape[0], LANES):
-            stop = min(start + LANES, row.shape[0])
-            for j in range(stop - start):
-                acc[j] += row[start + j]
-    return _fold(acc)
+            part = row[start:start + LANES]
+            for j in range(part.shape[0]):
+                lanes[j] += part[j]
+    return _fold(lanes)
 
 
 @_jit()
-def _lane_sq_dev(x3, c, mean, acc):
-    """sum over n, m of (x3[n, c, m] - mean)**2 in float64."""
-    acc[:] = 0.0
-    for n in range(x3.shape[0]):
+def _lane_sq_dev(x3, c, n0, n1, mean, acc):
+    """sum of (x3[n0:n1, c, :] - mean)**2 in float64."""
+    lanes = acc[:min(LANES, x3.shape[2])]
+    lanes[:] = 0.0
+    for n in range(n0, n1):
         row = x3[n, c]
         for start in range(0, row.shape[0], LANES):
-            stop = min(start + LANES, row.shape[0])
-            for j in range(stop - start):
-                d = row[start + j] - mean
-                acc[j] += d * d
-    return _fold(acc)
+            part = row[start:start + LANES]
+            for j in range(part.shape[0]):
+                d = part[j] - mean
+                lanes[j] += d * d
+    return _fold(lanes)
 
 
 @_jit()
 def _channel_moments(x3, c, acc):
-    """(mean, biased var) of channel c: two passes, the second one from cache."""
-    count = x3.shape[0] * x3.shape[2]
-    mean = _lane_sum(x3, c, acc) / count
-    return mean, _lane_sq_dev(x3, c, mean, acc) / count
+    """(mean, biased var) of channel c, reading it once from memory.
+
+    The channel is cut into chunks of about ``CHUNK`` values (whole rows). Each chunk gets an
+    exact two-pass mean and sum of squared deviations (its second pass hits L1/L2), and the
+    chunks are merged in order with Chan et al.'s pairwise update, which is as stable as two
+    passes over the whole channel.
+    """
+    width = x3.shape[2]
+    rows = max(1, CHUNK // width)
+    count, mean, m2 = 0.0, 0.0, 0.0
+    for n0 in range(0, x3.shape[0], rows):
+        n1 = min(n0 + rows, x3.shape[0])
+        k = float((n1 - n0) * width)
+        mean_k = _lane_sum(x3, c, n0, n1, acc) / k
+        m2_k = _lane_sq_dev(x3, c, n0, n1, mean_k, acc)
+        total = count + k
+        delta = mean_k - mean
+        mean += delta * (k / total)
+        m2 += m2_k + delta * delta * (count * k / total)
+        count = total
+    return mean, m2 / count
 
 
 @_jit()
@@ -105,17 +124,18 @@ def _channel_centered_affine(x3, c, center, a, b, y3):
 @_jit()
 def _channel_grad_sums(gy3, x3, c, center, acc_gy, acc_gy_xc):
     """(sum gy, sum gy * (x - center)) over channel c."""
-    acc_gy[:] = 0.0
-    acc_gy_xc[:] = 0.0
+    lanes_gy, lanes_gy_xc = acc_gy[:min(LANES, x3.shape[2])], acc_gy_xc[:min(LANES, x3.shape[2])]
+    lanes_gy[:] = 0.0
+    lanes_gy_xc[:] = 0.0
     for n in range(x3.shape[0]):
         grow, xrow = gy3[n, c], x3[n, c]
         for start in range(0, xrow.shape[0], LANES):
-            stop = min(start + LANES, xrow.shape[0])
-            for j in range(stop - start):
-                g = np.float64(grow[start + j])
-                acc_gy[j] += g
-                acc_gy_xc[j] += g * (xrow[start + j] - center)
-    return _fold(acc_gy), _fold(acc_gy_xc)
+            gpart, xpart = grow[start:start + LANES], xrow[start:start + LANES]
+            for j in range(xpart.shape[0]):
+                g = np.float64(gpart[j])
+                lanes_gy[j] += g
+                lanes_gy_xc[j] += g * (xpart[j] - center)
+    return _fold(lanes_gy), _fold(lanes_gy_xc)
 
 
 @_jit()
@@ -175,28 +195,37 @@ def _block(block, blocks, channels):
 
 @_jit()
 def _dense_moments_block(x2, lo, hi, mean, var):
-    """mean[lo:hi], var[lo:hi] of x2 (N, C) by row-wise passes."""
+    """mean[lo:hi], var[lo:hi] of x2 (N, C) by row-wise passes.
+
+    Loops run over slices from index 0 so that Numba drops negative-index handling and vectorizes.
+    """
     n_rows = x2.shape[0]
-    mean[lo:hi] = 0.0
-    var[lo:hi] = 0.0
+    mean_b, var_b = mean[lo:hi], var[lo:hi]
+    mean_b[:] = 0.0
+    var_b[:] = 0.0
     for n in range(n_rows):
-        for c in range(lo, hi):
-            mean[c] += x2[n, c]
-    for c in range(lo, hi):
-        mean[c] /= n_rows
+        row = x2[n, lo:hi]
+        for j in range(row.shape[0]):
+            mean_b[j] += row[j]
+    for j in range(mean_b.shape[0]):
+        mean_b[j] /= n_rows
     for n in range(n_rows):
-        for c in range(lo, hi):
-            d = x2[n, c] - mean[c]
-            var[c] += d * d
-    for c in range(lo, hi):
-        var[c] /= n_rows
+        row = x2[n, lo:hi]
+        for j in range(row.shape[0]):
+            d = row[j] - mean_b[j]
+            var_b[j] += d * d
+    for j in range(var_b.shape[0]):
+        var_b[j] /= n_rows
 
 
 @_jit()
 def _dense_centered_affine_block(x2, lo, hi, center, a, b, y2):
+    """y2[:, lo:hi] = (x2[:, lo:hi] - center[lo:hi]) * a[lo:hi] + b[lo:hi]."""
+    center_b, a_b, b_b = center[lo:hi], a[lo:hi], b[lo:hi]
     for n in range(x2.shape[0]):
-        for c in range(lo, hi):
-            y2[n, c] = (x2[n, c] - center[c]) * a[c] + b[c]
+        row, out = x2[n, lo:hi], y2[n, lo:hi]
+        for j in range(row.shape[0]):
+            out[j] = (row[j] - center_b[j]) * a_b[j] + b_b[j]
 
 
 @_jit(parallel=True)
@@ -225,25 +254,41 @@ def dense_affine(x2, a, b, blocks, zero, y2):
         _dense_centered_affine_block(x2, lo, hi, zero, a, b, y2)
 
 
+@_jit()
+def _dense_grad_sums_block(gy2, x2, lo, hi, mean, sum_gy, sum_gy_xc):
+    """sum_gy[lo:hi], sum_gy_xc[lo:hi] over the rows of gy2, x2 (N, C)."""
+    mean_b, s_gy, s_gy_xc = mean[lo:hi], sum_gy[lo:hi], sum_gy_xc[lo:hi]
+    s_gy[:] = 0.0
+    s_gy_xc[:] = 0.0
+    for n in range(x2.shape[0]):
+        grow, xrow = gy2[n, lo:hi], x2[n, lo:hi]
+        for j in range(xrow.shape[0]):
+            g = np.float64(grow[j])
+            s_gy[j] += g
+            s_gy_xc[j] += g * (xrow[j] - mean_b[j])
+
+
+@_jit()
+def _dense_gx_block(gy2, x2, lo, hi, mean, scale, k_gy, k_xc, gx2):
+    """gx2[:, lo:hi] = scale * (gy - k_gy - k_xc * (x - mean)), per channel coefficients."""
+    mean_b, scale_b, k_gy_b, k_xc_b = mean[lo:hi], scale[lo:hi], k_gy[lo:hi], k_xc[lo:hi]
+    for n in range(x2.shape[0]):
+        grow, xrow, out = gy2[n, lo:hi], x2[n, lo:hi], gx2[n, lo:hi]
+        for j in range(xrow.shape[0]):
+            out[j] = scale_b[j] * (grow[j] - k_gy_b[j] - k_xc_b[j] * (xrow[j] - mean_b[j]))
+
+
 @_jit(parallel=True)
 def dense_backward(gy2, x2, mean, scale, w, centered, blocks, gx2, sum_gy, sum_gy_xc, k_gy, k_xc):
     """``k_gy``, ``k_xc`` are float64 (C,) scratch for the coefficients of gx, zeros on entry."""
     n_rows = x2.shape[0]
     for block in prange(blocks):
         lo, hi = _block(block, blocks, x2.shape[1])
-        sum_gy[lo:hi] = 0.0
-        sum_gy_xc[lo:hi] = 0.0
-        for n in range(n_rows):
+        _dense_grad_sums_block(gy2, x2, lo, hi, mean, sum_gy, sum_gy_xc)
+        if centered:
             for c in range(lo, hi):
-                g = np.float64(gy2[n, c])
-                sum_gy[c] += g
-                sum_gy_xc[c] += g * (x2[n, c] - mean[c])
-        if not centered:
+                k_gy[c] = sum_gy[c] / n_rows
+                k_xc[c] = w[c] * sum_gy_xc[c] / n_rows
+            _dense_gx_block(gy2, x2, lo, hi, mean, scale, k_gy, k_xc, gx2)
+        else:
             _dense_centered_affine_block(gy2, lo, hi, k_gy, scale, k_xc, gx2)
-            continue
-        for c in range(lo, hi):
-            k_gy[c] = sum_gy[c] / n_rows
-            k_xc[c] = w[c] * sum_gy_xc[c] / n_rows
-        for n in range(n_rows):
-            for c in range(lo, hi):
-                gx2[n, c] = scale[c] * (gy2[n, c] - k_gy[c] - k_xc[c] * (x2[n, c] - mean[c]))

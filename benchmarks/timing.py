@@ -1,0 +1,53 @@
+"""Small helpers shared by the CPU benchmarks: warm-up, median of repeats, a markdown table."""
+import statistics
+import time
+
+
+def median_time(func, repeats=20, warmup=2, min_seconds=0.0):
+    """Median wall time in seconds of ``func()`` over ``repeats`` calls, after ``warmup`` calls.
+
+    When ``min_seconds`` > 0, each sample times a loop of as many calls as it takes to last at
+    least that long (for calls of a few microseconds) and reports the time per call.
+    """
+    for _ in range(warmup):
+        func()
+    inner = _calls_per_sample(func, min_seconds)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            func()
+        samples.append((time.perf_counter() - start) / inner)
+    return statistics.median(samples)
+
+
+def _calls_per_sample(func, min_seconds):
+    calls = 1
+    while min_seconds > 0:
+        start = time.perf_counter()
+        for _ in range(calls):
+            func()
+        if time.perf_counter() - start >= min_seconds:
+            break
+        calls *= 2
+    return calls
+
+
+def format_seconds(seconds):
+    """'12.3 us', '4.56 ms' or '1.23 s'."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def markdown_table(headers, rows):
+    """A GitHub markdown table as one string; cells are str()-ed, None shows as '-'."""
+    cells = [[("-" if cell is None else str(cell)) for cell in row] for row in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
+              for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+    out = [line([str(h) for h in headers]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
