@@ -1,0 +1,236 @@
+"""The 4 backend kernels of every CPU backend against float64 formulas written out here.
+
+float32 outputs must be the float64 result rounded once (within 2 ulp); float64 outputs and all
+per-channel statistics must agree to ~1e-12 of the magnitude of the terms that make them up.
+"""
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import arraybn
+from arraybn.backends import BackendUnavailableError
+
+# (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 256 lanes and the
+# 4096-value chunks of the numba kernels, a chunk that ends mid-batch, LeNet's conv layers.
+SHAPES = [(128, 120, 1), (7, 5, 1), (9, 1, 1), (4, 3, 25), (3, 1, 49), (2, 3, 5000),
+          (50, 2, 100), (5, 70, 3), (128, 6, 676), (128, 16, 121)]
+DTYPES = [np.float32, np.float64]
+EPS = 1e-5
+REL = 1e-12                     # float64 agreement, relative to the magnitude of the terms
+
+
+def numba_backend():
+    try:
+        return arraybn.get_backend("numba")
+    except BackendUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+# ----------------------------------------------------------------------------- reference
+
+def ref_moments(x3):
+    x = x3.astype(np.float64)
+    mean = x.mean(axis=(0, 2))
+    return mean, ((x - mean[:, None]) ** 2).mean(axis=(0, 2))
+
+
+def col(v):
+    return np.asarray(v, np.float64)[None, :, None]
+
+
+def ref_centered_affine(x3, center, a, b):
+    """(a * (x - center) + b, the magnitude of its terms), float64."""
+    xc = x3.astype(np.float64) - col(center)
+    return col(a) * xc + col(b), np.abs(col(a)) * (np.abs(x3) + np.abs(col(center))) + np.abs(col(b))
+
+
+def ref_backward(gy3, x3, mean, scale, w, centered):
+    """(gx, its magnitude, sum_gy, sum_gy_xc, magnitudes of both sums), float64."""
+    gy = gy3.astype(np.float64)
+    xc = x3.astype(np.float64) - col(mean)
+    m = x3.shape[0] * x3.shape[2]
+    sum_gy, sum_gy_xc = gy.sum(axis=(0, 2)), (gy * xc).sum(axis=(0, 2))
+    sums_mag = np.abs(gy).sum(axis=(0, 2)), np.abs(gy * xc).sum(axis=(0, 2))
+    if not centered:
+        return col(scale) * gy, np.abs(col(scale) * gy), sum_gy, sum_gy_xc, sums_mag
+    k_gy, k_xc = col(sum_gy / m), col(w * sum_gy_xc / m)
+    gx = col(scale) * (gy - k_gy - k_xc * xc)
+    mag = np.abs(col(scale)) * (np.abs(gy) + np.abs(k_gy)
+                                + np.abs(k_xc) * (np.abs(x3) + np.abs(col(mean))))
+    return gx, mag, sum_gy, sum_gy_xc, sums_mag
+
+
+def assert_rounded_once(out, ref, magnitude, dtype):
+    """out == ref rounded to dtype, within 2 ulp for float32; float64 to REL of the magnitude."""
+    assert out.dtype == dtype and out.shape == ref.shape
+    allowed = REL * magnitude
+    if dtype == np.float32:
+        allowed = allowed + 2 * np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
+    err = np.abs(out.astype(np.float64) - ref)
+    assert np.all(err <= allowed), f"max error {err.max():.3g} over allowed at {np.argmax(err - allowed)}"
+
+
+def assert_stat(value, ref, magnitude):
+    assert value.dtype == np.float64 and value.shape == ref.shape
+    np.testing.assert_array_less(np.abs(value - ref), REL * magnitude + 1e-300)
+
+
+def data(rng, shape, dtype, offset=0.0):
+    return (offset + rng.normal(size=shape)).astype(dtype)
+
+
+def poisoned(shape, dtype):
+    return np.full(shape, np.nan, dtype=dtype)
+
+
+def channel_params(rng, channels):
+    return rng.uniform(0.5, 2.0, channels), rng.normal(size=channels)
+
+
+# ----------------------------------------------------------------------------- the 4 kernels
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moments(cpu_backend, rng, shape, dtype):
+    x3 = data(rng, shape, dtype, offset=3.0)
+    mean, var = cpu_backend.moments(x3)
+    ref_mean, ref_var = ref_moments(x3)
+    assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
+    assert_stat(var, ref_var, ref_var)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("center_only", [False, True])
+@pytest.mark.parametrize("give_out", [False, True])
+def test_forward_train(cpu_backend, rng, shape, dtype, center_only, give_out):
+    x3 = data(rng, shape, dtype, offset=-2.0)
+    gamma, beta = channel_params(rng, shape[1])
+    out = poisoned(shape, dtype) if give_out else None
+    y3, mean, var = cpu_backend.forward_train(x3, gamma, beta, EPS, center_only, out=out)
+    if give_out:
+        assert y3 is out
+    ref_mean, ref_var = ref_moments(x3)
+    assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
+    assert_stat(var, ref_var, ref_var)
+    a = gamma if center_only else gamma / np.sqrt(ref_var + EPS)
+    assert_rounded_once(y3, *ref_centered_affine(x3, ref_mean, a, beta), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("give_out", [False, True])
+def test_affine(cpu_backend, rng, shape, dtype, give_out):
+    x3 = data(rng, shape, dtype)
+    a, b = rng.normal(size=shape[1]), rng.normal(size=shape[1])
+    out = poisoned(shape, dtype) if give_out else None
+    y3 = cpu_backend.affine(x3, a, b, out=out)
+    assert y3 is out or not give_out
+    assert_rounded_once(y3, *ref_centered_affine(x3, np.zeros(shape[1]), a, b), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("give_out", [False, True])
+def test_backward(cpu_backend, rng, shape, dtype, centered, give_out):
+    x3, gy3 = data(rng, shape, dtype, offset=1.5), data(rng, shape, dtype)
+    mean = ref_moments(x3)[0] + rng.normal(scale=1e-3, size=shape[1])  # any centre must work
+    scale, w = channel_params(rng, shape[1])[0], rng.uniform(0.1, 1.0, shape[1])
+    out = poisoned(shape, dtype) if give_out else None
+    gx3, sum_gy, sum_gy_xc = cpu_backend.backward(gy3, x3, mean, scale, w, centered, out=out)
+    assert gx3 is out or not give_out
+    gx, mag, ref_sum_gy, ref_sum_gy_xc, (mag_gy, mag_gy_xc) = ref_backward(
+        gy3, x3, mean, scale, w, centered)
+    assert_stat(sum_gy, ref_sum_gy, mag_gy)
+    assert_stat(sum_gy_xc, ref_sum_gy_xc, mag_gy_xc)
+    assert_rounded_once(gx3, gx, mag, dtype)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), c=st.integers(1, 9), m=st.integers(1, 600),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**32 - 1))
+def test_forward_and_backward_on_random_shapes(n, c, m, dtype, seed):
+    rng = np.random.default_rng(seed)
+    for name in ("numpy", "numba"):
+        if name not in arraybn.available_backends():
+            continue
+        be = arraybn.get_backend(name)
+        x3, gy3 = data(rng, (n, c, m), dtype, offset=5.0), data(rng, (n, c, m), dtype)
+        gamma, beta = channel_params(rng, c)
+        y3, mean, var = be.forward_train(x3, gamma, beta, EPS)
+        ref_mean, ref_var = ref_moments(x3)
+        assert_stat(var, ref_var, ref_var)
+        assert_rounded_once(y3, *ref_centered_affine(x3, ref_mean, gamma / np.sqrt(ref_var + EPS),
+                                                     beta), dtype)
+        inv_std = 1 / np.sqrt(var + EPS)
+        gx3, _, _ = be.backward(gy3, x3, mean, gamma * inv_std, inv_std**2, True)
+        gx, mag = ref_backward(gy3, x3, mean, gamma * inv_std, inv_std**2, True)[:2]
+        assert_rounded_once(gx3, gx, mag, dtype)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+@pytest.mark.parametrize("shape", [(256, 3, 1), (64, 3, 300)])
+def test_float32_data_with_a_large_offset_keeps_its_variance(cpu_backend, rng, shape):
+    """1e4 + N(0, 1) in float32: E[x^2] - E[x]^2 would lose every digit here."""
+    x3 = data(rng, shape, np.float32, offset=1e4)
+    ref_mean, ref_var = ref_moments(x3)
+    assert 0.8 < ref_var.min() and ref_var.max() < 1.2
+    for mean, var in (cpu_backend.moments(x3), cpu_backend.forward_train(x3, np.ones(3),
+                                                                          np.zeros(3), EPS)[1:]):
+        assert_stat(mean, ref_mean, ref_mean)
+        assert_stat(var, ref_var, ref_var)
+    y3 = cpu_backend.forward_train(x3, np.ones(3), np.zeros(3), EPS)[0]
+    y_ref, _ = ref_centered_affine(x3, ref_mean, 1 / np.sqrt(ref_var + EPS), np.zeros(3))
+    assert_rounded_once(y3, y_ref, np.abs(y_ref), np.float32)
+
+
+@pytest.mark.parametrize("shape", [(16, 70, 1), (8, 5, 300), (3, 2, 5000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_results_do_not_depend_on_the_thread_count(rng, shape, dtype):
+    be = numba_backend()
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba was started with one thread")
+    x3, gy3 = data(rng, shape, dtype, offset=7.0), data(rng, shape, dtype)
+    gamma, beta = channel_params(rng, shape[1])
+    scale, w = channel_params(rng, shape[1])[0], rng.uniform(0.1, 1, shape[1])
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            results.append([*be.moments(x3), *be.forward_train(x3, gamma, beta, EPS),
+                            be.affine(x3, gamma, beta),
+                            *be.backward(gy3, x3, results[0][0] if results else be.moments(x3)[0],
+                                         scale, w, True)])
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+# ----------------------------------------------------------------------------- numba's checks
+
+def test_numba_rejects_what_its_kernels_cannot_take(rng):
+    be = numba_backend()
+    x3 = data(rng, (4, 3, 5), np.float32)
+    with pytest.raises(TypeError, match="C-contiguous float32/float64"):
+        be.moments(x3[:, :, ::2])
+    with pytest.raises(TypeError, match="float32/float64"):
+        be.moments(x3.astype(np.float16))
+    with pytest.raises(ValueError, match=r"out must be .*float32 array of shape \(4, 3, 5\)"):
+        be.affine(x3, np.ones(3), np.zeros(3), out=np.empty((4, 3, 5), np.float64))
+    with pytest.raises(ValueError, match="gy3 .* must match x3"):
+        be.backward(x3.astype(np.float64), x3, np.zeros(3), np.ones(3), np.ones(3))
+
+
+def test_numba_missing_is_a_readable_error(monkeypatch):
+    from arraybn.backends import numba_backend as module
+    monkeypatch.setitem(sys.modules, "numba", None)     # makes `import numba` fail
+    with pytest.raises(BackendUnavailableError, match="pip install numba"):
+        module.create()
