@@ -1,0 +1,356 @@
+"""Kernel-level tests of the cupy backend.
+
+CPU-side (run everywhere): the CUDA sources ship in the package and compile with nvcc for sm_90
+with exactly the instantiations the backend asks for; a missing CuPy / device / driver is a
+BackendUnavailableError that says what to do; the launch geometry visits every element once
+(the kernels' index walks, replayed in NumPy). GPU-side (``gpu`` marker, skipped without CUDA):
+the four kernels against a float64 NumPy reference.
+"""
+import importlib.resources
+import re
+import shutil
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import arraybn
+from arraybn import backends
+from arraybn.backends import BackendUnavailableError
+from arraybn.backends import cupy_backend as cb
+from tests.conftest import CUPY_SKIP
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources and compilation
+
+def _kernel_base(name):
+    return name.split("<")[0]
+
+
+def test_kernel_source_ships_in_the_package():
+    source = importlib.resources.files("arraybn.cuda").joinpath(cb.KERNEL_FILE).read_text()
+    assert source == cb.kernel_source()
+    for name in {_kernel_base(n) for n in cb.NAME_EXPRESSIONS} | set(cb.EXTERN_C_KERNELS):
+        assert re.search(rf"\b{name}\(", source), f"kernel {name} missing from {cb.KERNEL_FILE}"
+    assert not re.search(r"^\s*#\s*include", source, re.M), "NVRTC compiles the file alone"
+
+
+def test_name_expressions_cover_every_dtype_vector_and_layout():
+    assert len(set(cb.NAME_EXPRESSIONS)) == len(cb.NAME_EXPRESSIONS) == 24
+    assert "bn_moments_rows<float,4>" in cb.NAME_EXPRESSIONS
+    assert "bn_affine<double,2,false>" in cb.NAME_EXPRESSIONS
+    assert "bn_backward_cols<double>" in cb.NAME_EXPRESSIONS
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
+def test_kernels_compile_for_sm90_with_the_backend_instantiations(tmp_path):
+    with importlib.resources.as_file(
+            importlib.resources.files("arraybn.cuda").joinpath(cb.KERNEL_FILE)) as source:
+        table = ",\n".join(f"  (void*)&{name}" for name in cb.NAME_EXPRESSIONS + cb.EXTERN_C_KERNELS)
+        wrapper = tmp_path / "instantiate.cu"
+        wrapper.write_text(f'#include "{source}"\nvoid* arraybn_kernels[] = {{\n{table}\n}};\n')
+        result = subprocess.run(
+            ["nvcc", "-arch=sm_90", "-cubin", *cb.COMPILE_OPTIONS, "-Xptxas", "-v",
+             "-o", str(tmp_path / "bn.cubin"), str(wrapper)],
+            capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "warning" not in log.lower(), log
+    compiled = re.findall(r"Function properties for (\S+)", log)
+    assert len(compiled) == len(cb.NAME_EXPRESSIONS) + len(cb.EXTERN_C_KERNELS), compiled
+    for name in cb.EXTERN_C_KERNELS:
+        assert name in compiled
+    for base in {_kernel_base(n) for n in cb.NAME_EXPRESSIONS}:
+        wanted = sum(_kernel_base(n) == base for n in cb.NAME_EXPRESSIONS)
+        assert sum(f"{len(base)}{base}I" in c for c in compiled) == wanted, base
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability
+
+@pytest.fixture
+def fresh_registry(monkeypatch):
+    """Forget any cupy backend created earlier, so get_backend('cupy') runs create() again."""
+    monkeypatch.delitem(backends._instances, "cupy", raising=False)
+
+
+def test_missing_cupy_is_a_clear_unavailable_error(monkeypatch, fresh_registry):
+    monkeypatch.setitem(sys.modules, "cupy", None)          # `import cupy` raises ImportError
+    with pytest.raises(BackendUnavailableError, match=r"CuPy is not installed.*arraybn\[gpu\]"):
+        arraybn.get_backend("cupy")
+    assert "cupy" not in arraybn.available_backends()
+
+
+@pytest.mark.skipif(CUPY_SKIP is None, reason="a CUDA GPU works here")
+def test_available_backends_omits_cupy_without_a_gpu():
+    assert "cupy" not in arraybn.available_backends()
+    assert arraybn.available_backends()[0] == "numpy"
+
+
+def _fake_cupy(device_count=1, probe_error=None):
+    def get_device_count():
+        if isinstance(device_count, Exception):
+            raise device_count
+        return device_count
+
+    def arange(n):
+        if probe_error is not None:
+            raise probe_error
+        raise AssertionError("the probe should not run when no device is visible")
+
+    runtime = types.SimpleNamespace(getDeviceCount=get_device_count)
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime), arange=arange)
+
+
+@pytest.mark.parametrize("fake, message", [
+    (_fake_cupy(device_count=0), "no CUDA device is visible"),
+    (_fake_cupy(device_count=RuntimeError("cudaErrorInsufficientDriver")),
+     "CUDA driver/runtime failed: cudaErrorInsufficientDriver"),
+    (_fake_cupy(probe_error=OSError("libnvrtc.so.12: cannot open shared object file")),
+     "does not run CuPy kernels: libnvrtc.so.12.*NVRTC"),
+], ids=["no-device", "driver-error", "nvrtc-missing"])
+def test_unusable_cuda_is_a_clear_unavailable_error(monkeypatch, fresh_registry, fake, message):
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    with pytest.raises(BackendUnavailableError, match=message):
+        cb.create()
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch geometry, replayed on the CPU: every element is visited exactly once.
+
+def _rows_visits(plan):
+    """Element offsets each (block, thread) of a rows-layout partial kernel reads (RowWalk)."""
+    n, c, m, chunk_len, chunks = plan.sizes
+    threads, vec = plan.block[0], plan.vec
+    step = threads * vec
+    visits = {}
+    for block in range(plan.grid[0]):
+        channel, begin = block // chunks, (block % chunks) * chunk_len
+        end = min(begin + chunk_len, n * m)
+        j = begin + np.arange(threads) * vec
+        col = j % m
+        offset = (j // m * c + channel) * m + col
+        while (j < end).any():
+            live = j < end
+            for k in range(vec):
+                visits.setdefault(channel, []).extend(offset[live] + k)
+            j, offset, col = j + step, offset + (step // m) * c * m + step % m, col + step % m
+            wrap = col >= m
+            col, offset = np.where(wrap, col - m, col), np.where(wrap, offset + (c - 1) * m, offset)
+    return visits
+
+
+@pytest.mark.parametrize("shape, itemsize, target", [
+    ((4, 2, 1000), 4, 8), ((3, 3, 40), 4, 100), ((5, 2, 33), 4, 50), ((7, 1, 700), 8, 64),
+    ((9, 3, 36), 8, 1)])
+def test_rows_layout_reads_each_value_of_its_channel_once(shape, itemsize, target):
+    n, c, m = shape
+    plan = cb.reduction_plan(n, c, m, itemsize, True, target)
+    assert plan.layout == "rows" and plan.block[0] % 32 == 0
+    visits = _rows_visits(plan)
+    everything = np.arange(n * c * m).reshape(shape)
+    for channel in range(c):
+        assert sorted(visits[channel]) == sorted(everything[:, channel].ravel())
+
+
+@pytest.mark.parametrize("shape, target", [((100, 3, 1), 16), ((50, 120, 1), 1000),
+                                          ((33, 70, 4), 8), ((2, 1, 1), 1056), ((400, 5, 3), 4)])
+def test_cols_layout_and_part_indices_cover_each_channel_once(shape, target):
+    n, c, m = shape
+    plan = cb.reduction_plan(n, c, m, 4, True, target)
+    _, k, _, tx, ty, rows_per_chunk = plan.sizes
+    assert plan.layout == "cols" and tx * ty == plan.block[0] <= cb.MAX_THREADS
+    seen = np.zeros((n, k), int)
+    written = np.zeros(plan.parts, int)
+    for tile in range(plan.grid[0]):
+        for chunk in range(plan.grid[1]):
+            for tid in range(plan.block[0]):
+                col, row = tile * tx + tid % tx, chunk * rows_per_chunk + tid // tx
+                if tid // tx < ty and col < k:
+                    seen[row:min(chunk * rows_per_chunk + rows_per_chunk, n):ty, col] += 1
+                if tid // tx == 0 and col < k:
+                    written[chunk * k + col] += 1
+    assert (seen == 1).all() and (written == 1).all()
+    p = np.arange(plan.parts_per_channel)
+    merged = np.concatenate([(p // plan.group) * plan.stride + ch * plan.group + p % plan.group
+                             for ch in range(c)])
+    assert sorted(merged) == list(range(plan.parts))
+
+
+@pytest.mark.parametrize("vectors, mv, c, grid_threads", [(1000, 7, 3, 96), (4096, 1, 120, 256),
+                                                          (777, 13, 5, 10), (64, 64, 1, 7)])
+def test_elementwise_walk_tracks_column_and_channel(vectors, mv, c, grid_threads):
+    """ElemWalk's division-free (m, c) updates agree with v % Mv and (v // Mv) % C."""
+    v = np.arange(grid_threads)
+    m, ch = v % mv, (v // mv) % c
+    step_m, step_c = grid_threads % mv, (grid_threads // mv) % c
+    while (v < vectors).any():
+        live = v < vectors
+        assert (m[live] == v[live] % mv).all() and (ch[live] == (v[live] // mv) % c).all()
+        v, m, ch = v + grid_threads, m + step_m, ch + step_c
+        ch = np.where(m >= mv, ch + 1, ch)
+        m = np.where(m >= mv, m - mv, m)
+        ch = np.where(ch >= c, ch - c, ch)
+
+
+def test_small_rows_use_the_cols_layout_and_vectors_need_alignment():
+    assert cb.reduction_plan(128, 120, 1, 4, True, 1056).layout == "cols"
+    assert cb.reduction_plan(128, 16, 121, 4, True, 1056).vec == 1          # 121 % 4 != 0
+    assert cb.reduction_plan(128, 6, 676, 4, True, 1056).vec == 4
+    assert cb.reduction_plan(128, 6, 676, 4, False, 1056).vec == 1
+    assert cb.reduction_plan(128, 6, 676, 8, True, 1056).vec == 2
+    assert cb.elementwise_vec(676, 4, True) == 4 and cb.elementwise_vec(121, 4, True) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the four kernels against float64 NumPy
+
+SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (4096, 3, 1), (3, 5, 7), (64, 1, 100), (2, 1, 1),
+          (64, 3, 1024), (20000, 5, 1), (33, 70, 4)]
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture
+def gpu():
+    return arraybn.get_backend("cupy")
+
+
+def _ref_moments(x):
+    x = x.astype(np.float64)
+    mean = x.mean(axis=(0, 2))
+    return mean, ((x - mean[None, :, None]) ** 2).mean(axis=(0, 2))
+
+
+def _close(actual, expected, dtype, scale=1.0):
+    tol = 2 * np.finfo(dtype).eps
+    np.testing.assert_allclose(actual.get(), expected, rtol=tol, atol=tol * scale)
+
+
+def _data(rng, shape, dtype, offset=0.0):
+    return (offset + rng.standard_normal(shape)).astype(dtype)
+
+
+def _poisoned(cp, shape, dtype):
+    return cp.full(shape, np.nan, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_moments_match_float64(gpu, rng, shape, dtype):
+    x = _data(rng, shape, dtype, offset=3.0)
+    mean, var = gpu.moments(gpu.xp.asarray(x))
+    ref_mean, ref_var = _ref_moments(x)
+    np.testing.assert_allclose(mean.get(), ref_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(var.get(), ref_var, rtol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(64, 6, 676), (20000, 3, 1), (5, 3, 121)])
+def test_large_offset_float32_variance(gpu, rng, shape):
+    x = _data(rng, shape, np.float32, offset=1e4)
+    mean, var = gpu.moments(gpu.xp.asarray(x))
+    ref_mean, ref_var = _ref_moments(x)
+    assert np.isfinite(var.get()).all()
+    np.testing.assert_allclose(mean.get(), ref_mean, rtol=1e-13)
+    np.testing.assert_allclose(var.get(), ref_var, rtol=1e-9)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("center_only", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_train_matches_float64(gpu, rng, shape, dtype, center_only):
+    cp, c = gpu.xp, shape[1]
+    x = _data(rng, shape, dtype, offset=-2.0)
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.standard_normal(c)
+    out = _poisoned(cp, shape, dtype)
+    y, mean, var = gpu.forward_train(cp.asarray(x), cp.asarray(gamma), cp.asarray(beta), 1e-5,
+                                     center_only, out=out)
+    assert y is out
+    ref_mean, ref_var = _ref_moments(x)
+    a = gamma if center_only else gamma / np.sqrt(ref_var + 1e-5)
+    ref_y = a[None, :, None] * (x - ref_mean[None, :, None]) + beta[None, :, None]
+    _close(y, ref_y.astype(dtype), dtype, scale=np.abs(ref_y).max())
+    np.testing.assert_allclose(var.get(), ref_var, rtol=1e-11)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_affine_matches_float64(gpu, rng, shape, dtype):
+    cp, c = gpu.xp, shape[1]
+    x = _data(rng, shape, dtype)
+    a, b = rng.standard_normal(c), rng.standard_normal(c)
+    out = _poisoned(cp, shape, dtype)
+    y = gpu.affine(cp.asarray(x), cp.asarray(a), cp.asarray(b), out=out)
+    ref = a[None, :, None] * x.astype(np.float64) + b[None, :, None]
+    _close(y, ref.astype(dtype), dtype, scale=np.abs(ref).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_matches_float64(gpu, rng, shape, dtype, centered):
+    cp, (n, c, m) = gpu.xp, shape
+    x, gy = _data(rng, shape, dtype, offset=1.0), _data(rng, shape, dtype)
+    mean = _ref_moments(x)[0]
+    scale, w = rng.uniform(0.5, 2.0, c), rng.uniform(0.1, 1.0, c)
+    out = _poisoned(cp, shape, dtype)
+    gx, sum_gy, sum_gy_xc = gpu.backward(cp.asarray(gy), cp.asarray(x), cp.asarray(mean),
+                                         cp.asarray(scale), cp.asarray(w), centered, out=out)
+    g64, xc = gy.astype(np.float64), x.astype(np.float64) - mean[None, :, None]
+    ref_sum_gy, ref_sum_gy_xc = g64.sum(axis=(0, 2)), (g64 * xc).sum(axis=(0, 2))
+    if centered:
+        ref_gx = scale[None, :, None] * (g64 - (ref_sum_gy / (n * m))[None, :, None]
+                                         - (w * ref_sum_gy_xc / (n * m))[None, :, None] * xc)
+    else:
+        ref_gx = scale[None, :, None] * g64
+    np.testing.assert_allclose(sum_gy.get(), ref_sum_gy, rtol=1e-10, atol=1e-10 * n * m)
+    np.testing.assert_allclose(sum_gy_xc.get(), ref_sum_gy_xc, rtol=1e-10, atol=1e-10 * n * m)
+    _close(gx, ref_gx.astype(dtype), dtype, scale=np.abs(ref_gx).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unaligned_data_takes_the_scalar_path(gpu, rng, dtype):
+    cp, shape = gpu.xp, (8, 4, 64)
+    x = _data(rng, shape, dtype)
+    buffer = cp.empty(x.size + 1, dtype=dtype)
+    x_gpu = buffer[1:].reshape(shape)                      # contiguous, 16-byte misaligned
+    x_gpu[...] = cp.asarray(x)
+    mean, var = gpu.moments(x_gpu)
+    np.testing.assert_allclose(var.get(), _ref_moments(x)[1], rtol=1e-11)
+    a, b = cp.asarray(rng.standard_normal(4)), cp.asarray(rng.standard_normal(4))
+    ref = a.get()[None, :, None] * x.astype(np.float64) + b.get()[None, :, None]
+    _close(gpu.affine(x_gpu, a, b), ref.astype(dtype), dtype, scale=np.abs(ref).max())
+
+
+@pytest.mark.gpu
+def test_non_contiguous_input_is_rejected_by_every_kernel(gpu):
+    cp = gpu.xp
+    x = cp.ones((4, 3, 20), dtype=cp.float32)[:, :, ::2]
+    ch = cp.ones(3, dtype=cp.float64)
+    calls = [lambda: gpu.moments(x), lambda: gpu.forward_train(x, ch, ch, 1e-5),
+             lambda: gpu.affine(x, ch, ch), lambda: gpu.backward(x, x, ch, ch, ch)]
+    for call in calls:
+        with pytest.raises(ValueError, match="must be C-contiguous.*ascontiguousarray"):
+            call()
+
+
+@pytest.mark.gpu
+def test_bad_channel_arrays_and_outputs_are_rejected(gpu):
+    cp = gpu.xp
+    x = cp.ones((4, 3, 20), dtype=cp.float32)
+    with pytest.raises(TypeError, match="a must be a float64"):
+        gpu.affine(x, cp.ones(3, dtype=cp.float32), cp.ones(3))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        gpu.affine(x, cp.ones(4), cp.ones(3))
+    with pytest.raises(ValueError, match="must not overlap"):
+        gpu.affine(x, cp.ones(3), cp.ones(3), out=x)
+    with pytest.raises(ValueError, match="out must be"):
+        gpu.affine(x, cp.ones(3), cp.ones(3), out=cp.empty((4, 3, 20), dtype=cp.float64))
