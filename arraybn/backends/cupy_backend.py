@@ -149,7 +149,8 @@ class CupyBackend(Backend):
         self._module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
                                       name_expressions=NAME_EXPRESSIONS)
         self._kernels = {}        # (device id, name) -> RawKernel; CuPy compiles once per device
-        self._resident = {}       # (device id, name, threads) -> blocks resident on the device
+        self._resident = {}       # (device id, name) -> blocks of MAX_THREADS resident at once
+        self._sizes_of_device = {}
 
     # -- the four kernels of the contract ---------------------------------------------------
 
@@ -194,7 +195,7 @@ class CupyBackend(Backend):
         plan = self._plan(x3, (gy3, x3))
         part = self.xp.empty((2, plan.parts), dtype=np.float64)
         self._launch(self._name("bn_backward", x3, plan), plan.grid, plan.block,
-                     (gy3, x3, mean) + self._sizes(plan) + (part, _i64(plan.parts)))
+                     (gy3, x3, mean) + self._sizes(plan, True) + (part, _i64(plan.parts)))
         coef = self.xp.empty((4, c), dtype=np.float64)       # sum_gy, sum_gy_xc, k_gy, k_xc
         self._launch("bn_merge_backward", (c,), plan.merge_block,
                      self._part_args(plan, part) + (w, np.float64(n * m), _i32(bool(centered)),
@@ -217,12 +218,14 @@ class CupyBackend(Backend):
                               self._target_blocks())
 
     @staticmethod
-    def _sizes(plan):
+    def _sizes(plan, channel_of_column=False):
+        """The plan's integer kernel arguments; bn_backward_cols also needs M (column -> channel)."""
         if plan.layout == "rows":
             n, c, m, chunk_len, chunks = plan.sizes
             return (_i64(n), _i64(c), _i64(m), _i64(chunk_len), _i32(chunks))
         n, k, m, tx, ty, rows_per_chunk = plan.sizes
-        return (_i64(n), _i64(k), _i64(m), _i32(tx), _i32(ty), _i64(rows_per_chunk))
+        return ((_i64(n), _i64(k)) + ((_i64(m),) if channel_of_column else ())
+                + (_i32(tx), _i32(ty), _i64(rows_per_chunk)))
 
     @staticmethod
     def _part_args(plan, part):
@@ -262,18 +265,26 @@ class CupyBackend(Backend):
 
     def _resident_blocks(self, name):
         """Blocks of MAX_THREADS threads of kernel ``name`` that fit on the device at once."""
-        device = self.xp.cuda.runtime.getDevice()
-        key = (device, name)
+        key = (self.xp.cuda.runtime.getDevice(), name)
         if key not in self._resident:
             per_sm = self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                 self._kernel(name).kernel.ptr, MAX_THREADS, 0)
-            self._resident[key] = max(1, per_sm) * _multiprocessors(device)
+            self._resident[key] = max(1, per_sm) * self._device_size()[0]
         return self._resident[key]
 
     def _target_blocks(self):
         """Blocks a reduction is split into: enough to keep every SM busy for one wave."""
+        multiprocessors, threads_per_sm = self._device_size()
+        return multiprocessors * (threads_per_sm // MAX_THREADS)
+
+    def _device_size(self):
+        """(multiprocessors, max resident threads per multiprocessor) of the current device."""
         device = self.xp.cuda.runtime.getDevice()
-        return _multiprocessors(device) * (_max_threads_per_sm(device) // MAX_THREADS)
+        if device not in self._sizes_of_device:
+            props = self.xp.cuda.runtime.getDeviceProperties(device)
+            self._sizes_of_device[device] = (int(props["multiProcessorCount"]),
+                                             int(props["maxThreadsPerMultiProcessor"]))
+        return self._sizes_of_device[device]
 
     # -- argument checks (the kernels check nothing) --------------------------------------------
 
@@ -328,20 +339,6 @@ class CupyBackend(Backend):
 
 def _aligned(arrays):
     return all(arr.data.ptr % VECTOR_BYTES == 0 for arr in arrays)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_properties(device):
-    import cupy
-    return cupy.cuda.runtime.getDeviceProperties(device)
-
-
-def _multiprocessors(device):
-    return int(_device_properties(device)["multiProcessorCount"])
-
-
-def _max_threads_per_sm(device):
-    return int(_device_properties(device)["maxThreadsPerMultiProcessor"])
 
 
 # ----------------------------------------------------------------------------------------------

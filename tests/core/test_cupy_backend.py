@@ -206,6 +206,124 @@ def test_small_rows_use_the_cols_layout_and_vectors_need_alignment():
 
 
 # ---------------------------------------------------------------------------------------------
+# Every launch, recorded by a fake CuPy on the CPU, against the kernel signatures in the .cu:
+# CuPy does not check kernel arguments, so a wrong count or type would be silent garbage.
+
+class _FakeArray:
+    """Just enough of cupy.ndarray for the backend's checks, over a NumPy array."""
+
+    def __init__(self, a):
+        self.a = a
+        self.shape, self.dtype, self.ndim, self.size = a.shape, a.dtype, a.ndim, a.size
+        self.strides, self.flags = a.strides, types.SimpleNamespace(c_contiguous=a.flags.c_contiguous)
+        self.data = types.SimpleNamespace(ptr=a.__array_interface__["data"][0])
+        self.device = types.SimpleNamespace(id=0)
+
+    def __getitem__(self, index):
+        return _FakeArray(self.a[index])
+
+
+class _FakeKernel:
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+        self.kernel = types.SimpleNamespace(ptr=id(self))
+
+    def __call__(self, grid, block, args):
+        self.launches.append((self.name, grid, block, args))
+
+
+def _fake_gpu_module(launches):
+    def raw_module(code, options, name_expressions):
+        assert code == cb.kernel_source() and options == cb.COMPILE_OPTIONS
+        known = set(name_expressions) | set(cb.EXTERN_C_KERNELS)
+
+        def get_function(name):
+            assert name in known, f"{name} is not compiled"
+            return _FakeKernel(name, launches)
+        return types.SimpleNamespace(get_function=get_function)
+
+    runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceProperties=lambda d: {
+        "multiProcessorCount": 4, "maxThreadsPerMultiProcessor": 2048})
+    driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda f, t, s: 6)
+    return types.SimpleNamespace(
+        ndarray=_FakeArray, RawModule=raw_module, cuda=types.SimpleNamespace(runtime=runtime,
+                                                                             driver=driver),
+        empty=lambda shape, dtype: _FakeArray(np.empty(shape, dtype)),
+        empty_like=lambda x: _FakeArray(np.empty_like(x.a)),
+        may_share_memory=lambda a, b: np.may_share_memory(a.a, b.a))
+
+
+def _kernel_params(source, name):
+    """[(kind, dtype)] of kernel ``name``'s parameters: kind 'pointer' or 'scalar'."""
+    base, _, template = name.partition("<")
+    params = re.search(rf"\b{base}\(([^)]*)\)\s*{{", source).group(1)
+    data_type = {"float": np.float32, "double": np.float64}.get(template.split(",")[0].rstrip(">"))
+    scalars = {"long long": np.int64, "int": np.int32, "double": np.float64}
+    kinds = []
+    for param in params.split(","):
+        words = param.replace("*", " * ").replace("const", "").replace("__restrict__", "").split()
+        if "*" in words:
+            kinds.append(("pointer", data_type if words[0] == "T" else np.float64))
+        else:
+            kinds.append(("scalar", scalars[" ".join(words[:-1])]))
+    return kinds
+
+
+def _check_launch(source, name, grid, block, args):
+    params = _kernel_params(source, name)
+    assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
+    for position, ((kind, dtype), arg) in enumerate(zip(params, args)):
+        where = f"{name} argument {position}"
+        if kind == "pointer":
+            assert isinstance(arg, _FakeArray) and arg.dtype == dtype, where
+            assert arg.flags.c_contiguous, where
+        else:
+            assert type(arg) is dtype, f"{where}: {type(arg).__name__}, not {dtype.__name__}"
+    assert 0 < block[0] <= cb.MAX_THREADS and len(block) == 1
+    assert all(g > 0 for g in grid) and (len(grid) == 1 or grid[1] <= 65535)
+
+
+def _run_all_kernels(backend, rng, shape, dtype, misaligned):
+    n, c, m = shape
+    size = n * c * m
+    buffers = [np.empty(size + 1, dtype)[1:] if misaligned else np.empty(size, dtype)
+               for _ in range(3)]
+    x, gy, out = (_FakeArray(b.reshape(shape)) for b in buffers)
+    x.a[...], gy.a[...] = rng.standard_normal(shape), rng.standard_normal(shape)
+    ch = _FakeArray(np.ones(c))
+    backend.moments(x)
+    backend.forward_train(x, ch, ch, 1e-5, center_only=True, out=out)
+    backend.affine(x, ch, ch)
+    backend.backward(gy, x, ch, ch, ch, centered=False)
+
+
+def test_every_launch_matches_its_kernel_signature(monkeypatch, rng):
+    launches = []
+    backend = cb.CupyBackend(_fake_gpu_module(launches))
+    source = cb.kernel_source()
+    for shape in [(16, 6, 676), (5, 3, 121), (256, 7, 1), (3, 5, 7), (2, 1, 1), (4, 2, 64)]:
+        for dtype in DTYPES:
+            for misaligned in (False, True):
+                _run_all_kernels(backend, rng, shape, dtype, misaligned)
+    for name, grid, block, args in launches:
+        _check_launch(source, name, grid, block, args)
+    assert {name for name, *_ in launches} == set(cb.NAME_EXPRESSIONS) | set(cb.EXTERN_C_KERNELS)
+
+
+def test_fake_launch_check_catches_a_wrong_argument_list(rng):
+    source = cb.kernel_source()
+    x = _FakeArray(np.ones((2, 3, 4), np.float32))
+    part = _FakeArray(np.ones((3, 5)))
+    good = (x, np.int64(2), np.int64(12), np.int32(12), np.int32(1), np.int64(2), part, np.int64(5))
+    _check_launch(source, "bn_moments_cols<float>", (1, 1), (12,), good)
+    with pytest.raises(AssertionError, match="9 arguments for 8"):
+        _check_launch(source, "bn_moments_cols<float>", (1, 1), (12,), good[:3] + good[2:])
+    with pytest.raises(AssertionError, match="argument 3: int64, not int32"):
+        _check_launch(source, "bn_moments_cols<float>", (1, 1), (12,),
+                      good[:3] + (np.int64(12),) + good[4:])
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: the four kernels against float64 NumPy
 
 SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (4096, 3, 1), (3, 5, 7), (64, 1, 100), (2, 1, 1),
