@@ -105,26 +105,33 @@ class Dense(Layer):
 
 # --- ReLU, Flatten ------------------------------------------------------------------------------
 
-def relu_forward(x, xp):
-    """y = max(x, 0), any shape; the cache is the boolean mask x > 0."""
-    mask = x > 0
-    return x * mask, mask
+def relu_forward(x, xp, inplace=False):
+    """y = max(x, 0), any shape; the cache is y itself (y > 0 marks where gradients pass).
+
+    inplace=True overwrites x (allowed only when nothing else keeps x, as in the model's blocks).
+    """
+    y = xp.maximum(x, 0, out=x if inplace else None)
+    return y, y
 
 
-def relu_backward(gy, mask):
-    return gy * mask
+def relu_backward(gy, y, xp, inplace=False):
+    """gx = gy where y > 0, else 0; inplace=True overwrites gy."""
+    return xp.multiply(gy, y > 0, out=gy if inplace else None)
 
 
 class ReLU(Layer):
-    def __init__(self, xp):
-        self.xp = xp
+    """ReLU; ``inplace=True`` reuses the input and incoming-gradient arrays (like PyTorch's
+    ``nn.ReLU(inplace=True)``): only for inputs that no one else keeps."""
+
+    def __init__(self, xp, inplace=False):
+        self.xp, self.inplace = xp, inplace
 
     def forward(self, x, training):
-        y, self._cache = relu_forward(x, self.xp)
+        y, self._cache = relu_forward(x, self.xp, self.inplace)
         return y
 
     def backward(self, gy):
-        return relu_backward(gy, self._take_cache())
+        return relu_backward(gy, self._take_cache(), self.xp, self.inplace)
 
 
 class Flatten(Layer):

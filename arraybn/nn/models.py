@@ -118,7 +118,7 @@ class _Builder:
         use_bn = self.cfg["bn"] != "none"
         before = use_bn and self.cfg["bn_position"] == "before"
         self.layers.append(make_layer(not before))
-        relu = ReLU(self.backend.xp)
+        relu = ReLU(self.backend.xp, inplace=True)     # its input is a fresh, unshared array
         if use_bn:
             self.layers += [self._bn(channels), relu] if before else [relu, self._bn(channels)]
         else:

@@ -73,6 +73,11 @@ def test_maxpool_ties_go_to_the_first_maximum():
 
 def test_relu_flatten_dropout_gradients(rng):
     _check_layer(ReLU(np), rng.standard_normal((3, 4, 2)), rng)
+    x = rng.standard_normal((3, 4))
+    y = ReLU(np, inplace=True)
+    out = y.forward(x.copy(), True)
+    np.testing.assert_array_equal(out, np.maximum(x, 0))
+    np.testing.assert_array_equal(y.backward(np.ones_like(x)), x > 0)
     _check_layer(Flatten(), rng.standard_normal((3, 4, 2)), rng)
     layer = Dropout(0.5, np.random.default_rng(0), np)
     x = rng.standard_normal((50, 8))

@@ -1,0 +1,140 @@
+"""Seconds per epoch of LeNet-5 + BN training: arraybn's CPU backends vs the same network in PyTorch.
+
+One process, same thread count for everyone (BLAS, Numba and PyTorch threads are all set to
+``--threads``), random 28x28 data, batch 128, SGD with momentum. Each contender runs ``--steps``
+steps per round; rounds are interleaved (numpy, numba, torch, numpy, ...) so that load from other
+processes hits everyone alike, and the median round is reported, extrapolated to an epoch of
+60,000 images. Usage::
+
+    python3 benchmarks/train_speed.py --steps 200 --rounds 3 --threads 1
+"""
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+EPOCH_IMAGES = 60_000
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=200, help="training steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (JIT, caches)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for BLAS, Numba and PyTorch alike")
+    parser.add_argument("--backends", default="numpy,numba",
+                        help="comma-separated arraybn backends to time")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.rounds, args.batch, args.threads) < 1 or args.warmup < 0:
+        parser.error("--steps, --rounds, --batch and --threads must be >= 1, --warmup >= 0")
+    return args
+
+
+def limit_threads(threads):
+    """Must run before numpy is imported: BLAS reads these once, at load time."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(threads)
+
+
+def arraybn_contender(backend, args, images, labels):
+    """A ``step(i)`` closure training arraybn's LeNet-5 + BN on ``backend``."""
+    from arraybn.nn import SGD, build_model, softmax_cross_entropy
+    model = build_model("lenet5", backend=backend, seed=0)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    xp = model.backend.xp
+    images, labels = xp.asarray(images), xp.asarray(labels)
+
+    def step(i):
+        lo = (i * args.batch) % (len(images) - args.batch + 1)
+        logits = model.forward(images[lo:lo + args.batch], training=True)
+        _, g_logits = softmax_cross_entropy(logits, labels[lo:lo + args.batch])
+        model.backward(g_logits)
+        opt.step()
+
+    return step
+
+
+def torch_contender(args, images, labels):
+    import torch
+    from torch import nn
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120, bias=False), nn.BatchNorm1d(120), nn.ReLU(),
+        nn.Linear(120, 84, bias=False), nn.BatchNorm1d(84), nn.ReLU(), nn.Linear(84, 10))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+
+    def step(i):
+        lo = (i * args.batch) % (len(images) - args.batch + 1)
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(net(images[lo:lo + args.batch]),
+                                           labels[lo:lo + args.batch])
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_steps(step, first, count):
+    start = time.perf_counter()
+    for i in range(first, first + count):
+        step(i)
+    return (time.perf_counter() - start) / count
+
+
+def run(args):
+    import numpy as np
+    import arraybn
+    rng = np.random.default_rng(0)
+    pool = min(EPOCH_IMAGES, args.steps * args.batch)
+    images = rng.standard_normal((pool, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, pool).astype(np.int64)
+    available = arraybn.available_backends()
+    contenders = {}
+    for name in args.backends.split(","):
+        if name not in available:
+            print(f"skipping backend {name!r}: not available here ({', '.join(available)})")
+            continue
+        contenders[f"arraybn {name}"] = arraybn_contender(name, args, images, labels)
+    if not args.no_torch:
+        try:
+            contenders["pytorch cpu"] = torch_contender(args, images, labels)
+        except ImportError:
+            print("skipping PyTorch: not installed")
+    for step in contenders.values():
+        for i in range(args.warmup):
+            step(i)
+    rounds = {name: [] for name in contenders}
+    for r in range(args.rounds):
+        for name, step in contenders.items():
+            rounds[name].append(time_steps(step, args.warmup + r * args.steps, args.steps))
+    return {name: statistics.median(times) for name, times in rounds.items()}
+
+
+def print_table(per_step, args):
+    steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch)
+    reference = per_step.get("pytorch cpu")
+    print(f"\nLeNet-5 + BN, batch {args.batch}, {args.threads} thread(s), median of {args.rounds} "
+          f"round(s) x {args.steps} steps, epoch = {steps_per_epoch} steps")
+    print(f"{'contender':<16} {'ms/step':>9} {'s/epoch':>9} {'vs pytorch':>11}")
+    for name, seconds in per_step.items():
+        ratio = f"{seconds / reference:10.2f}x" if reference else "       n/a"
+        print(f"{name:<16} {seconds * 1e3:9.2f} {seconds * steps_per_epoch:9.2f} {ratio:>11}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    limit_threads(args.threads)
+    print_table(run(args), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
