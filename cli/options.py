@@ -58,6 +58,8 @@ train_options = stack(
     click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
                  default=DEFAULTS.val_split, show_default=True,
                  help="Fraction of the training images held out for validation."),
+    click.option("--train-subset", type=click.IntRange(2), default=None,
+                 help="Train on a seeded random N of the training images (quick runs)."),
     click.option("--model", type=click.Choice(MODELS), default=DEFAULTS.model, show_default=True),
     click.option("--hidden", callback=_hidden, default=",".join(map(str, DEFAULTS.hidden)),
                  show_default=True, help="MLP hidden widths, comma-separated."),
@@ -102,10 +104,10 @@ train_options = stack(
                  help="Continue an interrupted run exactly, or a finished one with more --epochs."),
 )
 
-TRAIN_KEYS = ("dataset", "val_split", "model", "hidden", "bn", "bn_position", "bn_momentum",
-              "bn_eps", "ghost_batch_size", "renorm_rmax", "renorm_dmax", "stats", "dropout",
-              "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule", "weight_decay",
-              "augment", "eval_batch_size", "seed", "backend", "data_dir")
+TRAIN_KEYS = ("dataset", "val_split", "train_subset", "model", "hidden", "bn", "bn_position",
+              "bn_momentum", "bn_eps", "ghost_batch_size", "renorm_rmax", "renorm_dmax", "stats",
+              "dropout", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
+              "weight_decay", "augment", "eval_batch_size", "seed", "backend", "data_dir")
 
 postproc_method_options = stack(
     click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,

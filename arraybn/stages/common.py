@@ -5,7 +5,7 @@ import os
 import numpy as np
 
 import arraybn
-from arraybn.data import load_dataset, prepare_splits
+from arraybn.data import Split, load_dataset, prepare_splits
 from arraybn.nn import build_model, softmax_cross_entropy
 from arraybn.stages.artifacts import StageError, load_npz, read_manifest, verify_artifact
 from arraybn.stages.config import TrainConfig
@@ -20,9 +20,17 @@ def to_host(a):
 
 
 def load_data(config, normalisation=None, data_dir=None):
-    """``(raw, splits, (mean, std))`` for ``config``; ``data_dir`` overrides ``config.data_dir``."""
+    """``(raw, splits, (mean, std))`` for ``config``; ``data_dir`` overrides ``config.data_dir``.
+
+    The normalisation comes from the whole training split, also with ``config.train_subset``.
+    """
     raw = load_dataset(config.dataset, data_dir if data_dir is not None else config.data_dir)
     splits, norm = prepare_splits(raw, config.val_split, config.seed, normalisation)
+    if config.train_subset is not None and config.train_subset < len(splits["train"]):
+        train = splits["train"]
+        keep = np.sort(np.random.default_rng([config.seed, 4]).choice(
+            len(train), config.train_subset, replace=False))
+        splits["train"] = Split(train.images[keep], train.labels[keep])
     return raw, splits, norm
 
 

@@ -19,10 +19,12 @@ RESUMABLE_CHANGES = ("epochs", "backend", "data_dir")
 
 @dataclass
 class TrainConfig:
-    """What ``run_train`` needs. ``stats='none'`` trains BN without running statistics."""
+    """What ``run_train`` needs. ``stats='none'`` trains BN without running statistics;
+    ``train_subset=N`` trains on a seeded random N of the training images (quick experiments)."""
     dataset: str = "fashion-mnist"
     data_dir: str = None
     val_split: float = 0.05
+    train_subset: int = None
     model: str = "lenet5"
     bn: str = "full"
     bn_position: str = "before"
@@ -65,6 +67,10 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size"):
             if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.train_subset is not None and not (int(self.train_subset) == self.train_subset
+                                                  and self.train_subset >= 2):
+            raise ValueError(f"train_subset must be an integer >= 2 or None, "
+                             f"got {self.train_subset!r}")
         if self.batch_size < 2 and self.bn != "none":
             raise ValueError("batch_size must be >= 2 to train with batch normalization "
                              "(a batch of one has no variance)")

@@ -161,3 +161,11 @@ def test_invalid_settings_are_rejected_before_any_work(tmp_path, data_dir):
     with pytest.raises(ValueError, match="larger than the 60 training images"):
         _train(tmp_path / "run", data_dir, batch_size=64)
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_train_subset_is_a_seeded_sample(tmp_path, data_dir):
+    manifest = _train(tmp_path / "a", data_dir, epochs=1, train_subset=32)
+    assert manifest["dataset"]["sizes"]["train"] == 32
+    _train(tmp_path / "b", data_dir, epochs=1, train_subset=32)
+    assert file_sha(tmp_path / "a", "train", "model.npz") == file_sha(tmp_path / "b", "train",
+                                                                      "model.npz")
