@@ -39,52 +39,63 @@ def _output(out, like, name="out"):
 
 
 class NumbaBackend(Backend):
-    """Kernels from ``numba_kernels``: per-channel fused passes for conv data, row-wise for dense."""
+    """Kernels from ``numba_kernels``: per-channel fused passes for conv data, row-wise for dense.
+
+    Inputs smaller than ``parallel_min_size`` values run on the calling thread: waking the other
+    threads would cost more than it saves.
+    """
     name = "numba"
     xp = np
+    parallel_min_size = 1 << 16
 
     def __init__(self, kernels, numba_module):
         self._k = kernels
         self._numba = numba_module
 
-    def _blocks(self, channels):
-        """Channel blocks for the dense kernels: one per thread, at least 32 channels each."""
-        return max(1, min(self._numba.get_num_threads(), channels // 32))
+    def _tasks(self, x3):
+        """Channel blocks to share among threads; 0 means run serially on this thread."""
+        threads = self._numba.get_num_threads()
+        if threads == 1 or x3.size < self.parallel_min_size:
+            return 0
+        channels = x3.shape[1]
+        if x3.shape[2] > 1:
+            return channels if channels > 1 else 0
+        blocks = min(threads, channels // 32)                # dense: rows of >= 32 channels
+        return blocks if blocks > 1 else 0
 
     def moments(self, x3):
         _check_data(x3, "x3")
-        n, channels, m = x3.shape
+        channels = x3.shape[1]
         mean, var = np.empty(channels), np.empty(channels)
-        if m == 1:
-            self._k.dense_moments(x3.reshape(n, channels), self._blocks(channels), mean, var)
+        tasks = self._tasks(x3)
+        if tasks:
+            self._k.moments_parallel(x3, tasks, mean, var)
         else:
-            self._k.conv_moments(x3, mean, var)
+            self._k.moments_range(x3, 0, channels, mean, var)
         return mean, var
 
     def forward_train(self, x3, gamma, beta, eps, center_only=False, out=None):
         _check_data(x3, "x3")
-        n, channels, m = x3.shape
+        channels = x3.shape[1]
         y3 = _output(out, x3)
         mean, var = np.empty(channels), np.empty(channels)
-        gamma, beta = _channel_array(gamma), _channel_array(beta)
-        if m == 1:
-            self._k.dense_forward(x3.reshape(n, channels), gamma, beta, float(eps),
-                                  bool(center_only), self._blocks(channels),
-                                  y3.reshape(n, channels), mean, var, np.empty(channels))
+        args = (x3, _channel_array(gamma), _channel_array(beta), float(eps), bool(center_only))
+        tasks = self._tasks(x3)
+        if tasks:
+            self._k.forward_parallel(*args, tasks, y3, mean, var)
         else:
-            self._k.conv_forward(x3, gamma, beta, float(eps), bool(center_only), y3, mean, var)
+            self._k.forward_range(*args, 0, channels, y3, mean, var)
         return y3, mean, var
 
     def affine(self, x3, a, b, out=None):
         _check_data(x3, "x3")
-        n, channels, m = x3.shape
         y3 = _output(out, x3)
         a, b = _channel_array(a), _channel_array(b)
-        if m == 1:
-            self._k.dense_affine(x3.reshape(n, channels), a, b, self._blocks(channels),
-                                 np.zeros(channels), y3.reshape(n, channels))
+        tasks = self._tasks(x3)
+        if tasks:
+            self._k.affine_parallel(x3, a, b, tasks, y3)
         else:
-            self._k.conv_affine(x3, a, b, y3)
+            self._k.affine_range(x3, a, b, 0, x3.shape[1], y3)
         return y3
 
     def backward(self, gy3, x3, mean, scale, w, centered=True, out=None):
@@ -93,17 +104,16 @@ class NumbaBackend(Backend):
         if gy3.shape != x3.shape or gy3.dtype != x3.dtype:
             raise ValueError(f"numba backend: gy3 ({gy3.dtype} {gy3.shape}) must match x3 "
                              f"({x3.dtype} {x3.shape})")
-        n, channels, m = x3.shape
+        channels = x3.shape[1]
         gx3 = _output(out, x3)
-        mean, scale, w = _channel_array(mean), _channel_array(scale), _channel_array(w)
         sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-        if m == 1:
-            shape2 = (n, channels)
-            self._k.dense_backward(gy3.reshape(shape2), x3.reshape(shape2), mean, scale, w,
-                                   bool(centered), self._blocks(channels), gx3.reshape(shape2),
-                                   sum_gy, sum_gy_xc, np.zeros(channels), np.zeros(channels))
+        args = (gy3, x3, _channel_array(mean), _channel_array(scale), _channel_array(w),
+                bool(centered))
+        tasks = self._tasks(x3)
+        if tasks:
+            self._k.backward_parallel(*args, tasks, gx3, sum_gy, sum_gy_xc)
         else:
-            self._k.conv_backward(gy3, x3, mean, scale, w, bool(centered), gx3, sum_gy, sum_gy_xc)
+            self._k.backward_range(*args, 0, channels, gx3, sum_gy, sum_gy_xc)
         return gx3, sum_gy, sum_gy_xc
 
 

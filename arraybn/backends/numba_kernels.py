@@ -10,9 +10,12 @@ Two layouts, picked by the caller:
   ``LANES`` float64 accumulators (lane j takes elements j, j + LANES, ... of each row, rows in
   order) that are folded pairwise. The order depends on the shape only, so results are
   bit-identical for any number of threads, and the lane loops vectorize without fastmath.
-- dense (M == 1, data viewed as (N, C)): channel-wise strided access would be slow, so each
-  thread walks the rows of a block of channels and keeps one accumulator per channel; the sum of
-  each channel still runs over n in order, whatever the blocks are.
+- dense (M == 1, data viewed as (N, C)): channel-wise strided access would be slow, so the rows
+  are walked in order over a block of channels, with one accumulator per channel; the sum of each
+  channel still runs over n in order, whatever the blocks are.
+
+Each kernel exists as ``*_range`` (channels lo..hi-1 on the calling thread, for small inputs) and
+``*_parallel`` (blocks of channels shared out with ``prange``).
 
 Compile flags come from ``_jit`` only: cached on disk, fastmath off (these are statistics).
 """
@@ -147,51 +150,7 @@ def _channel_gx(gy3, x3, c, center, scale, k_gy, k_xc, gx3):
             out[m] = scale * (grow[m] - k_gy - k_xc * (xrow[m] - center))
 
 
-# ----------------------------------------------------------------------------- conv (M > 1)
-
-@_jit(parallel=True)
-def conv_moments(x3, mean, var):
-    for c in prange(x3.shape[1]):
-        acc = np.empty(LANES)
-        mean[c], var[c] = _channel_moments(x3, c, acc)
-
-
-@_jit(parallel=True)
-def conv_forward(x3, gamma, beta, eps, center_only, y3, mean, var):
-    for c in prange(x3.shape[1]):
-        acc = np.empty(LANES)
-        mu, sigma2 = _channel_moments(x3, c, acc)
-        a = gamma[c] if center_only else gamma[c] / np.sqrt(sigma2 + eps)
-        _channel_centered_affine(x3, c, mu, a, beta[c], y3)
-        mean[c], var[c] = mu, sigma2
-
-
-@_jit(parallel=True)
-def conv_affine(x3, a, b, y3):
-    for c in prange(x3.shape[1]):
-        _channel_centered_affine(x3, c, 0.0, a[c], b[c], y3)
-
-
-@_jit(parallel=True)
-def conv_backward(gy3, x3, mean, scale, w, centered, gx3, sum_gy, sum_gy_xc):
-    count = x3.shape[0] * x3.shape[2]
-    for c in prange(x3.shape[1]):
-        acc_gy, acc_gy_xc = np.empty(LANES), np.empty(LANES)
-        s_gy, s_gy_xc = _channel_grad_sums(gy3, x3, c, mean[c], acc_gy, acc_gy_xc)
-        if centered:
-            _channel_gx(gy3, x3, c, mean[c], scale[c], s_gy / count, w[c] * s_gy_xc / count, gx3)
-        else:
-            _channel_centered_affine(gy3, c, 0.0, scale[c], 0.0, gx3)
-        sum_gy[c], sum_gy_xc[c] = s_gy, s_gy_xc
-
-
 # ----------------------------------------------------------------------------- dense (M == 1)
-
-@_jit()
-def _block(block, blocks, channels):
-    """Channel range [lo, hi) of one of ``blocks`` nearly equal blocks."""
-    return block * channels // blocks, (block + 1) * channels // blocks
-
 
 @_jit()
 def _dense_moments_block(x2, lo, hi, mean, var):
@@ -228,32 +187,6 @@ def _dense_centered_affine_block(x2, lo, hi, center, a, b, y2):
             out[j] = (row[j] - center_b[j]) * a_b[j] + b_b[j]
 
 
-@_jit(parallel=True)
-def dense_moments(x2, blocks, mean, var):
-    for block in prange(blocks):
-        lo, hi = _block(block, blocks, x2.shape[1])
-        _dense_moments_block(x2, lo, hi, mean, var)
-
-
-@_jit(parallel=True)
-def dense_forward(x2, gamma, beta, eps, center_only, blocks, y2, mean, var, a):
-    """``a`` is float64 (C,) scratch for the per-channel scale."""
-    for block in prange(blocks):
-        lo, hi = _block(block, blocks, x2.shape[1])
-        _dense_moments_block(x2, lo, hi, mean, var)
-        for c in range(lo, hi):
-            a[c] = gamma[c] if center_only else gamma[c] / np.sqrt(var[c] + eps)
-        _dense_centered_affine_block(x2, lo, hi, mean, a, beta, y2)
-
-
-@_jit(parallel=True)
-def dense_affine(x2, a, b, blocks, zero, y2):
-    """``zero`` is float64 (C,) zeros (the centre of a plain affine map)."""
-    for block in prange(blocks):
-        lo, hi = _block(block, blocks, x2.shape[1])
-        _dense_centered_affine_block(x2, lo, hi, zero, a, b, y2)
-
-
 @_jit()
 def _dense_grad_sums_block(gy2, x2, lo, hi, mean, sum_gy, sum_gy_xc):
     """sum_gy[lo:hi], sum_gy_xc[lo:hi] over the rows of gy2, x2 (N, C)."""
@@ -278,17 +211,119 @@ def _dense_gx_block(gy2, x2, lo, hi, mean, scale, k_gy, k_xc, gx2):
             out[j] = scale_b[j] * (grow[j] - k_gy_b[j] - k_xc_b[j] * (xrow[j] - mean_b[j]))
 
 
-@_jit(parallel=True)
-def dense_backward(gy2, x2, mean, scale, w, centered, blocks, gx2, sum_gy, sum_gy_xc, k_gy, k_xc):
-    """``k_gy``, ``k_xc`` are float64 (C,) scratch for the coefficients of gx, zeros on entry."""
+@_jit()
+def _dense_backward_block(gy2, x2, mean, scale, w, centered, lo, hi, gx2, sum_gy, sum_gy_xc):
     n_rows = x2.shape[0]
-    for block in prange(blocks):
-        lo, hi = _block(block, blocks, x2.shape[1])
-        _dense_grad_sums_block(gy2, x2, lo, hi, mean, sum_gy, sum_gy_xc)
+    _dense_grad_sums_block(gy2, x2, lo, hi, mean, sum_gy, sum_gy_xc)
+    k_gy, k_xc = np.zeros(x2.shape[1]), np.zeros(x2.shape[1])
+    if centered:
+        for c in range(lo, hi):
+            k_gy[c] = sum_gy[c] / n_rows
+            k_xc[c] = w[c] * sum_gy_xc[c] / n_rows
+        _dense_gx_block(gy2, x2, lo, hi, mean, scale, k_gy, k_xc, gx2)
+    else:
+        _dense_centered_affine_block(gy2, lo, hi, k_gy, scale, k_xc, gx2)
+
+
+# ----------------------------------------------------------------------------- channel ranges
+
+@_jit()
+def _rows(x3):
+    """(N, C, 1) data as its (N, C) view."""
+    return x3.reshape(x3.shape[0], x3.shape[1])
+
+
+@_jit()
+def moments_range(x3, lo, hi, mean, var):
+    """mean[lo:hi], var[lo:hi] (biased) of channels lo..hi-1."""
+    if x3.shape[2] == 1:
+        _dense_moments_block(_rows(x3), lo, hi, mean, var)
+        return
+    acc = np.empty(LANES)
+    for c in range(lo, hi):
+        mean[c], var[c] = _channel_moments(x3, c, acc)
+
+
+@_jit()
+def forward_range(x3, gamma, beta, eps, center_only, lo, hi, y3, mean, var):
+    """Training forward of channels lo..hi-1: statistics into mean/var, y into y3."""
+    if x3.shape[2] == 1:
+        _dense_moments_block(_rows(x3), lo, hi, mean, var)
+        a = np.empty(x3.shape[1])
+        for c in range(lo, hi):
+            a[c] = gamma[c] if center_only else gamma[c] / np.sqrt(var[c] + eps)
+        _dense_centered_affine_block(_rows(x3), lo, hi, mean, a, beta, _rows(y3))
+        return
+    acc = np.empty(LANES)
+    for c in range(lo, hi):
+        mu, sigma2 = _channel_moments(x3, c, acc)
+        a_c = gamma[c] if center_only else gamma[c] / np.sqrt(sigma2 + eps)
+        _channel_centered_affine(x3, c, mu, a_c, beta[c], y3)
+        mean[c], var[c] = mu, sigma2
+
+
+@_jit()
+def affine_range(x3, a, b, lo, hi, y3):
+    """y3 = a[c] * x3 + b[c] for channels lo..hi-1."""
+    if x3.shape[2] == 1:
+        zero = np.zeros(x3.shape[1])
+        _dense_centered_affine_block(_rows(x3), lo, hi, zero, a, b, _rows(y3))
+        return
+    for c in range(lo, hi):
+        _channel_centered_affine(x3, c, 0.0, a[c], b[c], y3)
+
+
+@_jit()
+def backward_range(gy3, x3, mean, scale, w, centered, lo, hi, gx3, sum_gy, sum_gy_xc):
+    """Backward sums and gx (see ``arraybn.backends.base``) of channels lo..hi-1."""
+    count = x3.shape[0] * x3.shape[2]
+    if x3.shape[2] == 1:
+        _dense_backward_block(_rows(gy3), _rows(x3), mean, scale, w, centered, lo, hi,
+                              _rows(gx3), sum_gy, sum_gy_xc)
+        return
+    acc_gy, acc_gy_xc = np.empty(LANES), np.empty(LANES)
+    for c in range(lo, hi):
+        s_gy, s_gy_xc = _channel_grad_sums(gy3, x3, c, mean[c], acc_gy, acc_gy_xc)
         if centered:
-            for c in range(lo, hi):
-                k_gy[c] = sum_gy[c] / n_rows
-                k_xc[c] = w[c] * sum_gy_xc[c] / n_rows
-            _dense_gx_block(gy2, x2, lo, hi, mean, scale, k_gy, k_xc, gx2)
+            _channel_gx(gy3, x3, c, mean[c], scale[c], s_gy / count, w[c] * s_gy_xc / count, gx3)
         else:
-            _dense_centered_affine_block(gy2, lo, hi, k_gy, scale, k_xc, gx2)
+            _channel_centered_affine(gy3, c, 0.0, scale[c], 0.0, gx3)
+        sum_gy[c], sum_gy_xc[c] = s_gy, s_gy_xc
+
+
+# ----------------------------------------------------------------------------- parallel drivers
+# ``tasks`` channel blocks are shared out among Numba's threads; the caller picks one block per
+# channel for conv data and one per thread for dense data. Results do not depend on ``tasks``.
+
+@_jit()
+def _block(task, tasks, channels):
+    """Channel range [lo, hi) of task ``task`` out of ``tasks`` nearly equal blocks."""
+    return task * channels // tasks, (task + 1) * channels // tasks
+
+
+@_jit(parallel=True)
+def moments_parallel(x3, tasks, mean, var):
+    for task in prange(tasks):
+        lo, hi = _block(task, tasks, x3.shape[1])
+        moments_range(x3, lo, hi, mean, var)
+
+
+@_jit(parallel=True)
+def forward_parallel(x3, gamma, beta, eps, center_only, tasks, y3, mean, var):
+    for task in prange(tasks):
+        lo, hi = _block(task, tasks, x3.shape[1])
+        forward_range(x3, gamma, beta, eps, center_only, lo, hi, y3, mean, var)
+
+
+@_jit(parallel=True)
+def affine_parallel(x3, a, b, tasks, y3):
+    for task in prange(tasks):
+        lo, hi = _block(task, tasks, x3.shape[1])
+        affine_range(x3, a, b, lo, hi, y3)
+
+
+@_jit(parallel=True)
+def backward_parallel(gy3, x3, mean, scale, w, centered, tasks, gx3, sum_gy, sum_gy_xc):
+    for task in prange(tasks):
+        lo, hi = _block(task, tasks, x3.shape[1])
+        backward_range(gy3, x3, mean, scale, w, centered, lo, hi, gx3, sum_gy, sum_gy_xc)

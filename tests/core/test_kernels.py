@@ -3,6 +3,7 @@
 float32 outputs must be the float64 result rounded once (within 2 ulp); float64 outputs and all
 per-channel statistics must agree to ~1e-12 of the magnitude of the terms that make them up.
 """
+import copy
 import sys
 
 import numpy as np
@@ -20,6 +21,19 @@ SHAPES = [(128, 120, 1), (7, 5, 1), (9, 1, 1), (4, 3, 25), (3, 1, 49), (2, 3, 50
 DTYPES = [np.float32, np.float64]
 EPS = 1e-5
 REL = 1e-12                     # float64 agreement, relative to the magnitude of the terms
+
+
+def each_path(be):
+    """``be``, or for numba two copies: one that always runs on the calling thread, one that shares
+    even the smallest input out among its threads, so both code paths meet every case."""
+    if be.name != "numba":
+        return [be]
+    paths = []
+    for min_size in (np.inf, 0):
+        path = copy.copy(be)
+        path.parallel_min_size = min_size
+        paths.append(path)
+    return paths
 
 
 def numba_backend():
@@ -96,10 +110,11 @@ def channel_params(rng, channels):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moments(cpu_backend, rng, shape, dtype):
     x3 = data(rng, shape, dtype, offset=3.0)
-    mean, var = cpu_backend.moments(x3)
     ref_mean, ref_var = ref_moments(x3)
-    assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
-    assert_stat(var, ref_var, ref_var)
+    for be in each_path(cpu_backend):
+        mean, var = be.moments(x3)
+        assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
+        assert_stat(var, ref_var, ref_var)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -109,15 +124,15 @@ def test_moments(cpu_backend, rng, shape, dtype):
 def test_forward_train(cpu_backend, rng, shape, dtype, center_only, give_out):
     x3 = data(rng, shape, dtype, offset=-2.0)
     gamma, beta = channel_params(rng, shape[1])
-    out = poisoned(shape, dtype) if give_out else None
-    y3, mean, var = cpu_backend.forward_train(x3, gamma, beta, EPS, center_only, out=out)
-    if give_out:
-        assert y3 is out
     ref_mean, ref_var = ref_moments(x3)
-    assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
-    assert_stat(var, ref_var, ref_var)
     a = gamma if center_only else gamma / np.sqrt(ref_var + EPS)
-    assert_rounded_once(y3, *ref_centered_affine(x3, ref_mean, a, beta), dtype)
+    for be in each_path(cpu_backend):
+        out = poisoned(shape, dtype) if give_out else None
+        y3, mean, var = be.forward_train(x3, gamma, beta, EPS, center_only, out=out)
+        assert y3 is out or not give_out
+        assert_stat(mean, ref_mean, np.abs(x3).mean(axis=(0, 2)))
+        assert_stat(var, ref_var, ref_var)
+        assert_rounded_once(y3, *ref_centered_affine(x3, ref_mean, a, beta), dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -126,10 +141,11 @@ def test_forward_train(cpu_backend, rng, shape, dtype, center_only, give_out):
 def test_affine(cpu_backend, rng, shape, dtype, give_out):
     x3 = data(rng, shape, dtype)
     a, b = rng.normal(size=shape[1]), rng.normal(size=shape[1])
-    out = poisoned(shape, dtype) if give_out else None
-    y3 = cpu_backend.affine(x3, a, b, out=out)
-    assert y3 is out or not give_out
-    assert_rounded_once(y3, *ref_centered_affine(x3, np.zeros(shape[1]), a, b), dtype)
+    for be in each_path(cpu_backend):
+        out = poisoned(shape, dtype) if give_out else None
+        y3 = be.affine(x3, a, b, out=out)
+        assert y3 is out or not give_out
+        assert_rounded_once(y3, *ref_centered_affine(x3, np.zeros(shape[1]), a, b), dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -140,14 +156,15 @@ def test_backward(cpu_backend, rng, shape, dtype, centered, give_out):
     x3, gy3 = data(rng, shape, dtype, offset=1.5), data(rng, shape, dtype)
     mean = ref_moments(x3)[0] + rng.normal(scale=1e-3, size=shape[1])  # any centre must work
     scale, w = channel_params(rng, shape[1])[0], rng.uniform(0.1, 1.0, shape[1])
-    out = poisoned(shape, dtype) if give_out else None
-    gx3, sum_gy, sum_gy_xc = cpu_backend.backward(gy3, x3, mean, scale, w, centered, out=out)
-    assert gx3 is out or not give_out
     gx, mag, ref_sum_gy, ref_sum_gy_xc, (mag_gy, mag_gy_xc) = ref_backward(
         gy3, x3, mean, scale, w, centered)
-    assert_stat(sum_gy, ref_sum_gy, mag_gy)
-    assert_stat(sum_gy_xc, ref_sum_gy_xc, mag_gy_xc)
-    assert_rounded_once(gx3, gx, mag, dtype)
+    for be in each_path(cpu_backend):
+        out = poisoned(shape, dtype) if give_out else None
+        gx3, sum_gy, sum_gy_xc = be.backward(gy3, x3, mean, scale, w, centered, out=out)
+        assert gx3 is out or not give_out
+        assert_stat(sum_gy, ref_sum_gy, mag_gy)
+        assert_stat(sum_gy_xc, ref_sum_gy_xc, mag_gy_xc)
+        assert_rounded_once(gx3, gx, mag, dtype)
 
 
 @settings(max_examples=25, deadline=None)
@@ -180,34 +197,34 @@ def test_float32_data_with_a_large_offset_keeps_its_variance(cpu_backend, rng, s
     x3 = data(rng, shape, np.float32, offset=1e4)
     ref_mean, ref_var = ref_moments(x3)
     assert 0.8 < ref_var.min() and ref_var.max() < 1.2
-    for mean, var in (cpu_backend.moments(x3), cpu_backend.forward_train(x3, np.ones(3),
-                                                                          np.zeros(3), EPS)[1:]):
-        assert_stat(mean, ref_mean, ref_mean)
-        assert_stat(var, ref_var, ref_var)
-    y3 = cpu_backend.forward_train(x3, np.ones(3), np.zeros(3), EPS)[0]
     y_ref, _ = ref_centered_affine(x3, ref_mean, 1 / np.sqrt(ref_var + EPS), np.zeros(3))
-    assert_rounded_once(y3, y_ref, np.abs(y_ref), np.float32)
+    for be in each_path(cpu_backend):
+        y3, *stats = be.forward_train(x3, np.ones(3), np.zeros(3), EPS)
+        for mean, var in (be.moments(x3), stats):
+            assert_stat(mean, ref_mean, ref_mean)
+            assert_stat(var, ref_var, ref_var)
+        assert_rounded_once(y3, y_ref, np.abs(y_ref), np.float32)
 
 
 @pytest.mark.parametrize("shape", [(16, 70, 1), (8, 5, 300), (3, 2, 5000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_numba_results_do_not_depend_on_the_thread_count(rng, shape, dtype):
-    be = numba_backend()
+    be = each_path(numba_backend())[1]           # shares out even small inputs
     import numba
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba was started with one thread")
     x3, gy3 = data(rng, shape, dtype, offset=7.0), data(rng, shape, dtype)
     gamma, beta = channel_params(rng, shape[1])
     scale, w = channel_params(rng, shape[1])[0], rng.uniform(0.1, 1, shape[1])
+    mean = ref_moments(x3)[0]
     results = []
     before = numba.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2):          # 1: the serial path; 2: blocks of channels per thread
             numba.set_num_threads(threads)
             results.append([*be.moments(x3), *be.forward_train(x3, gamma, beta, EPS),
                             be.affine(x3, gamma, beta),
-                            *be.backward(gy3, x3, results[0][0] if results else be.moments(x3)[0],
-                                         scale, w, True)])
+                            *be.backward(gy3, x3, mean, scale, w, True)])
     finally:
         numba.set_num_threads(before)
     for one, two in zip(*results):

@@ -1,0 +1,195 @@
+"""BN speed on the CPU through the public API: numpy vs numba vs PyTorch vs the memory-bandwidth ceiling.
+
+    python3 benchmarks/bn_kernels.py [--repeats 10] [--threads 2] [--shapes 128x120,64x64x112x112]
+    python3 benchmarks/bn_kernels.py --backend cupy ...     (runs benchmarks/bn_kernels_cuda.py)
+
+Times are medians per call of ``arraybn.batch_norm_forward`` (training mode, running buffers
+updated) and of forward + ``arraybn.batch_norm_backward``; PyTorch runs
+``torch.nn.functional.batch_norm`` and ``torch.autograd.grad`` on the same data with the same
+number of threads. The ceiling is a large ``numpy.copyto`` measured in the same run (read |x|,
+write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
+fraction of it, counting the traffic a fused kernel cannot avoid: 2|x| for forward (read x,
+write y) and 5|x| for forward + backward (then read gy and x, write gx).
+"""
+import argparse
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import format_seconds, markdown_table, median_time  # noqa: E402
+
+import arraybn  # noqa: E402
+
+DEFAULT_SHAPES = "128x6x26x26,128x16x11x11,128x120,64x64x112x112"
+BANDWIDTH_MIN_BYTES = 64 * 2**20     # larger than any L3 here: the data streams from DRAM
+LARGE_ELEMENTS = 2**22               # fewer repeats above this size
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per measurement")
+    parser.add_argument("--shapes", default=DEFAULT_SHAPES,
+                        help=f"comma-separated NxCx... shapes (default {DEFAULT_SHAPES})")
+    parser.add_argument("--threads", type=int, default=2, help="threads for numba and torch")
+    parser.add_argument("--backend", choices=["cpu", "cupy"], default="cpu",
+                        help="cpu: numpy/numba/torch here; cupy: the CUDA benchmark")
+    args = parser.parse_args(argv)
+    try:
+        args.shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",")]
+    except ValueError:
+        parser.error(f"--shapes must look like 128x6x26x26,128x120; got {args.shapes!r}")
+    if any(len(s) < 2 for s in args.shapes) or args.repeats < 1 or args.threads < 1:
+        parser.error("shapes need at least N and C; --repeats and --threads must be >= 1")
+    return args
+
+
+def load_torch(threads):
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def arraybn_timers(x, gy, name):
+    """(forward, forward + backward) callables through the public API on backend ``name``."""
+    c = x.shape[1]
+    gamma, beta = np.ones(c, np.float32), np.zeros(c, np.float32)
+    running_mean, running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
+
+    def forward():
+        return arraybn.batch_norm_forward(x, gamma, beta, training=True, running_mean=running_mean,
+                                          running_var=running_var, backend=name)
+
+    def forward_backward():
+        arraybn.batch_norm_backward(gy, forward()[1])
+    return forward, forward_backward
+
+
+def torch_timers(torch, x, gy):
+    c = x.shape[1]
+    tx = torch.from_numpy(x).requires_grad_()
+    tgy = torch.from_numpy(gy)
+    weight = torch.ones(c, requires_grad=True)
+    bias = torch.zeros(c, requires_grad=True)
+    running_mean, running_var = torch.zeros(c), torch.ones(c)
+    F = torch.nn.functional
+
+    def forward():
+        with torch.no_grad():
+            return F.batch_norm(tx, running_mean, running_var, weight, bias, training=True)
+
+    def forward_backward():
+        y = F.batch_norm(tx, running_mean, running_var, weight, bias, training=True)
+        torch.autograd.grad(y, (tx, weight, bias), tgy)
+    return forward, forward_backward
+
+
+def measure_shape(shape, repeats, torch):
+    """Seconds per call: {'numpy': (fwd, fwd+bwd), 'numba': ..., 'torch': ..., 'copy': t}."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    gy = rng.standard_normal(shape, dtype=np.float32)
+    reps = repeats if x.size <= LARGE_ELEMENTS else max(3, repeats // 3)
+    min_seconds = 0.02 if x.size <= LARGE_ELEMENTS else 0.0
+    timed = lambda f, r=reps: median_time(f, r, warmup=2, min_seconds=min_seconds)
+    result = {}
+    for name in ("numpy", "numba"):
+        if name in arraybn.available_backends():
+            result[name] = tuple(timed(f, 3 if name == "numpy" and reps < repeats else reps)
+                                 for f in arraybn_timers(x, gy, name))
+    if torch is not None:
+        result["torch"] = tuple(timed(f) for f in torch_timers(torch, x, gy))
+    copy = np.empty_like(x)
+    result["copy"] = timed(lambda: np.copyto(copy, x))
+    return x.nbytes, result
+
+
+def ratio(a, b):
+    return None if a is None or b is None else f"{a / b:.2f}"
+
+
+def table_row(shape, nbytes, r):
+    pick = lambda name, k: r[name][k] if name in r else None
+    fmt = lambda t: None if t is None else format_seconds(t)
+    fractions = [None, None]
+    if "numba" in r and nbytes >= BANDWIDTH_MIN_BYTES:
+        copy_bandwidth = 2 * nbytes / r["copy"]
+        fractions = [f"{traffic * nbytes / pick('numba', k) / copy_bandwidth:.2f}"
+                     for k, traffic in ((0, 2), (1, 5))]
+    return ["x".join(map(str, shape)), fmt(pick("numpy", 0)), fmt(pick("numba", 0)),
+            fmt(pick("torch", 0)), fmt(pick("numpy", 1)), fmt(pick("numba", 1)),
+            fmt(pick("torch", 1)), ratio(pick("numba", 0), pick("torch", 0)),
+            ratio(pick("numba", 1), pick("torch", 1)), fmt(r["copy"]),
+            f"{2 * nbytes / r['copy'] / 1e9:.1f}", *fractions]
+
+
+HEADERS = ["shape (float32)", "numpy fwd", "numba fwd", "torch fwd", "numpy f+b", "numba f+b",
+           "torch f+b", "numba/torch fwd", "numba/torch f+b", "copy", "copy GB/s",
+           "numba fwd / copy BW", "numba f+b / copy BW"]
+
+
+def first_call_overhead():
+    """Seconds the first numba forward+backward adds in a fresh process (disk cache warm)."""
+    script = textwrap.dedent("""
+        import time, numpy as np, arraybn
+        x = np.random.default_rng(0).standard_normal((8, 4, 50), dtype=np.float32)
+        g, b = np.ones(4, np.float32), np.zeros(4, np.float32)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            y, cache = arraybn.batch_norm_forward(x, g, b, backend="numba")
+            arraybn.batch_norm_backward(y, cache)
+            times.append(time.perf_counter() - t)
+        print(times[0] - times[1])
+    """)
+    for _ in range(2):          # the first run fills the cache if it was cold
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True)
+    return float(out.stdout.split()[-1])
+
+
+def run_cuda_benchmark(argv):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_kernels_cuda.py")
+    spec = importlib.util.spec_from_file_location("bn_kernels_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.backend == "cupy":
+        return run_cuda_benchmark(argv)
+    torch = load_torch(args.threads)
+    if "numba" in arraybn.available_backends():
+        import numba
+        numba.set_num_threads(args.threads)
+        layer = f"numba {numba.__version__} on {args.threads} threads"
+    else:
+        layer = "numba unavailable"
+    print(f"# arraybn BN kernels, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs; {layer}; torch "
+          + (f"{torch.__version__} on {torch.get_num_threads()} threads" if torch else "missing"))
+    rows = []
+    for shape in args.shapes:
+        nbytes, result = measure_shape(shape, args.repeats, torch)
+        rows.append(table_row(shape, nbytes, result))
+    if "numba" in arraybn.available_backends():
+        import numba
+        print(f"# numba threading layer: {numba.threading_layer()}; first numba call in a fresh "
+              f"process with the disk cache warm adds {first_call_overhead():.2f} s")
+    print(markdown_table(HEADERS, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
