@@ -32,6 +32,7 @@ def train_command(ctx, **params):
     with friendly_errors():
         manifest = train_stage(ctx, params, reporter)
     metrics = manifest["metrics"]
-    val = "" if metrics["val_acc"] is None else f", validation accuracy {100 * metrics['val_acc']:.2f}%"
+    val = ("" if metrics["val_acc"] is None
+           else f", validation accuracy {100 * metrics['val_acc']:.2f}%")
     reporter.result(manifest, f"trained {metrics['epochs']} epochs{val}; "
                               f"saved {params['run_dir']}/train/")

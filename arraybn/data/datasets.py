@@ -190,9 +190,9 @@ def prepare_splits(raw, val_split, seed, normalisation=None):
     """
     train_idx, val_idx = split_indices(len(raw.train_labels), val_split, seed)
     mean, std = normalisation or pixel_stats(raw.train_images[train_idx])
-    splits = {
-        "train": Split(normalise(raw.train_images[train_idx], mean, std), raw.train_labels[train_idx]),
-        "val": Split(normalise(raw.train_images[val_idx], mean, std), raw.train_labels[val_idx]),
-        "test": Split(normalise(raw.test_images, mean, std), raw.test_labels),
-    }
+    def split(images, labels):
+        return Split(normalise(images, mean, std), labels)
+    splits = {"train": split(raw.train_images[train_idx], raw.train_labels[train_idx]),
+              "val": split(raw.train_images[val_idx], raw.train_labels[val_idx]),
+              "test": split(raw.test_images, raw.test_labels)}
     return splits, (mean, std)

@@ -143,9 +143,9 @@ def read_manifest(run_dir, stage, filename=MANIFEST):
     """The stage's manifest; missing or corrupt is a StageError naming the command to run."""
     path = os.path.join(stage_dir(run_dir, stage), filename)
     if not os.path.isfile(path):
+        partly_there = os.path.isdir(stage_dir(run_dir, stage))
         raise StageError(f"no {stage} stage in {os.fspath(run_dir)} ({path} is missing); "
-                         f"run {remake_hint(run_dir, stage, os.path.isdir(stage_dir(run_dir, stage)))}"
-                         " first")
+                         f"run {remake_hint(run_dir, stage, partly_there)} first")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

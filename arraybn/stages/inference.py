@@ -30,7 +30,10 @@ def load_postproc_stats(run):
 
 
 def apply_bn_stats(model, stats, where):
-    """Make every BN layer normalise with ``stats`` (``name.running_mean``/``_var``) in inference."""
+    """Make every BN layer normalise with ``stats`` (``bnK.running_mean``/``_var``) in inference.
+
+    This also works for a model trained without running statistics (``--stats none``).
+    """
     xp = model.backend.xp
     for name, bn in model.bn_layers():
         keys = (f"{name}.running_mean", f"{name}.running_var")

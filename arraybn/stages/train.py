@@ -80,7 +80,7 @@ def _fresh_config(config):
     if config is None:
         return TrainConfig()
     if isinstance(config, dict):
-        return TrainConfig(**config)
+        return TrainConfig.from_dict(config)
     return config
 
 

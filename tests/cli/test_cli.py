@@ -1,4 +1,4 @@
-"""The CLI through click.testing.CliRunner: exit codes, messages (never tracebacks), files written."""
+"""The CLI through CliRunner: exit codes, messages (never tracebacks), files written."""
 import json
 import os
 

@@ -80,7 +80,8 @@ def test_verify_artifact_detects_a_modified_file(tmp_path):
     (stage / "model.npz").write_bytes(b"abc")
     manifest = {"outputs": {"model.npz": sha256_file(stage / "model.npz")}}
     write_json(stage / "manifest.json", manifest)
-    assert verify_artifact(tmp_path, "train", "model.npz", manifest)[1] == manifest["outputs"]["model.npz"]
+    _, digest = verify_artifact(tmp_path, "train", "model.npz", manifest)
+    assert digest == manifest["outputs"]["model.npz"]
     (stage / "model.npz").write_bytes(b"abd")
     with pytest.raises(StageError, match="corrupt or was modified"):
         verify_artifact(tmp_path, "train", "model.npz", manifest)

@@ -46,8 +46,10 @@ def _stats(run):
 def test_postproc_writes_stats_for_every_bn_layer(run):
     manifest = run_postproc(run, batch_size=8, echo=_quiet)
     stats = _stats(run)
-    assert sorted(stats) == sorted(f"bn{i}.running_{s}" for i in range(1, 5) for s in ("mean", "var"))
-    assert stats["bn1.running_mean"].dtype == np.float32 and stats["bn3.running_var"].shape == (120,)
+    expected = [f"bn{i}.running_{s}" for i in range(1, 5) for s in ("mean", "var")]
+    assert sorted(stats) == sorted(expected)
+    assert stats["bn1.running_mean"].dtype == np.float32
+    assert stats["bn3.running_var"].shape == (120,)
     assert manifest["inputs"] == {"train/model.npz": file_sha(run, "train", "model.npz")}
     assert manifest["outputs"]["bn_stats.npz"] == file_sha(run, "postproc", "bn_stats.npz")
     assert manifest["postproc"]["images_seen"] == 60 and stage_leftovers(run) == []
