@@ -6,6 +6,7 @@ BackendUnavailableError that says what to do; the launch geometry visits every e
 (the kernels' index walks, replayed in NumPy). GPU-side (``gpu`` marker, skipped without CUDA):
 the four kernels against a float64 NumPy reference.
 """
+import ctypes
 import importlib.resources
 import re
 import shutil
@@ -21,6 +22,8 @@ from arraybn import backends
 from arraybn.backends import BackendUnavailableError
 from arraybn.backends import cupy_backend as cb
 from tests.conftest import CUPY_SKIP
+
+DTYPES = [np.float32, np.float64]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,24 +225,31 @@ class _FakeArray:
     def __getitem__(self, index):
         return _FakeArray(self.a[index])
 
+    def get(self):
+        return self.a
+
 
 class _FakeKernel:
-    def __init__(self, name, launches):
-        self.name, self.launches = name, launches
+    """Records each launch; runs it on the CPU emulator when one is given."""
+
+    def __init__(self, name, launches, emulator):
+        self.name, self.launches, self.emulator = name, launches, emulator
         self.kernel = types.SimpleNamespace(ptr=id(self))
 
     def __call__(self, grid, block, args):
         self.launches.append((self.name, grid, block, args))
+        if self.emulator is not None:
+            self.emulator.launch(self.name, grid, block, args)
 
 
-def _fake_gpu_module(launches):
+def _fake_gpu_module(launches, emulator=None):
     def raw_module(code, options, name_expressions):
         assert code == cb.kernel_source() and options == cb.COMPILE_OPTIONS
         known = set(name_expressions) | set(cb.EXTERN_C_KERNELS)
 
         def get_function(name):
             assert name in known, f"{name} is not compiled"
-            return _FakeKernel(name, launches)
+            return _FakeKernel(name, launches, emulator)
         return types.SimpleNamespace(get_function=get_function)
 
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceProperties=lambda d: {
@@ -324,11 +334,154 @@ def test_fake_launch_check_catches_a_wrong_argument_list(rng):
 
 
 # ---------------------------------------------------------------------------------------------
+# The kernels themselves, run on the CPU: bn_kernels.cu compiled as host C++ with CUDA's built-ins
+# emulated (one cooperative ucontext fiber per thread, __syncthreads = run every other thread of
+# the block to the same barrier). This checks the kernels' index arithmetic and merges; it does
+# not check what only a GPU shows (the memory model, NVRTC, speed).
+
+_EMULATOR_PRELUDE = r"""
+#include <ucontext.h>
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+struct dim3 { unsigned x, y, z; };
+static dim3 threadIdx, blockIdx, blockDim, gridDim;
+struct float4 { float x, y, z, w; };
+struct double2 { double x, y; };
+static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+static double2 make_double2(double a, double b) { return {a, b}; }
+using std::min;
+using std::sqrt;
+static std::vector<ucontext_t> fibers;
+static std::vector<std::vector<char>> stacks;
+static std::vector<char> finished;
+static ucontext_t scheduler;
+static unsigned current;
+static std::function<void()> body;
+static void __syncthreads() { swapcontext(&fibers[current], &scheduler); }
+static void fiber_main() { body(); finished[current] = 1; }
+static void launch(unsigned gx, unsigned gy, unsigned bx, std::function<void()> kernel) {
+    body = kernel;
+    gridDim = {gx, gy, 1};
+    blockDim = {bx, 1, 1};
+    fibers.resize(bx);
+    stacks.resize(bx, std::vector<char>(1 << 16));
+    for (unsigned y = 0; y < gy; ++y) for (unsigned x = 0; x < gx; ++x) {
+        blockIdx = {x, y, 0};
+        finished.assign(bx, 0);
+        for (unsigned t = 0; t < bx; ++t) {
+            getcontext(&fibers[t]);
+            fibers[t].uc_stack.ss_sp = stacks[t].data();
+            fibers[t].uc_stack.ss_size = stacks[t].size();
+            fibers[t].uc_link = &scheduler;
+            makecontext(&fibers[t], fiber_main, 0);
+        }
+        while (std::count(finished.begin(), finished.end(), 0) > 0) {
+            for (unsigned t = 0; t < bx; ++t) {
+                if (finished[t]) continue;
+                current = t;
+                threadIdx = {t, 0, 0};
+                swapcontext(&scheduler, &fibers[t]);
+            }
+        }
+    }
+}
+"""
+_C_TYPES = {np.int64: "long long", np.int32: "int", np.float64: "double"}
+_CTYPES_SCALARS = {np.int64: ctypes.c_longlong, np.int32: ctypes.c_int, np.float64: ctypes.c_double}
+
+
+class _Emulator:
+    """bn_kernels.cu as a host shared library; ``launch`` mirrors a RawKernel call."""
+
+    def __init__(self, directory):
+        source = cb.kernel_source()
+        self.names = cb.NAME_EXPRESSIONS + cb.EXTERN_C_KERNELS
+        self.params = {name: _kernel_params(source, name) for name in self.names}
+        wrappers = [self._wrapper(i, name) for i, name in enumerate(self.names)]
+        cpp = directory / "emulated.cpp"
+        cpp.write_text(_EMULATOR_PRELUDE + source + "\n".join(wrappers))
+        library = directory / "emulated.so"
+        subprocess.run(["g++", "-O1", "-std=c++17", "-shared", "-fPIC", "-o", str(library),
+                        str(cpp)], check=True, capture_output=True, timeout=300)
+        self.library = ctypes.CDLL(str(library))
+
+    def _wrapper(self, index, name):
+        args = []
+        for k, (kind, dtype) in enumerate(self.params[name]):
+            if kind == "pointer":
+                args.append(f"*({'float' if dtype == np.float32 else 'double'}**)a[{k}]")
+            else:
+                args.append(f"*({_C_TYPES[dtype]}*)a[{k}]")
+        return (f'extern "C" void run_{index}(unsigned gx, unsigned gy, unsigned bx, void** a) '
+                f'{{ launch(gx, gy, bx, [=] {{ {name}({", ".join(args)}); }}); }}\n')
+
+    def launch(self, name, grid, block, args):
+        values = [ctypes.c_void_p(arg.data.ptr) if kind == "pointer" else _CTYPES_SCALARS[dtype](arg)
+                  for (kind, dtype), arg in zip(self.params[name], args)]
+        argv = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+        run = getattr(self.library, f"run_{self.names.index(name)}")
+        run(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1] if len(grid) > 1 else 1),
+            ctypes.c_uint(block[0]), argv)
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """The cupy backend with every kernel launch run by the CPU emulator."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    emulator = _Emulator(tmp_path_factory.mktemp("cuda_emulator"))
+    return cb.CupyBackend(_fake_gpu_module([], emulator))
+
+
+EMULATED_SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (3, 5, 7), (2, 1, 1), (40, 2, 64),
+                   (700, 3, 2), (9, 300, 1)]
+
+
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", EMULATED_SHAPES)
+def test_emulated_kernels_match_the_numpy_backend(emulated, rng, shape, dtype, misaligned):
+    n, c, m = shape
+    size = n * c * m
+    arrays = [np.empty(size + 1, dtype)[1:] if misaligned else np.empty(size, dtype)
+              for _ in range(3)]
+    x, gy, out = (_FakeArray(a.reshape(shape)) for a in arrays)
+    x.a[...], gy.a[...] = rng.standard_normal(shape) + 1e3, rng.standard_normal(shape)
+    gamma, beta = rng.uniform(0.5, 2, c), rng.standard_normal(c)
+    reference = arraybn.get_backend("numpy")
+    tol = 2 * np.finfo(dtype).eps
+    out.a[...] = np.nan
+    y, mean, var = emulated.forward_train(x, _FakeArray(gamma), _FakeArray(beta), 1e-5, out=out)
+    ref_mean, ref_var = reference.moments(x.a)
+    np.testing.assert_allclose(mean.get(), ref_mean, rtol=1e-14)
+    np.testing.assert_allclose(var.get(), ref_var, rtol=1e-9)
+    # y from the kernel's own statistics (a last-bit change of a mean of 1e3 moves float64 y by
+    # 1e-13), in the centred form the kernel uses: a * x + b would cancel at 1e3.
+    a = gamma / np.sqrt(var.get() + 1e-5)
+    ref_y = (a[:, None] * (x.a - mean.get()[:, None]) + beta[:, None]).astype(dtype)
+    np.testing.assert_allclose(y.get(), ref_y, rtol=tol, atol=tol * np.abs(ref_y).max())
+    scale, w = _FakeArray(a), _FakeArray(1 / (ref_var + 1e-5))
+    for centered in (True, False):
+        out.a[...] = np.nan
+        gx, sum_gy, sum_gy_xc = emulated.backward(gy, x, mean, scale, w, centered, out=out)
+        ref = reference.backward(gy.a, x.a, mean.get(), scale.a, w.a, centered)
+        np.testing.assert_allclose(gx.get(), ref[0], rtol=tol, atol=tol * np.abs(ref[0]).max())
+        np.testing.assert_allclose(sum_gy.get(), ref[1], rtol=1e-12, atol=1e-12 * size)
+        np.testing.assert_allclose(sum_gy_xc.get(), ref[2], rtol=1e-9, atol=1e-12 * size)
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: the four kernels against float64 NumPy
 
 SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (4096, 3, 1), (3, 5, 7), (64, 1, 100), (2, 1, 1),
           (64, 3, 1024), (20000, 5, 1), (33, 70, 4)]
-DTYPES = [np.float32, np.float64]
 
 
 @pytest.fixture
