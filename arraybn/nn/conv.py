@@ -1,7 +1,7 @@
 """2-D convolution (im2col + batched GEMM) and max pooling, NCHW like PyTorch.
 
 The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the layers call the
-kernels in ``arraybn.nn.ops_numba`` instead (im2col/col2im with fused padding, one-pass pooling);
+kernels in ``arraybn.nn.ops_numba`` instead (col2im with fused padding, one-pass pooling);
 the GEMMs are BLAS calls on every backend.
 """
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
@@ -55,7 +55,8 @@ def _plain_ops(xp):
 def conv2d_forward(x, weight, bias, stride, pad, xp, ops=None):
     """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
 
-    ops: optional (im2col, col2im) pair with the signatures of ``ops_numba``'s; default: plain xp.
+    ops: optional (im2col, col2im) pair called as im2col(x, kh, kw, stride, pad) and
+    col2im(gcols, x_shape, kh, kw, stride, pad); default: the plain xp functions here.
     """
     n = x.shape[0]
     o, _, kh, kw = weight.shape
@@ -73,7 +74,8 @@ def conv2d_backward(gy, cache, xp, need_gx=True):
     cols, x_shape, weight, stride, pad, has_bias, ops = cache
     o, _, kh, kw = weight.shape
     gy3 = gy.reshape(gy.shape[0], o, -1)                      # (N, O, P)
-    gweight = xp.tensordot(gy3, cols, axes=([0, 2], [0, 2])).reshape(weight.shape)
+    # batched GEMMs then a sum: BLAS reads cols transposed in place (tensordot would copy it)
+    gweight = xp.matmul(gy3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
     gbias = gy3.sum(axis=(0, 2)) if has_bias else None
     gx = None
     if need_gx:
@@ -103,7 +105,7 @@ class Conv2d(Layer):
         self._ops = None
         if backend.name == "numba":
             fused = _numba_ops()
-            self._ops = (fused.im2col, fused.col2im)
+            self._ops = (_plain_ops(self.xp)[0], fused.col2im)
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
