@@ -4,6 +4,8 @@ The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the l
 kernels in ``arraybn.nn.ops_numba`` instead (col2im with fused padding, one-pass pooling);
 the GEMMs are BLAS calls on every backend.
 """
+import numpy as np
+
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
 
@@ -126,31 +128,42 @@ class Conv2d(Layer):
 
 # --- max pooling --------------------------------------------------------------------------------
 
+def _window_offsets(k, oh, ow):
+    """(offset number, row slice, column slice) picking each window's (di, dj) element."""
+    for o in range(k * k):
+        di, dj = divmod(o, k)
+        yield o, slice(di, di + k * (oh - 1) + 1, k), slice(dj, dj + k * (ow - 1) + 1, k)
+
+
 def maxpool2d_forward(x, k, xp):
     """Non-overlapping k x k max pooling (stride k, floor mode like PyTorch).
 
-    x: (N, C, H, W) -> y: (N, C, H//k, W//k); the cache holds the argmax (first maximum in
-    row-major window order, as PyTorch) of every window.
+    x: (N, C, H, W) -> y: (N, C, H//k, W//k). Works on k*k strided views of x, no window copy;
+    the cache holds each window's argmax offset (the first maximum in row-major order, as in
+    PyTorch) as uint8 (N, C, H//k, W//k).
     """
     n, c, h, w = x.shape
     oh, ow = h // k, w // k
     if oh < 1 or ow < 1:
         raise ValueError(f"max pooling {k}x{k} needs inputs of at least {k}x{k}; got {h}x{w}")
-    windows = (x[:, :, :oh * k, :ow * k].reshape(n, c, oh, k, ow, k)
-               .transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, k * k))
-    idx = windows.argmax(axis=-1)[..., None]
-    y = xp.take_along_axis(windows, idx, axis=-1)[..., 0]
-    return y, (idx, x.shape, k)
+    y = argmax = None
+    for o, rows, cols in _window_offsets(k, oh, ow):
+        view = x[:, :, rows, cols]
+        if y is None:
+            y, argmax = view.copy(), xp.zeros(view.shape, dtype=np.uint8)
+            continue
+        better = view > y                                  # strict: the first maximum wins
+        argmax += better * (np.uint8(o) - argmax)          # arithmetic: masked writes are slower
+        xp.maximum(y, view, out=y)
+    return y, (argmax, x.shape, k)
 
 
 def maxpool2d_backward(gy, cache, xp):
     """gy: (N, C, OH, OW) -> gx (N, C, H, W): each gradient goes to its window's maximum."""
-    idx, (n, c, h, w), k = cache
-    oh, ow = gy.shape[2:]
-    gwin = (xp.arange(k * k) == idx) * gy[..., None]          # one-hot argmax times gy
-    gx = xp.zeros((n, c, h, w), dtype=gy.dtype)
-    gx[:, :, :oh * k, :ow * k] = (gwin.reshape(n, c, oh, ow, k, k).transpose(0, 1, 2, 4, 3, 5)
-                                  .reshape(n, c, oh * k, ow * k))
+    argmax, x_shape, k = cache
+    gx = xp.zeros(x_shape, dtype=gy.dtype)
+    for o, rows, cols in _window_offsets(k, *gy.shape[2:]):
+        gx[:, :, rows, cols] = gy * (argmax == o)
     return gx
 
 
