@@ -48,6 +48,10 @@ __device__ __forceinline__ void merge(Moments& a, const Moments& b) {
     a.n = n;
 }
 
+__device__ __forceinline__ long long smaller(long long a, long long b) {
+    return a < b ? a : b;           // not min(): no overload set to rely on under NVRTC
+}
+
 __device__ __forceinline__ void merge(Sums& a, const Sums& b) {
     a.gy += b.gy;
     a.gy_xc += b.gy_xc;
@@ -158,7 +162,7 @@ __device__ __forceinline__ void row_piece(long long per_channel, long long chunk
     // Block b reduces piece b % chunks of channel b / chunks.
     *c = blockIdx.x / chunks;
     *begin = (blockIdx.x % chunks) * chunk_len;
-    *end = min(*begin + chunk_len, per_channel);
+    *end = smaller(*begin + chunk_len, per_channel);
 }
 
 __device__ __forceinline__ void store_moments(double* __restrict__ part, long long Pt, long long i,
@@ -242,7 +246,7 @@ struct ColTile {
         col = static_cast<long long>(blockIdx.x) * TX + tx;
         const long long chunk_start = static_cast<long long>(blockIdx.y) * rows_per_chunk;
         first_row = chunk_start + ty;
-        end_row = min(chunk_start + rows_per_chunk, N);
+        end_row = smaller(chunk_start + rows_per_chunk, N);
         active = ty < TY && col < K;
     }
     __device__ __forceinline__ long long part_index(long long K) const {

@@ -281,7 +281,6 @@ struct float4 { float x, y, z, w; };
 struct double2 { double x, y; };
 static float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 static double2 make_double2(double a, double b) { return {a, b}; }
-using std::min;
 using std::sqrt;
 static std::vector<ucontext_t> fibers;
 static std::vector<std::vector<char>> stacks;
