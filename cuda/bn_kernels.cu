@@ -134,19 +134,20 @@ __device__ __forceinline__ Moments batch_moments(const double* v, int count) {
 
 template <int VEC>
 struct RowWalk {
-    long long j, end, offset, m;        // flat index, its element offset in x3, its column
-    long long step, step_offset, step_m, M, row_gap;
+    long long j, end, offset;           // flat index, its element offset in x3
+    long long step, step_offset, row_gap;
+    int m, step_m, M;                   // column of j; 32-bit (the backend checks M < 2**30)
 
     __device__ RowWalk(long long begin, long long end_, long long c, long long C, long long M_)
-        : end(end_), M(M_) {
+        : end(end_), M(static_cast<int>(M_)) {
         j = begin + static_cast<long long>(threadIdx.x) * VEC;
-        const long long n = j / M;
-        m = j - n * M;
-        offset = (n * C + c) * M + m;
+        const long long n = j / M_;
+        m = static_cast<int>(j - n * M_);
+        offset = (n * C + c) * M_ + m;
         step = static_cast<long long>(blockDim.x) * VEC;
-        step_m = step % M;
-        step_offset = (step / M) * C * M + step_m;
-        row_gap = (C - 1) * M;          // skip the other channels when m wraps to the next n
+        step_m = static_cast<int>(step % M_);
+        step_offset = (step / M_) * C * M_ + step_m;
+        row_gap = (C - 1) * M_;         // skip the other channels when m wraps to the next n
     }
     __device__ __forceinline__ bool valid() const { return j < end; }
     __device__ __forceinline__ void next() {
@@ -380,16 +381,18 @@ bn_merge_backward(const double* __restrict__ part, long long Pt, long long P, lo
 // along c for dense layers.
 
 struct ElemWalk {
-    long long v, nv, step, m, c, step_m, step_c, Mv, C;
+    long long v, nv, step;
+    int m, c, step_m, step_c, Mv, C;    // 32-bit (the backend checks M, C < 2**30): fewer registers
 
-    __device__ ElemWalk(long long nv_, long long Mv_, long long C_) : nv(nv_), Mv(Mv_), C(C_) {
+    __device__ ElemWalk(long long nv_, long long Mv_, long long C_)
+        : nv(nv_), Mv(static_cast<int>(Mv_)), C(static_cast<int>(C_)) {
         step = static_cast<long long>(gridDim.x) * blockDim.x;
         v = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
         const long long row = v / Mv;
-        m = v - row * Mv;
-        c = row % C;
-        step_m = step % Mv;
-        step_c = (step / Mv) % C;
+        m = static_cast<int>(v - row * Mv);
+        c = static_cast<int>(row % C);
+        step_m = static_cast<int>(step % Mv);
+        step_c = static_cast<int>((step / Mv) % C);
     }
     __device__ __forceinline__ bool valid() const { return v < nv; }
     __device__ __forceinline__ void next() {
@@ -402,8 +405,9 @@ struct ElemWalk {
 };
 
 // y = a[c] * (x - shift[c]) + b[c] when CENTRED, else y = a[c] * x + b[c] (shift unread).
+// At most 32 (float) or 40 (double) registers: 8 or 6 blocks per SM keep enough loads in flight.
 template <typename T, int VEC, bool CENTRED>
-__global__ void __launch_bounds__(BN_MAX_THREADS)
+__global__ void __launch_bounds__(BN_MAX_THREADS, sizeof(T) == 4 ? 8 : 6)
 bn_affine(const T* __restrict__ x, long long nv, long long Mv, long long C,
           const double* __restrict__ a, const double* __restrict__ shift,
           const double* __restrict__ b, T* __restrict__ y) {
@@ -430,7 +434,7 @@ bn_grad_input(const T* __restrict__ gy, const T* __restrict__ x, long long nv, l
         double g[VEC], xv[VEC];
         Vec<T, VEC>::load(gy + walk.v * VEC, g);
         Vec<T, VEC>::load(x + walk.v * VEC, xv);
-        const long long c = walk.c;
+        const int c = walk.c;
         const double sc = scale[c], mu = mean[c], kg = k_gy[c], kx = k_xc[c];
 #pragma unroll
         for (int k = 0; k < VEC; ++k) g[k] = sc * (g[k] - kg - kx * (xv[k] - mu));

@@ -29,6 +29,7 @@ MAX_THREADS = 256         # BN_MAX_THREADS in the .cu
 COLS_BELOW_BYTES = 128    # rows of M values shorter than this use the 'cols' layout
 MIN_VALUES_PER_BLOCK = 2048
 VECTOR_BYTES = 16         # float4 / double2 loads
+INDEX_LIMIT = 2**30       # C and M are 32-bit in the kernels' index walks
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 EXTERN_C_KERNELS = ("bn_merge_moments", "bn_merge_moments_scale", "bn_merge_backward")
 
@@ -303,6 +304,9 @@ class CupyBackend(Backend):
                              f"{arr.shape}; pass cupy.ascontiguousarray({what})")
         if arr.size == 0:
             raise ValueError(f"{what} of shape {arr.shape} is empty; BN needs values per channel")
+        if max(arr.shape[1:]) >= INDEX_LIMIT:
+            raise ValueError(f"{what} has shape {arr.shape}; the CUDA kernels need C and M (the "
+                             f"product of the spatial axes) below 2**30")
         self._check_device(arr, what)
         return arr.shape
 
