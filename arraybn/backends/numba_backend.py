@@ -54,14 +54,15 @@ class NumbaBackend(Backend):
 
     def _tasks(self, x3):
         """Channel blocks to share among threads; 0 means run serially on this thread."""
-        threads = self._numba.get_num_threads()
-        if threads == 1 or x3.size < self.parallel_min_size:
+        if x3.size < self.parallel_min_size:
             return 0
+        threads = self._numba.get_num_threads()
         channels = x3.shape[1]
         if x3.shape[2] > 1:
-            return channels if channels > 1 else 0
-        blocks = min(threads, channels // 32)                # dense: rows of >= 32 channels
-        return blocks if blocks > 1 else 0
+            tasks = channels                                  # conv: one channel per task
+        else:
+            tasks = min(threads, channels // 32)              # dense: rows of >= 32 channels
+        return tasks if threads > 1 and tasks > 1 else 0
 
     def moments(self, x3):
         _check_data(x3, "x3")

@@ -100,7 +100,7 @@ def _channel_moments(x3, c, acc):
     passes over the whole channel.
     """
     width = x3.shape[2]
-    rows = max(1, CHUNK // width)
+    rows = max(1, CHUNK // max(width, 1))
     count, mean, m2 = 0.0, 0.0, 0.0
     for n0 in range(0, x3.shape[0], rows):
         n1 = min(n0 + rows, x3.shape[0])
@@ -112,7 +112,7 @@ def _channel_moments(x3, c, acc):
         mean += delta * (k / total)
         m2 += m2_k + delta * delta * (count * k / total)
         count = total
-    return mean, m2 / count
+    return (mean, m2 / count) if count > 0 else (np.nan, np.nan)
 
 
 @_jit()
