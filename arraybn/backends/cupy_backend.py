@@ -88,20 +88,30 @@ class ReductionPlan:
         return (min(MAX_THREADS, _round_up(self.parts_per_channel, 32)),)
 
 
-@functools.lru_cache(maxsize=512)
-def reduction_plan(n, c, m, itemsize, aligned, target_blocks):
-    """The partial-reduction geometry for x3 of shape (n, c, m); ``aligned``: 16-byte pointers."""
+def reduction_layout(m, itemsize, aligned):
+    """('rows', values per load) for rows of at least 128 bytes, else ('cols', 1)."""
     if m * itemsize < COLS_BELOW_BYTES:
-        return _cols_plan(n, c, m, target_blocks)
-    vec = VECTOR_BYTES // itemsize
-    if not aligned or m % vec:
-        vec = 1
-    return _rows_plan(n, c, m, vec, target_blocks)
+        return "cols", 1
+    return "rows", elementwise_vec(m, itemsize, aligned)
 
 
-def _rows_plan(n, c, m, vec, target_blocks):
+@functools.lru_cache(maxsize=512)
+def reduction_plan(n, c, m, itemsize, aligned, resident_blocks):
+    """The partial-reduction geometry for x3 of shape (n, c, m); ``aligned``: 16-byte pointers.
+
+    The grid is at most one wave of ``resident_blocks`` (blocks the device runs at once) where
+    the shape allows: every block of a rows-layout reduction has the same work, so a second,
+    partial wave would leave most of the GPU idle.
+    """
+    layout, vec = reduction_layout(m, itemsize, aligned)
+    if layout == "cols":
+        return _cols_plan(n, c, m, resident_blocks)
+    return _rows_plan(n, c, m, vec, resident_blocks)
+
+
+def _rows_plan(n, c, m, vec, resident_blocks):
     per_channel = n * m
-    chunks = max(1, min(_ceil_div(target_blocks, c), _ceil_div(per_channel, MIN_VALUES_PER_BLOCK)))
+    chunks = max(1, min(resident_blocks // c, _ceil_div(per_channel, MIN_VALUES_PER_BLOCK)))
     chunk_len = _round_up(_ceil_div(per_channel, chunks), vec)
     chunks = _ceil_div(per_channel, chunk_len)
     threads = min(MAX_THREADS, _round_up(_ceil_div(chunk_len, BATCH), 32))
@@ -110,7 +120,7 @@ def _rows_plan(n, c, m, vec, target_blocks):
                          stride=c * chunks)
 
 
-def _cols_plan(n, c, m, target_blocks):
+def _cols_plan(n, c, m, resident_blocks):
     k = c * m
     if k <= MAX_THREADS:
         tx = k
@@ -118,7 +128,7 @@ def _cols_plan(n, c, m, target_blocks):
         tx = _round_up(_ceil_div(k, _ceil_div(k, MAX_THREADS)), 32)
     ty = max(1, MAX_THREADS // tx)
     tiles = _ceil_div(k, tx)
-    chunks = max(1, min(_ceil_div(target_blocks, tiles), _ceil_div(n, ty * BATCH), 65535))
+    chunks = max(1, min(resident_blocks // tiles, _ceil_div(n, ty * BATCH), 65535))
     rows_per_chunk = _ceil_div(n, chunks)
     chunks = _ceil_div(n, rows_per_chunk)
     return ReductionPlan("cols", 1, (tiles, chunks), (tx * ty,), (n, k, m, tx, ty, rows_per_chunk),
@@ -151,7 +161,6 @@ class CupyBackend(Backend):
                                       name_expressions=NAME_EXPRESSIONS)
         self._kernels = {}        # (device id, name) -> RawKernel; CuPy compiles once per device
         self._resident = {}       # (device id, name) -> blocks of MAX_THREADS resident at once
-        self._sizes_of_device = {}
 
     # -- the four kernels of the contract ---------------------------------------------------
 
@@ -193,9 +202,9 @@ class CupyBackend(Backend):
         for arr, what in ((mean, "mean"), (scale, "scale"), (w, "w")):
             self._check_channel(arr, what, c)
         gx = self._output(out, x3, (x3, gy3))
-        plan = self._plan(x3, (gy3, x3))
+        plan, name = self._plan(x3, (gy3, x3), "bn_backward")
         part = self.xp.empty((2, plan.parts), dtype=np.float64)
-        self._launch(self._name("bn_backward", x3, plan), plan.grid, plan.block,
+        self._launch(name, plan.grid, plan.block,
                      (gy3, x3, mean) + self._sizes(plan, True) + (part, _i64(plan.parts)))
         coef = self.xp.empty((4, c), dtype=np.float64)       # sum_gy, sum_gy_xc, k_gy, k_xc
         self._launch("bn_merge_backward", (c,), plan.merge_block,
@@ -207,16 +216,20 @@ class CupyBackend(Backend):
     # -- launches -----------------------------------------------------------------------------
 
     def _partial_moments(self, x3):
-        plan = self._plan(x3, (x3,))
+        plan, name = self._plan(x3, (x3,), "bn_moments")
         part = self.xp.empty((3, plan.parts), dtype=np.float64)
-        self._launch(self._name("bn_moments", x3, plan), plan.grid, plan.block,
+        self._launch(name, plan.grid, plan.block,
                      (x3,) + self._sizes(plan) + (part, _i64(plan.parts)))
         return plan, part
 
-    def _plan(self, x3, inputs):
+    def _plan(self, x3, inputs, base):
+        """The reduction plan for kernel family ``base`` ('bn_moments', 'bn_backward')."""
         n, c, m = x3.shape
-        return reduction_plan(n, c, m, x3.dtype.itemsize, _aligned(inputs),
-                              self._target_blocks())
+        aligned = _aligned(inputs)
+        layout, vec = reduction_layout(m, x3.dtype.itemsize, aligned)
+        name = self._name(base, x3, layout, vec)
+        plan = reduction_plan(n, c, m, x3.dtype.itemsize, aligned, self._resident_blocks(name))
+        return plan, name
 
     @staticmethod
     def _sizes(plan, channel_of_column=False):
@@ -234,11 +247,11 @@ class CupyBackend(Backend):
                 _i64(plan.stride))
 
     @staticmethod
-    def _name(base, x3, plan):
+    def _name(base, x3, layout, vec):
         ctype = C_TYPES[x3.dtype]
-        if plan.layout == "cols":
+        if layout == "cols":
             return f"{base}_cols<{ctype}>"
-        return f"{base}_rows<{ctype},{plan.vec}>"
+        return f"{base}_rows<{ctype},{vec}>"
 
     def _elementwise(self, kind, centred, x3, out, inputs, coefficients):
         """One thread per vector of ``vec`` values, grid-stride over (N, C, M)."""
@@ -265,27 +278,16 @@ class CupyBackend(Backend):
         return kernel
 
     def _resident_blocks(self, name):
-        """Blocks of MAX_THREADS threads of kernel ``name`` that fit on the device at once."""
-        key = (self.xp.cuda.runtime.getDevice(), name)
+        """Blocks of MAX_THREADS threads of kernel ``name`` that the device runs at once."""
+        device = self.xp.cuda.runtime.getDevice()
+        key = (device, name)
         if key not in self._resident:
             per_sm = self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                 self._kernel(name).kernel.ptr, MAX_THREADS, 0)
-            self._resident[key] = max(1, per_sm) * self._device_size()[0]
+            multiprocessors = self.xp.cuda.runtime.getDeviceProperties(device)[
+                "multiProcessorCount"]
+            self._resident[key] = max(1, per_sm) * int(multiprocessors)
         return self._resident[key]
-
-    def _target_blocks(self):
-        """Blocks a reduction is split into: enough to keep every SM busy for one wave."""
-        multiprocessors, threads_per_sm = self._device_size()
-        return multiprocessors * (threads_per_sm // MAX_THREADS)
-
-    def _device_size(self):
-        """(multiprocessors, max resident threads per multiprocessor) of the current device."""
-        device = self.xp.cuda.runtime.getDevice()
-        if device not in self._sizes_of_device:
-            props = self.xp.cuda.runtime.getDeviceProperties(device)
-            self._sizes_of_device[device] = (int(props["multiProcessorCount"]),
-                                             int(props["maxThreadsPerMultiProcessor"]))
-        return self._sizes_of_device[device]
 
     # -- argument checks (the kernels check nothing) --------------------------------------------
 

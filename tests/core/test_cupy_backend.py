@@ -178,7 +178,7 @@ def _fake_gpu_module(launches, emulator=None):
         return types.SimpleNamespace(get_function=get_function)
 
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceProperties=lambda d: {
-        "multiProcessorCount": 4, "maxThreadsPerMultiProcessor": 2048})
+        "multiProcessorCount": 4})
     driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda f, t, s: 6)
     return types.SimpleNamespace(
         ndarray=_FakeArray, RawModule=raw_module, cuda=types.SimpleNamespace(runtime=runtime,
