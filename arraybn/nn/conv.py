@@ -2,7 +2,8 @@
 
 The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the layers call the
 kernels in ``arraybn.nn.ops_numba`` instead (col2im with fused padding, one-pass pooling);
-the GEMMs are BLAS calls on every backend.
+the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col buffers from step to
+step (only the latest forward's cache is ever used by backward, so nothing else sees them).
 """
 import numpy as np
 
@@ -23,12 +24,25 @@ def _pad(x, pad, xp):
     return xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
 
 
-def im2col(x, kh, kw, stride, pad, xp):
-    """x: (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), rows ordered (c, ki, kj) like weight.reshape."""
+def _buffer(workspace, key, shape, dtype, xp):
+    """A reusable array from ``workspace`` (a dict, or None for a fresh one each call)."""
+    if workspace is None:
+        return xp.empty(shape, dtype=dtype)
+    buf = workspace.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+        buf = workspace[key] = xp.empty(shape, dtype=dtype)
+    return buf
+
+
+def im2col(x, kh, kw, stride, pad, xp, workspace=None):
+    """x: (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), rows ordered (c, ki, kj) like weight.reshape.
+
+    workspace: optional dict whose "cols" buffer is reused (and overwritten) when shapes match.
+    """
     n, c, h, w = x.shape
     oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
     xp_ = _pad(x, pad, xp)
-    cols = xp.empty((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    cols = _buffer(workspace, "cols", (n, c, kh, kw, oh, ow), x.dtype, xp)
     for ki in range(kh):
         for kj in range(kw):
             cols[:, :, ki, kj] = xp_[:, :, ki:ki + stride * (oh - 1) + 1:stride,
@@ -49,31 +63,28 @@ def col2im(cols, x_shape, kh, kw, stride, pad, xp):
     return gx[:, :, pad:pad + h, pad:pad + w] if pad else gx
 
 
-def _plain_ops(xp):
-    return (lambda x, kh, kw, s, p: im2col(x, kh, kw, s, p, xp),
-            lambda g, shape, kh, kw, s, p: col2im(g, shape, kh, kw, s, p, xp))
-
-
-def conv2d_forward(x, weight, bias, stride, pad, xp, ops=None):
+def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
 
-    ops: optional (im2col, col2im) pair called as im2col(x, kh, kw, stride, pad) and
-    col2im(gcols, x_shape, kh, kw, stride, pad); default: the plain xp functions here.
+    workspace: optional dict of buffers reused from call to call (the layer's), see ``im2col``.
     """
     n = x.shape[0]
     o, _, kh, kw = weight.shape
     oh = _out_size(x.shape[2], kh, stride, pad)
     ow = _out_size(x.shape[3], kw, stride, pad)
-    cols = (ops or _plain_ops(xp))[0](x, kh, kw, stride, pad)
+    cols = im2col(x, kh, kw, stride, pad, xp, workspace)
     y = xp.matmul(weight.reshape(o, -1), cols)                # (N, O, OH*OW)
     if bias is not None:
         y += bias[:, None]
-    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None, ops)
+    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None)
 
 
-def conv2d_backward(gy, cache, xp, need_gx=True):
-    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None)."""
-    cols, x_shape, weight, stride, pad, has_bias, ops = cache
+def conv2d_backward(gy, cache, xp, need_gx=True, col2im_fn=None, workspace=None):
+    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None).
+
+    col2im_fn: optional replacement for ``col2im`` without its xp argument (the Numba kernel).
+    """
+    cols, x_shape, weight, stride, pad, has_bias = cache
     o, _, kh, kw = weight.shape
     gy3 = gy.reshape(gy.shape[0], o, -1)                      # (N, O, P)
     # batched GEMMs then a sum: BLAS reads cols transposed in place (tensordot would copy it)
@@ -81,8 +92,12 @@ def conv2d_backward(gy, cache, xp, need_gx=True):
     gbias = gy3.sum(axis=(0, 2)) if has_bias else None
     gx = None
     if need_gx:
-        gcols = xp.matmul(weight.reshape(o, -1).T, gy3)        # (N, C*kh*kw, P)
-        gx = (ops or _plain_ops(xp))[1](gcols, x_shape, kh, kw, stride, pad)
+        gcols = _buffer(workspace, "gcols", cols.shape, cols.dtype, xp)
+        xp.matmul(weight.reshape(o, -1).T, gy3, out=gcols)     # (N, C*kh*kw, P)
+        if col2im_fn is None:
+            gx = col2im(gcols, x_shape, kh, kw, stride, pad, xp)
+        else:
+            gx = col2im_fn(gcols, x_shape, kh, kw, stride, pad)
     return gx, gweight, gbias
 
 
@@ -104,10 +119,8 @@ class Conv2d(Layer):
         if bias:
             self.bias = Parameter(f"{name}.bias", self.xp.asarray(
                 kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
-        self._ops = None
-        if backend.name == "numba":
-            fused = _numba_ops()
-            self._ops = (_plain_ops(self.xp)[0], fused.col2im)
+        self._col2im = _numba_ops().col2im if backend.name == "numba" else None
+        self._workspace = {}     # im2col buffers, reused while shapes stay the same
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -115,12 +128,13 @@ class Conv2d(Layer):
     def forward(self, x, training):
         bias = None if self.bias is None else self.bias.data
         y, self._cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding,
-                                        self.xp, self._ops)
+                                        self.xp, self._workspace)
         return y
 
     def backward(self, gy):
         gx, self.weight.grad, gbias = conv2d_backward(gy, self._take_cache(), self.xp,
-                                                      self.need_input_grad)
+                                                      self.need_input_grad, self._col2im,
+                                                      self._workspace)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx
