@@ -8,11 +8,13 @@ GPU-side (``gpu`` marker, skipped without CUDA): the four kernels against float6
 """
 import ctypes
 import importlib.resources
+import importlib.util
 import re
 import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -119,6 +121,23 @@ def test_unusable_cuda_is_a_clear_unavailable_error(monkeypatch, fresh_registry,
     monkeypatch.setitem(sys.modules, "cupy", fake)
     with pytest.raises(BackendUnavailableError, match=message):
         cb.create()
+
+
+def _load_cuda_benchmark():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bn_kernels_cuda.py"
+    spec = importlib.util.spec_from_file_location("bn_kernels_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(CUPY_SKIP is None, reason="a CUDA GPU works here: the benchmark would run")
+def test_cuda_benchmark_parses_its_options_and_says_what_it_needs():
+    benchmark = _load_cuda_benchmark()
+    args = benchmark.parse_args(["--shapes", "128x6x26x26,1024x120", "--threads", "2"])
+    assert args.shapes == [(128, 6, 26, 26), (1024, 120)]
+    with pytest.raises(SystemExit, match=r"needs the cupy backend.*arraybn\[gpu\]"):
+        benchmark.main(["--repeats", "1"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,14 +280,17 @@ def test_fake_launch_check_catches_a_wrong_argument_list(rng):
 # ---------------------------------------------------------------------------------------------
 # The kernels themselves, run on the CPU: bn_kernels.cu compiled as host C++ with CUDA's built-ins
 # emulated (one cooperative ucontext fiber per thread, __syncthreads = run every other thread of
-# the block to the same barrier). This checks the kernels' index arithmetic and merges; it does
-# not check what only a GPU shows (the memory model, NVRTC, speed).
+# the block to the same barrier, in a shuffled order so that a race changes the result). This
+# checks the kernels' index arithmetic, merges and barriers; it does not check what only a GPU
+# shows (the memory model, NVRTC, speed).
 
 _EMULATOR_PRELUDE = r"""
 #include <ucontext.h>
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <numeric>
+#include <random>
 #include <vector>
 #define __global__
 #define __device__
@@ -306,8 +328,12 @@ static void launch(unsigned gx, unsigned gy, unsigned bx, std::function<void()> 
             fibers[t].uc_link = &scheduler;
             makecontext(&fibers[t], fiber_main, 0);
         }
+        std::vector<unsigned> order(bx);
+        std::iota(order.begin(), order.end(), 0u);
+        std::minstd_rand shuffler(x + 7919u * y);
         while (std::count(finished.begin(), finished.end(), 0) > 0) {
-            for (unsigned t = 0; t < bx; ++t) {
+            std::shuffle(order.begin(), order.end(), shuffler);     // any order: races show
+            for (unsigned t : order) {
                 if (finished[t]) continue;
                 current = t;
                 threadIdx = {t, 0, 0};
