@@ -182,7 +182,7 @@ class CupyBackend(Backend):
         self._launch("bn_merge_moments_scale", (c,), plan.merge_block,
                      self._part_args(plan, part) + (gamma, np.float64(eps), _i32(bool(center_only)),
                                                     stats[0], stats[1], stats[2]))
-        self._elementwise("affine", True, x3, y, (x3,), (stats[2], stats[0], beta))
+        self._elementwise("bn_affine", ",true", x3, y, (x3,), (stats[2], stats[0], beta))
         return y, stats[0], stats[1]
 
     def affine(self, x3, a, b, out=None):
@@ -190,7 +190,7 @@ class CupyBackend(Backend):
         self._check_channel(a, "a", c)
         self._check_channel(b, "b", c)
         y = self._output(out, x3, (x3,))
-        self._elementwise("affine", False, x3, y, (x3,), (a, a, b))   # shift unread: pass a
+        self._elementwise("bn_affine", ",false", x3, y, (x3,), (a, a, b))  # shift unread: a
         return y
 
     def backward(self, gy3, x3, mean, scale, w, centered=True, out=None):
@@ -210,7 +210,7 @@ class CupyBackend(Backend):
         self._launch("bn_merge_backward", (c,), plan.merge_block,
                      self._part_args(plan, part) + (w, np.float64(n * m), _i32(bool(centered)),
                                                     coef[0], coef[1], coef[2], coef[3]))
-        self._elementwise("grad_input", None, x3, gx, (gy3, x3), (scale, mean, coef[2], coef[3]))
+        self._elementwise("bn_grad_input", "", x3, gx, (gy3, x3), (scale, mean, coef[2], coef[3]))
         return gx, coef[0], coef[1]
 
     # -- launches -----------------------------------------------------------------------------
@@ -253,15 +253,11 @@ class CupyBackend(Backend):
             return f"{base}_cols<{ctype}>"
         return f"{base}_rows<{ctype},{vec}>"
 
-    def _elementwise(self, kind, centred, x3, out, inputs, coefficients):
-        """One thread per vector of ``vec`` values, grid-stride over (N, C, M)."""
+    def _elementwise(self, base, template_tail, x3, out, inputs, coefficients):
+        """Kernel ``base<T,VEC{template_tail}>``: grid-stride over the vectors of (N, C, M)."""
         n, c, m = x3.shape
         vec = elementwise_vec(m, x3.dtype.itemsize, _aligned(inputs + (out,)))
-        ctype = C_TYPES[x3.dtype]
-        if kind == "affine":
-            name = f"bn_affine<{ctype},{vec},{'true' if centred else 'false'}>"
-        else:
-            name = f"bn_grad_input<{ctype},{vec}>"
+        name = f"{base}<{C_TYPES[x3.dtype]},{vec}{template_tail}>"
         vectors = n * c * m // vec
         blocks = max(1, min(_ceil_div(vectors, MAX_THREADS), self._resident_blocks(name)))
         self._launch(name, (blocks,), (MAX_THREADS,),
