@@ -182,6 +182,8 @@ def maxpool2d_backward(gy, cache, xp):
 
 
 class MaxPool2d(Layer):
+    """k x k max pooling with stride k (``nn.MaxPool2d(k)``); no parameters."""
+
     def __init__(self, kernel_size, backend):
         self.k, self.xp = int(kernel_size), backend.xp
         self._fused = _numba_ops() if backend.name == "numba" else None

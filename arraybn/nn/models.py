@@ -30,8 +30,11 @@ class Network:
         self.dtype = np.dtype(dtype)
         self.rng = rng                      # numpy Generator for dropout masks
         self.in_shape = tuple(config["in_shape"])
-        if layers:
-            layers[0].need_input_grad = False
+        # backward stops at the first layer with parameters: no one needs d loss / d input
+        trainable = [i for i, layer in enumerate(layers) if layer.parameters()]
+        self._backward_from = trainable[0] if trainable else len(layers)
+        if trainable:
+            layers[self._backward_from].need_input_grad = False
 
     def forward(self, x, training=True):
         """x: (N, *in_shape) on ``backend.xp`` (host arrays are moved) -> logits (N, classes)."""
@@ -46,7 +49,7 @@ class Network:
     def backward(self, g_logits):
         """Back-propagate dL/dlogits (N, classes); fills (overwrites) every parameter's grad."""
         g = self.backend.xp.asarray(g_logits, dtype=self.dtype)
-        for layer in reversed(self.layers):
+        for layer in reversed(self.layers[self._backward_from:]):
             g = layer.backward(g)
 
     def parameters(self):
