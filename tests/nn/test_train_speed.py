@@ -1,0 +1,31 @@
+"""The training-speed benchmark runs end to end (a few steps; no timing is asserted)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "train_speed.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_runs_and_prints_a_table(capsys):
+    bench = _load()
+    args = bench.parse_args(["--steps", "2", "--rounds", "1", "--warmup", "1", "--batch", "16",
+                             "--backends", "numpy,nonexistent", "--no-torch"])
+    per_step = bench.run(args)
+    assert list(per_step) == ["arraybn numpy"] and per_step["arraybn numpy"] > 0
+    bench.print_table(per_step, args)
+    out = capsys.readouterr().out
+    assert "skipping backend 'nonexistent'" in out
+    assert "arraybn numpy" in out and "n/a" in out and "epoch = 3750 steps" in out
+
+
+def test_benchmark_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        _load().parse_args(["--steps", "0"])
