@@ -1,4 +1,4 @@
-"""Seconds per epoch of LeNet-5 + BN training: arraybn's CPU backends vs the same network in PyTorch.
+"""Seconds per epoch of LeNet-5 + BN training: arraybn's CPU backends vs the same net in PyTorch.
 
 One process, same thread count for everyone (BLAS, Numba and PyTorch threads are all set to
 ``--threads``), random 28x28 data, batch 128, SGD with momentum. Each contender runs ``--steps``

@@ -35,7 +35,8 @@ class BatchNorm(Layer):
                  momentum=0.1, eps=1e-5, ghost_batch_size=32, rmax=3.0, dmax=5.0,
                  track_running_stats=True):
         if kind not in BN_KINDS:
-            raise ValueError(f"{name}: unknown BN kind {kind!r}; choose one of {', '.join(BN_KINDS)}")
+            raise ValueError(f"{name}: unknown BN kind {kind!r}; "
+                             f"choose one of {', '.join(BN_KINDS)}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
         if kind == "renorm" and not track_running_stats:
@@ -90,7 +91,8 @@ class BatchNorm(Layer):
             self.observer.update(x)
         try:
             y, self._cache = batch_norm_forward(x, self.weight.data, self.bias.data,
-                                                backend=self.backend, **self._core_options(training))
+                                                backend=self.backend,
+                                                **self._core_options(training))
         except NonFiniteStatisticsError as exc:
             raise exc.located(self.name) from None
         except ValueError as exc:

@@ -2,7 +2,8 @@
 
 Each op has a pure ``*_forward`` returning ``(out, cache)`` and a ``*_backward(gy, cache)`` beside
 it (cs231n style). The layer objects own parameters and keep the last cache so that a model can run
-``forward`` then ``backward``. Array maths goes through ``xp`` (numpy or cupy), never a fixed module.
+``forward`` then ``backward``. Array maths goes through ``xp`` (numpy or cupy), never a fixed
+module.
 """
 import math
 

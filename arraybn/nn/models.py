@@ -181,7 +181,7 @@ def build_model(name, *, bn="full", bn_position="before", backend=None, seed=0, 
                 in_shape=(1, 28, 28), dropout=0.0, ghost_batch_size=32, bn_momentum=0.1,
                 bn_eps=1e-5, renorm_rmax=3.0, renorm_dmax=5.0, track_running_stats=True,
                 hidden=(256, 128), dtype="float32"):
-    """Build 'lenet5' or 'mlp' with PyTorch-default init drawn from ``numpy.random.default_rng(seed)``.
+    """Build 'lenet5' or 'mlp', PyTorch-default init from a numpy Generator seeded by ``seed``.
 
     lenet5 (seed text): conv1 6@3x3, BN, ReLU, maxpool 2 -> conv2 16@3x3, BN, ReLU, maxpool 2 ->
     flatten -> fc1 120, BN, ReLU -> fc2 84, BN, ReLU -> fc3 num_classes (logits).

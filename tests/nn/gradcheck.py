@@ -3,7 +3,7 @@ import numpy as np
 
 
 def numerical_grad(loss_fn, array, index, h=1e-6):
-    """d loss / d array[index] by centred differences; ``array`` is changed in place and restored."""
+    """d loss / d array[index] by centred differences; ``array`` is changed, then restored."""
     old = array[index]
     array[index] = old + h
     up = loss_fn()
@@ -21,7 +21,7 @@ def sample_indices(shape, count, rng):
 
 
 def assert_grad_close(loss_fn, array, analytic, rng, count=12, rtol=1e-5, atol=1e-8):
-    """Compare ``analytic`` (same shape as ``array``) with centred differences at sampled entries."""
+    """Compare ``analytic`` (array's shape) with centred differences at sampled entries."""
     assert analytic.shape == array.shape
     for index in sample_indices(array.shape, count, rng):
         expected = numerical_grad(loss_fn, array, index)

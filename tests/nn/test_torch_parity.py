@@ -33,8 +33,10 @@ class TorchLeNet5(nn.Module):
         self.fc3 = nn.Linear(84, 10)
         self.bns = [None] * 4
         if bn:
-            self.bn1, self.bn2 = nn.BatchNorm2d(6, momentum=momentum), nn.BatchNorm2d(16, momentum=momentum)
-            self.bn3, self.bn4 = nn.BatchNorm1d(120, momentum=momentum), nn.BatchNorm1d(84, momentum=momentum)
+            self.bn1 = nn.BatchNorm2d(6, momentum=momentum)
+            self.bn2 = nn.BatchNorm2d(16, momentum=momentum)
+            self.bn3 = nn.BatchNorm1d(120, momentum=momentum)
+            self.bn4 = nn.BatchNorm1d(84, momentum=momentum)
             self.bns = [self.bn1, self.bn2, self.bn3, self.bn4]
         self.position = position
 
@@ -64,7 +66,7 @@ def test_lenet5_step_matches_pytorch(cpu_backend, rng, options):
     model = build_model("lenet5", backend=cpu_backend, dtype="float64", seed=5, **options)
     net = _torch_copy(model, bn=options["bn"] != "none", position=options.get("bn_position",
                       "before"), momentum=options.get("bn_momentum", 0.1))
-    for _ in range(2):                         # two steps: running statistics start from non-defaults
+    for _ in range(2):                  # two steps: running statistics start from non-defaults
         x = rng.standard_normal((16, 1, 28, 28))
         labels = rng.integers(0, 10, 16)
         logits = model.forward(to_backend(cpu_backend, x), training=True)
@@ -76,7 +78,8 @@ def test_lenet5_step_matches_pytorch(cpu_backend, rng, options):
         t_loss = nn.functional.cross_entropy(t_logits, torch.from_numpy(labels))
         t_loss.backward()
         assert loss == pytest.approx(t_loss.item(), rel=1e-10)
-        np.testing.assert_allclose(to_host(logits), t_logits.detach().numpy(), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(to_host(logits), t_logits.detach().numpy(), rtol=1e-9,
+                                   atol=1e-12)
     t_params = dict(net.named_parameters())
     for p in model.parameters():
         np.testing.assert_allclose(to_host(p.grad), t_params[p.name].grad.numpy(), rtol=1e-7,
