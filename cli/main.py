@@ -7,6 +7,9 @@ from arraybn_cli.cmd_postproc import postproc_command
 from arraybn_cli.cmd_run import run_command
 from arraybn_cli.cmd_test import test_command
 from arraybn_cli.cmd_train import train_command
+from arraybn_cli.plot import plot_command
+from arraybn_cli.report import report_command
+from arraybn_cli.sweep import sweep_command
 
 
 @click.group()
@@ -16,4 +19,6 @@ def cli():
 
 
 for command in (train_command, postproc_command, test_command, run_command, info_command):
+    cli.add_command(command)
+for command in (sweep_command, report_command, plot_command):
     cli.add_command(command)

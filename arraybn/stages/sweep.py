@@ -81,7 +81,7 @@ class PostprocSpec:
     method: str = "exact"
     decay: float = 0.9
     stat: str = "var"
-    batches: int = None
+    batches: int = None       # None (in TOML: "all"): every training batch
     batch_size: int = 256
 
     def validate(self):
@@ -196,18 +196,35 @@ def _name_values(config):
 
 
 def _grid_points(grid, errors):
-    """Dicts of the cartesian product of ``grid``'s lists (one empty dict without a grid)."""
-    errors.extend(_unknown(grid, TRAIN_FIELDS, "[grid]"))
+    """Dicts of the cartesian product of ``grid``'s lists (one empty dict without a grid).
+
+    A key that is not a training option may list tables of options that vary together, e.g.
+    ``regularise = [{augment = false, dropout = 0.0}, {augment = true, dropout = 0.3}]``.
+    """
+    axes = []
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             errors.append(f"[grid] {key} must be a non-empty list, got {values!r}")
             return []
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+        if key in TRAIN_FIELDS:
+            axes.append([{key: value} for value in values])
+        elif all(isinstance(value, dict) for value in values):
+            for value in values:
+                errors.extend(_unknown(value, TRAIN_FIELDS, f"[grid] {key}"))
+            axes.append(values)
+        else:
+            errors.append(f"[grid] {key} is not a training option (allowed: "
+                          f"{', '.join(TRAIN_FIELDS)}); a key of your own must list tables of "
+                          "options that vary together")
+            return []
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
 
 
 def _default_template(grid):
-    return "-".join(f"{key}{{{key}}}" for key in grid) if grid else "run"
+    keys = [key for key, values in grid.items() if key in TRAIN_FIELDS] + \
+        sorted({k for key, values in grid.items() if key not in TRAIN_FIELDS
+                and isinstance(values, list) for v in values if isinstance(v, dict) for k in v})
+    return "-".join(f"{key}{{{key}}}" for key in keys) if keys else "run"
 
 
 def _type_problems(values, where):
@@ -253,6 +270,8 @@ def _spec(cls, values, where, errors, allowed=None):
     if problems:
         errors.extend(problems)
         return None
+    if values.get("batches") == "all":  # TOML has no null: "all" means every batch
+        values = {**values, "batches": None}
     spec = cls(**values)
     try:
         spec.validate()

@@ -1,0 +1,187 @@
+"""Tables over finished runs: one row per run directory and one per variant of it.
+
+A row is read from the stored artifacts only (``train/manifest.json``, ``postproc/manifest.json``,
+``test/metrics.json``); nothing is recomputed. A run without its test stage (or without any
+stage) still gets a row, with blanks and a note that says which command completes it.
+"""
+import csv
+import glob
+import io
+import json
+import os
+import re
+
+from arraybn.stages.artifacts import stage_dir
+from arraybn.stages.sweep import VARIANTS_DIR
+
+COLUMNS = (  # (key, header)
+    ("name", "run"), ("model", "model"), ("bn", "BN"), ("bn_position", "BN position"),
+    ("backend", "backend"),    ("batch_size", "batch"), ("epochs", "epochs"), ("train_images", "train images"),
+    ("train_seconds", "train s"), ("seconds_per_epoch", "s/epoch"),
+    ("train_acc", "train acc"), ("val_acc", "val acc"), ("test_loss", "test loss"),
+    ("test_acc", "test acc"), ("stats", "statistics"), ("test_seconds", "test s"),
+    ("note", "note"))
+PERCENT_KEYS = ("train_acc", "val_acc", "test_acc")
+STAGE_MARKERS = ("train", "test", "sweep-run.json", "train-checkpoint")
+
+
+def is_run_dir(path):
+    return any(os.path.exists(os.path.join(path, marker)) for marker in STAGE_MARKERS)
+
+
+def find_runs(patterns):
+    """Run directories from paths or glob patterns; a directory of runs gives its runs.
+
+    Raises FileNotFoundError when a pattern matches nothing, naming it.
+    """
+    runs = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.fspath(pattern))) or []
+        if not matches:
+            raise FileNotFoundError(f"no run directory matches {os.fspath(pattern)!r}")
+        for path in matches:
+            if is_run_dir(path):
+                runs.append(path)
+            elif os.path.isdir(path):
+                runs.extend(sorted(os.path.join(path, name) for name in os.listdir(path)
+                                   if is_run_dir(os.path.join(path, name))))
+    unique = list(dict.fromkeys(os.path.normpath(r) for r in runs))
+    if not unique:
+        raise FileNotFoundError(f"no run directories (with train/ or test/) in "
+                                f"{', '.join(map(os.fspath, patterns))}")
+    return unique
+
+
+def _read_json(path):
+    """The JSON at ``path``, None when missing; a corrupt file raises ValueError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc})") from None
+
+
+def describe_stats(metrics, postproc, config):
+    """Words for the statistics the test used, e.g. 'postproc ema(std, decay 0.9), 5 x 256'."""
+    stats = metrics.get("stats", "")
+    if stats == "postproc" and postproc:
+        options = postproc.get("postproc", {})
+        method = options.get("method", "?")
+        if method == "ema":
+            method = f"ema({options.get('stat')}, decay {options.get('decay')})"
+        batches = options.get("batches")
+        amount = "all batches" if batches is None else f"{batches} batches"
+        return f"postproc {method}, {amount} of {options.get('batch_size')} " \
+               f"({options.get('images_seen')} images)"
+    if stats == "running":
+        return f"running (momentum {config.get('bn_momentum')})"
+    if stats == "batch":
+        return f"test-batch statistics ({metrics.get('batch_size')} per batch)"
+    return stats
+
+
+def _train_part(manifest):
+    config = manifest.get("config", {})
+    metrics = manifest.get("metrics", {})
+    seconds = manifest.get("timings", {}).get("train_seconds")
+    epochs = metrics.get("epochs")
+    return {"model": config.get("model"), "bn": config.get("bn"),
+            "backend": manifest.get("backend"),
+            "bn_position": config.get("bn_position") if config.get("bn") != "none" else "",
+            "batch_size": config.get("batch_size"), "epochs": epochs,
+            "train_images": manifest.get("dataset", {}).get("sizes", {}).get("train"),
+            "train_seconds": seconds,
+            "seconds_per_epoch": seconds / epochs if seconds is not None and epochs else None,
+            "train_acc": metrics.get("train_acc"), "val_acc": metrics.get("val_acc")}
+
+
+def run_row(run_dir, name=None):
+    """One row for ``run_dir``: the ``COLUMNS`` keys, plus 'run_dir', 'history' (path of
+    history.csv) and 'postproc' (the options of the postproc its test used, or None)."""
+    row = {key: None for key, _ in COLUMNS}
+    row.update(name=name or os.path.basename(os.path.normpath(run_dir)), run_dir=run_dir,
+               history=None, postproc=None)
+    notes = []
+    try:
+        train = _read_json(os.path.join(stage_dir(run_dir, "train"), "manifest.json"))
+        test = _read_json(os.path.join(stage_dir(run_dir, "test"), "metrics.json"))
+        postproc = _read_json(os.path.join(stage_dir(run_dir, "postproc"), "manifest.json"))
+    except ValueError as exc:
+        row["note"] = str(exc)
+        return row
+    if train is None:
+        notes.append(f"no train stage: run `arraybn train {run_dir}`")
+    else:
+        row.update(_train_part(train))
+        row["history"] = os.path.join(stage_dir(run_dir, "train"), "history.csv")
+    if test is None:
+        notes.append(f"no test stage: run `arraybn test {run_dir}`")
+    else:
+        row.update(test_loss=test.get("loss"), test_acc=test.get("accuracy"),
+                   test_seconds=test.get("timings", {}).get("seconds"),
+                   stats=describe_stats(test, postproc, (train or {}).get("config", {})))
+        if test.get("stats") == "postproc" and postproc:
+            row["postproc"] = postproc.get("postproc")
+    row["note"] = "; ".join(notes)
+    return row
+
+
+def collect_rows(patterns, variants=True):
+    """Rows for every run matched by ``patterns``, each followed by its variants' rows."""
+    rows = []
+    for run_dir in find_runs(patterns):
+        main = run_row(run_dir)
+        rows.append(main)
+        variants_dir = os.path.join(run_dir, VARIANTS_DIR)
+        if variants and os.path.isdir(variants_dir):
+            for variant in sorted(os.listdir(variants_dir), key=_natural_key):
+                path = os.path.join(variants_dir, variant)
+                if is_run_dir(path):
+                    row = run_row(path, f"{main['name']}/{variant}")
+                    row.update(variant=variant, parent=run_dir)
+                    rows.append(row)
+    return rows
+
+
+def _natural_key(name):
+    """Sort 'b2' before 'b10'."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def format_cell(key, value):
+    if value is None:
+        return ""
+    if key in PERCENT_KEYS:
+        return f"{100 * value:.2f}%"
+    if key == "test_loss":
+        return f"{value:.4f}"
+    if key in ("train_seconds", "seconds_per_epoch", "test_seconds"):
+        return f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows, columns=COLUMNS):
+    """A GitHub markdown table; columns that are empty in every row are left out."""
+    used = [(key, header) for key, header in columns
+            if any(row.get(key) not in (None, "") for row in rows)]
+    lines = ["| " + " | ".join(header for _, header in used) + " |",
+             "|" + "|".join("---:" if key not in ("name", "stats", "note", "model", "bn",
+                                                  "bn_position") else "---"
+                            for key, _ in used) + "|"]
+    for row in rows:
+        cells = [format_cell(key, row.get(key)).replace("|", "\\|") for key, _ in used]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows, columns=COLUMNS):
+    """CSV with every column, raw numbers (accuracies as fractions, times in seconds)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([key for key, _ in columns] + ["run_dir"])
+    for row in rows:
+        writer.writerow(["" if row.get(key) is None else row[key] for key, _ in columns]
+                        + [row["run_dir"]])
+    return out.getvalue()
