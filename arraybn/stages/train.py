@@ -19,7 +19,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
                                       verify_artifact, write_json, write_json_atomic)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
-from arraybn.stages.trainer import HISTORY_FIELDS, Trainer
+from arraybn.stages.trainer import HISTORY_FIELDS, ForcedInterrupt, Trainer
 
 PARTIAL_DIR = "train-checkpoint"
 CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"
@@ -36,8 +36,9 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
         the configuration comes from the checkpoint; ``config`` may then only change epochs,
         backend and data_dir (a dict lists just the options to change).
     force: replace an existing train stage (only once the new one is complete).
-    resume: continue from ``RUN/train-checkpoint/`` (interrupted run) or from ``RUN/train/``
-        with more epochs.
+    resume: continue from ``RUN/train-checkpoint/`` (interrupted run; the result is identical
+        to an uninterrupted run) or from ``RUN/train/`` with more epochs (the learning-rate
+        schedule then spans the new total, so this is not the same as training that long).
     echo: prints one line per epoch. on_step: called after every step (see ``Trainer``).
     Raises StageError (with the command that fixes it), TrainingInterrupted on Ctrl-C.
     """
@@ -63,6 +64,11 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
         _restore(trainer, arrays, info, run_dir)
     try:
         trainer.fit()
+    except ForcedInterrupt:
+        last = ("the checkpoint of the last finished epoch is in " + saver.directory
+                if os.path.isdir(saver.directory) else "no checkpoint was saved")
+        raise TrainingInterrupted(f"training aborted by a second Ctrl-C; {last}. Resume with "
+                                  f"`arraybn train {run_dir} --resume`") from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"training interrupted at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint "

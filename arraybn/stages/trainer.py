@@ -28,9 +28,14 @@ def make_optimizer(config, model):
                weight_decay=config.weight_decay)
 
 
+class ForcedInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without a checkpoint (the state may be half-updated)."""
+
+
 class _DeferredInterrupt:
     """While active (main thread only), Ctrl-C sets a flag that the loop checks between steps,
-    so a checkpoint is never taken half-way through an update. A second Ctrl-C interrupts at once.
+    so a checkpoint is never taken half-way through an update. A second Ctrl-C stops at once
+    (ForcedInterrupt) and leaves the last checkpoint as it was.
     """
 
     def __init__(self):
@@ -39,7 +44,7 @@ class _DeferredInterrupt:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
+            raise ForcedInterrupt
         self.requested = True
 
     def __enter__(self):
@@ -110,11 +115,14 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------------
 
     def fit(self):
-        """Train up to ``config.epochs``; KeyboardInterrupt is re-raised after a checkpoint."""
+        """Train up to ``config.epochs``; KeyboardInterrupt is re-raised after a checkpoint
+        (ForcedInterrupt, a second Ctrl-C, without one)."""
         with _DeferredInterrupt() as interrupt:
             try:
                 while not self.finished:
                     self._run_epoch(interrupt)
+            except ForcedInterrupt:
+                raise
             except KeyboardInterrupt:
                 if self.save_checkpoint:
                     self.save_checkpoint(self)

@@ -169,3 +169,19 @@ def test_train_subset_is_a_seeded_sample(tmp_path, data_dir):
     _train(tmp_path / "b", data_dir, epochs=1, train_subset=32)
     assert file_sha(tmp_path / "a", "train", "model.npz") == file_sha(tmp_path / "b", "train",
                                                                       "model.npz")
+
+
+def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data_dir):
+    _train(tmp_path / "whole", data_dir)
+    run = tmp_path / "cut"
+
+    def press_twice(info):
+        if (info["epoch"], info["step"]) == (2, 1):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(TrainingInterrupted, match="second Ctrl-C; the checkpoint of the last"):
+        _train(run, data_dir, on_step=press_twice)
+    checkpoint = json.loads((run / "train-checkpoint" / "checkpoint.json").read_text())
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
+    run_train(run, None, resume=True, echo=_quiet)
+    assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train", "model.npz")
