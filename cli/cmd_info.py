@@ -33,6 +33,14 @@ def gpu_report(backends):
             "memory_gib": round(props["totalGlobalMem"] / 2 ** 30, 1)}
 
 
+def default_backend():
+    """The backend 'auto' picks here, or why it cannot pick one (e.g. a bad $ARRAYBN_BACKEND)."""
+    try:
+        return arraybn.get_backend("auto").name
+    except (BackendUnavailableError, ValueError) as exc:
+        return f"none: {exc}"
+
+
 def dataset_report(data_dir):
     report = {}
     for name in DATASETS:
@@ -68,7 +76,7 @@ def info_command(data_dir, as_json):
     backends = backend_report()
     info = {"version": arraybn.__version__, "python": platform.python_version(),
             "numpy": numpy.__version__, "backends": backends, "gpu": gpu_report(backends),
-            "default_backend": arraybn.get_backend("auto").name,
+            "default_backend": default_backend(),
             "env": {key: os.environ.get(key) for key in (ENV_VAR, "ARRAYBN_BACKEND")},
             "datasets": dataset_report(data_dir)}
     Reporter(as_json).result(info, _describe(info))

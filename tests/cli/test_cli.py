@@ -142,3 +142,12 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_model(tmp_path, data_dir, mo
     resumed = invoke("train", cut, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert file_sha(cut, "train", "model.npz") == file_sha(whole, "train", "model.npz")
+
+
+def test_info_reports_a_bad_backend_override_instead_of_failing(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARRAYBN_BACKEND", "tpu")
+    result = invoke("info", "--json")
+    assert result.exit_code == 0
+    assert "unknown backend 'tpu'" in json.loads(result.stdout)["default_backend"]
+    train = invoke("train", tmp_path / "run")
+    assert train.exit_code == 1 and "unknown backend 'tpu'" in train.output
