@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import arraybn
-from arraybn.nn import SGD, build_model, softmax_cross_entropy
+from arraybn.nn import SGD, Adam, build_model, softmax_cross_entropy
 from tests.conftest import to_backend, to_host
 from tests.nn.gradcheck import assert_grad_close
 
@@ -181,3 +181,22 @@ def test_bad_configs_are_clear_errors(options, match):
 def test_wrong_input_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(N, 1, 28, 28\)"):
         build_model("lenet5").forward(np.zeros((2, 28, 28), np.float32))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_training_fits_a_small_separable_problem(cpu_backend, optimizer):
+    rng = np.random.default_rng(3)
+    patterns = rng.standard_normal((3, 1, 12, 12))
+    labels = rng.integers(0, 3, 96)
+    x = (patterns[labels] + 0.5 * rng.standard_normal((96, 1, 12, 12))).astype(np.float32)
+    model = build_model("lenet5", backend=cpu_backend, **SMALL)
+    opt = (SGD(model.parameters(), 0.05) if optimizer == "sgd"
+           else Adam(model.parameters(), 0.01))
+    for step in range(40):
+        batch = slice(32 * (step % 3), 32 * (step % 3 + 1))
+        logits = model.forward(to_backend(cpu_backend, x[batch]))
+        _, g = softmax_cross_entropy(logits, labels[batch])
+        model.backward(g)
+        opt.step()
+    logits = to_host(model.forward(to_backend(cpu_backend, x), training=False))
+    assert (logits.argmax(axis=1) == labels).mean() > 0.9
