@@ -24,7 +24,7 @@ import warnings
 import numpy as np
 from numba import njit, prange
 
-LANES = 256                      # float64 accumulators per channel: 2 KiB, stays in L1
+LANES = 128                      # float64 accumulators per channel: 1 KiB, stays in L1
 CHUNK = 4096                     # values per chunk of the one-read channel statistics
 _FLAGS = dict(fastmath=False, nogil=True, error_model="numpy", boundscheck=False)
 

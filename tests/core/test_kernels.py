@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import arraybn
 from arraybn.backends import BackendUnavailableError
 
-# (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 256 lanes and the
+# (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 128 lanes and the
 # 4096-value chunks of the numba kernels, a chunk that ends mid-batch, LeNet's conv layers.
 SHAPES = [(128, 120, 1), (7, 5, 1), (9, 1, 1), (4, 3, 25), (3, 1, 49), (2, 3, 5000),
           (50, 2, 100), (5, 70, 3), (128, 6, 676), (128, 16, 121)]
