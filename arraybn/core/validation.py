@@ -1,6 +1,8 @@
 """Input checks shared by the BN functions: every message says what was wrong and what to do."""
 import numpy as np
 
+from arraybn.core.errors import NonFiniteStatisticsError
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 VARIANTS = {"full": "full", "mean_only": "mean_only", "mean-only": "mean_only"}
 
@@ -71,15 +73,17 @@ def check_batch_size(count, shape, what="the batch"):
 
 
 def check_finite(xp, arrays, what):
-    bad = None
-    for arr in arrays:
-        finite = xp.isfinite(arr)
-        if not bool(finite.all()):
-            idx = np.flatnonzero(~(finite.get() if hasattr(finite, "get") else finite))
-            bad = idx if bad is None else np.union1d(bad, idx)
-    if bad is not None:
-        from arraybn.core.errors import NonFiniteStatisticsError
-        shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
-        raise NonFiniteStatisticsError(
-            f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "
-            "(lower the learning rate, check the data, or use float64)", channels=bad)
+    """Raise NonFiniteStatisticsError naming the channels where any of ``arrays`` (C,) is NaN/inf.
+
+    One reduction and one device-to-host transfer however many arrays are checked.
+    """
+    finite = xp.isfinite(arrays[0])
+    for arr in arrays[1:]:
+        finite &= xp.isfinite(arr)
+    if bool(finite.all()):
+        return
+    bad = np.flatnonzero(~(finite.get() if hasattr(finite, "get") else finite))
+    shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
+    raise NonFiniteStatisticsError(
+        f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "
+        "(lower the learning rate, check the data, or use float64)", channels=bad)
