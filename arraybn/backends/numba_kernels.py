@@ -19,6 +19,7 @@ Each kernel exists as ``*_range`` (channels lo..hi-1 on the calling thread, for 
 
 Compile flags come from ``_jit`` only: cached on disk, fastmath off (these are statistics).
 """
+import functools
 import warnings
 
 import numpy as np
@@ -38,12 +39,17 @@ def _jit(parallel=False):
     def decorate(func):
         try:
             return njit(cache=True, parallel=parallel, **_FLAGS)(func)
-        except RuntimeError as exc:          # numba: "cannot cache function ...: no locator"
-            warnings.warn(f"arraybn numba kernels are not cached on disk ({exc}); set "
-                          "NUMBA_CACHE_DIR to a writable directory to avoid recompiling",
-                          RuntimeWarning, stacklevel=2)
+        except RuntimeError:                 # numba: "cannot cache function ...: no locator"
+            _warn_not_cached()
             return njit(cache=False, parallel=parallel, **_FLAGS)(func)
     return decorate
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_not_cached():
+    warnings.warn(f"arraybn: no writable Numba cache directory for {__file__}, so its kernels "
+                  "are compiled again in every process; set NUMBA_CACHE_DIR to a writable "
+                  "directory to keep them", UserWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- lane helpers
