@@ -187,6 +187,7 @@ def main(argv=None):
     print(f"# arraybn BN kernels, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; {layer}; torch "
           + (f"{torch.__version__} on {torch.get_num_threads()} threads" if torch else "missing"))
+    load_before = os.getloadavg()[0]
     rows = []
     for shape in args.shapes:
         nbytes, result = measure_shape(shape, args.repeats, torch)
@@ -197,6 +198,9 @@ def main(argv=None):
         print(f"# numba threading layer: {numba.threading_layer()}; in a fresh process with the "
               f"disk cache warm, `import numba` takes {import_seconds:.2f} s and the first "
               f"forward+backward adds {first_call:.2f} s (Numba start-up + loading the kernels)")
+    print(f"# load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+          f"on {os.cpu_count()} CPUs; timings of threaded code are unreliable once it exceeds "
+          "the spare cores")
     print(markdown_table(HEADERS, rows))
     return 0
 
