@@ -36,7 +36,7 @@ class TrainConfig:
     renorm_rmax: float = 3.0
     renorm_dmax: float = 5.0
     stats: str = "running"
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 2e-3
