@@ -22,8 +22,13 @@ def _check_data(arr, name):
                         f"{getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}")
 
 
-def _channel_array(values):
-    return np.ascontiguousarray(values, dtype=np.float64)
+def _channel_array(values, channels, name):
+    """``values`` as float64 (C,); the kernels index it by channel without bounds checks."""
+    arr = np.ascontiguousarray(values, dtype=np.float64)
+    if arr.shape != (channels,):
+        raise ValueError(f"numba backend: {name} must have shape ({channels},), one value per "
+                         f"channel; got shape {arr.shape}")
+    return arr
 
 
 def _output(out, like, name="out"):
@@ -80,7 +85,8 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         y3 = _output(out, x3)
         mean, var = np.empty(channels), np.empty(channels)
-        args = (x3, _channel_array(gamma), _channel_array(beta), float(eps), bool(center_only))
+        args = (x3, _channel_array(gamma, channels, "gamma"), _channel_array(beta, channels, "beta"),
+                float(eps), bool(center_only))
         tasks = self._tasks(x3)
         if tasks:
             self._k.forward_parallel(*args, tasks, y3, mean, var)
@@ -91,7 +97,7 @@ class NumbaBackend(Backend):
     def affine(self, x3, a, b, out=None):
         _check_data(x3, "x3")
         y3 = _output(out, x3)
-        a, b = _channel_array(a), _channel_array(b)
+        a, b = _channel_array(a, x3.shape[1], "a"), _channel_array(b, x3.shape[1], "b")
         tasks = self._tasks(x3)
         if tasks:
             self._k.affine_parallel(x3, a, b, tasks, y3)
@@ -108,7 +114,8 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         gx3 = _output(out, x3)
         sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-        args = (gy3, x3, _channel_array(mean), _channel_array(scale), _channel_array(w),
+        args = (gy3, x3, _channel_array(mean, channels, "mean"),
+                _channel_array(scale, channels, "scale"), _channel_array(w, channels, "w"),
                 bool(centered))
         tasks = self._tasks(x3)
         if tasks:

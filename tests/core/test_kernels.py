@@ -242,6 +242,8 @@ def test_numba_rejects_what_its_kernels_cannot_take(rng):
         be.moments(x3.astype(np.float16))
     with pytest.raises(ValueError, match=r"out must be .*float32 array of shape \(4, 3, 5\)"):
         be.affine(x3, np.ones(3), np.zeros(3), out=np.empty((4, 3, 5), np.float64))
+    with pytest.raises(ValueError, match=r"gamma must have shape \(3,\)"):
+        be.forward_train(x3, np.ones(2), np.zeros(3), EPS)
     with pytest.raises(ValueError, match="gy3 .* must match x3"):
         be.backward(x3.astype(np.float64), x3, np.zeros(3), np.ones(3), np.ones(3))
 
