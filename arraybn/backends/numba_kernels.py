@@ -58,6 +58,8 @@ def _warn_not_cached():
 def _fold(acc):
     """Sum of ``acc`` by pairwise folding in place (fixed order, vectorizable); destroys acc."""
     length = acc.shape[0]
+    if length == 0:
+        return 0.0
     while length > 1:
         half = length // 2
         rest = length - half
@@ -101,7 +103,7 @@ def _channel_moments(x3, c, acc):
     """(mean, biased var) of channel c, reading it once from memory.
 
     The channel is cut into chunks of about ``CHUNK`` values (whole rows). Each chunk gets an
-    exact two-pass mean and sum of squared deviations (its second pass hits L1/L2), and the
+    two-pass mean and sum of squared deviations (its second pass hits L1/L2), and the
     chunks are merged in order with Chan et al.'s pairwise update, which is as stable as two
     passes over the whole channel.
     """
