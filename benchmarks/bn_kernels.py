@@ -109,7 +109,29 @@ def measure_shape(shape, repeats, torch):
         result["torch"] = tuple(timed(f) for f in torch_timers(torch, x, gy))
     copy = np.empty_like(x)
     result["copy"] = timed(lambda: np.copyto(copy, x))
+    if x.nbytes >= BANDWIDTH_MIN_BYTES and "numba" in result:
+        result["kernels"] = tuple(timed(f) for f in kernel_timers(x, gy))
+        result["copy_fresh"] = timed(lambda: np.copyto(np.empty_like(x), x))
     return x.nbytes, result
+
+
+def kernel_timers(x, gy):
+    """(forward, forward + backward) of the numba backend's kernels writing into preallocated
+    outputs: the public API allocates y and gx on every call, and the first touch of fresh
+    memory (page faults, zeroing by the OS) costs about as much as a copy on large arrays."""
+    be = arraybn.get_backend("numba")
+    x3, gy3 = x.reshape(x.shape[0], x.shape[1], -1), gy.reshape(x.shape[0], x.shape[1], -1)
+    y3, gx3 = np.empty_like(x3), np.empty_like(x3)
+    gamma, beta = np.ones(x.shape[1]), np.zeros(x.shape[1])
+
+    def forward():
+        return be.forward_train(x3, gamma, beta, 1e-5, out=y3)
+
+    def forward_backward():
+        _, mean, var = forward()
+        inv_std = 1.0 / np.sqrt(var + 1e-5)
+        be.backward(gy3, x3, mean, gamma * inv_std, inv_std * inv_std, True, out=gx3)
+    return forward, forward_backward
 
 
 def ratio(a, b):
@@ -134,6 +156,18 @@ def table_row(shape, nbytes, r):
 HEADERS = ["shape (float32)", "numpy fwd", "numba fwd", "torch fwd", "numpy f+b", "numba f+b",
            "torch f+b", "numba/torch fwd", "numba/torch f+b", "copy", "copy GB/s",
            "numba fwd / copy BW", "numba f+b / copy BW"]
+
+
+KERNEL_HEADERS = ["shape (float32)", "numba fwd", "numba f+b", "copy", "copy to fresh array",
+                  "fwd / copy BW", "f+b / copy BW"]
+
+
+def kernel_row(shape, nbytes, r):
+    copy_bandwidth = 2 * nbytes / r["copy"]
+    fwd, fwd_bwd = r["kernels"]
+    return ["x".join(map(str, shape)), format_seconds(fwd), format_seconds(fwd_bwd),
+            format_seconds(r["copy"]), format_seconds(r["copy_fresh"]),
+            f"{2 * nbytes / fwd / copy_bandwidth:.2f}", f"{5 * nbytes / fwd_bwd / copy_bandwidth:.2f}"]
 
 
 def first_call_overhead():
@@ -188,10 +222,12 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs; {layer}; torch "
           + (f"{torch.__version__} on {torch.get_num_threads()} threads" if torch else "missing"))
     load_before = os.getloadavg()[0]
-    rows = []
+    rows, kernel_rows = [], []
     for shape in args.shapes:
         nbytes, result = measure_shape(shape, args.repeats, torch)
         rows.append(table_row(shape, nbytes, result))
+        if "kernels" in result:
+            kernel_rows.append(kernel_row(shape, nbytes, result))
     if "numba" in arraybn.available_backends():
         import numba
         import_seconds, first_call = first_call_overhead()
@@ -202,6 +238,10 @@ def main(argv=None):
           f"on {os.cpu_count()} CPUs; timings of threaded code are unreliable once it exceeds "
           "the spare cores")
     print(markdown_table(HEADERS, rows))
+    if kernel_rows:
+        print("\nnumba kernels with preallocated outputs (no page faults), against copies into an "
+              "existing and into a freshly allocated array:\n")
+        print(markdown_table(KERNEL_HEADERS, kernel_rows))
     return 0
 
 
