@@ -9,7 +9,9 @@ updated) and of forward + ``arraybn.batch_norm_backward``; PyTorch runs
 number of threads. The ceiling is a large ``numpy.copyto`` measured in the same run (read |x|,
 write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
 fraction of it, counting the traffic a fused kernel cannot avoid: 2|x| for forward (read x,
-write y) and 5|x| for forward + backward (then read gy and x, write gx).
+write y) and 5|x| for forward + backward (then read gy and x, write gx). The public API
+allocates y and gx on every call, so a second table times the numba kernels with preallocated
+outputs on those shapes.
 """
 import argparse
 import importlib.util
