@@ -1,4 +1,4 @@
-"""BN speed on the CPU through the public API: numpy vs numba vs PyTorch vs the memory-bandwidth ceiling.
+"""BN speed on the CPU through the public API: numpy, numba, PyTorch and the memory-bandwidth ceiling.
 
     python3 benchmarks/bn_kernels.py [--repeats 10] [--threads 2] [--shapes 128x120,64x64x112x112]
     python3 benchmarks/bn_kernels.py --backend cupy ...     (runs benchmarks/bn_kernels_cuda.py)
@@ -169,7 +169,8 @@ def kernel_row(shape, nbytes, r):
     fwd, fwd_bwd = r["kernels"]
     return ["x".join(map(str, shape)), format_seconds(fwd), format_seconds(fwd_bwd),
             format_seconds(r["copy"]), format_seconds(r["copy_fresh"]),
-            f"{2 * nbytes / fwd / copy_bandwidth:.2f}", f"{5 * nbytes / fwd_bwd / copy_bandwidth:.2f}"]
+            f"{2 * nbytes / fwd / copy_bandwidth:.2f}",
+            f"{5 * nbytes / fwd_bwd / copy_bandwidth:.2f}"]
 
 
 def first_call_overhead():

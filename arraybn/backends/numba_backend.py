@@ -85,8 +85,9 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         y3 = _output(out, x3)
         mean, var = np.empty(channels), np.empty(channels)
-        args = (x3, _channel_array(gamma, channels, "gamma"), _channel_array(beta, channels, "beta"),
-                float(eps), bool(center_only))
+        gamma = _channel_array(gamma, channels, "gamma")
+        beta = _channel_array(beta, channels, "beta")
+        args = (x3, gamma, beta, float(eps), bool(center_only))
         tasks = self._tasks(x3)
         if tasks:
             self._k.forward_parallel(*args, tasks, y3, mean, var)

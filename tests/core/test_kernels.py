@@ -58,7 +58,8 @@ def col(v):
 def ref_centered_affine(x3, center, a, b):
     """(a * (x - center) + b, the magnitude of its terms), float64."""
     xc = x3.astype(np.float64) - col(center)
-    return col(a) * xc + col(b), np.abs(col(a)) * (np.abs(x3) + np.abs(col(center))) + np.abs(col(b))
+    magnitude = np.abs(col(a)) * (np.abs(x3) + np.abs(col(center))) + np.abs(col(b))
+    return col(a) * xc + col(b), magnitude
 
 
 def ref_backward(gy3, x3, mean, scale, w, centered):
@@ -84,7 +85,8 @@ def assert_rounded_once(out, ref, magnitude, dtype):
     if dtype == np.float32:
         allowed = allowed + 2 * np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
     err = np.abs(out.astype(np.float64) - ref)
-    assert np.all(err <= allowed), f"max error {err.max():.3g} over allowed at {np.argmax(err - allowed)}"
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(err - allowed), err.shape))
+    assert np.all(err <= allowed), f"error {err[worst]:.3g} > allowed {allowed[worst]:.3g} at {worst}"
 
 
 def assert_stat(value, ref, magnitude):
