@@ -10,8 +10,8 @@ number of threads. The ceiling is a large ``numpy.copyto`` measured in the same 
 write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
 fraction of it, counting the traffic a fused kernel cannot avoid: 2|x| for forward (read x,
 write y) and 5|x| for forward + backward (then read gy and x, write gx). The public API
-allocates y and gx on every call, so a second table times the numba kernels with preallocated
-outputs on those shapes.
+allocates y and gx on every call unless given ``out=``, so a second table times numba with
+``out=`` buffers reused between calls on those shapes.
 """
 import argparse
 import importlib.util
@@ -118,21 +118,19 @@ def measure_shape(shape, repeats, torch):
 
 
 def kernel_timers(x, gy):
-    """(forward, forward + backward) of the numba backend's kernels writing into preallocated
-    outputs: the public API allocates y and gx on every call, and the first touch of fresh
+    """(forward, forward + backward) through the public API with ``out=`` buffers reused between
+    calls: without them y and gx are fresh arrays on every call, and the first touch of fresh
     memory (page faults, zeroing by the OS) costs about as much as a copy on large arrays."""
-    be = arraybn.get_backend("numba")
-    x3, gy3 = x.reshape(x.shape[0], x.shape[1], -1), gy.reshape(x.shape[0], x.shape[1], -1)
-    y3, gx3 = np.empty_like(x3), np.empty_like(x3)
-    gamma, beta = np.ones(x.shape[1]), np.zeros(x.shape[1])
+    y, gx = np.empty_like(x), np.empty_like(x)
+    running_mean, running_var = np.zeros(x.shape[1], np.float32), np.ones(x.shape[1], np.float32)
 
     def forward():
-        return be.forward_train(x3, gamma, beta, 1e-5, out=y3)
+        return arraybn.batch_norm_forward(x, None, None, running_mean=running_mean,
+                                          running_var=running_var, backend="numba", out=y)
 
     def forward_backward():
-        _, mean, var = forward()
-        inv_std = 1.0 / np.sqrt(var + 1e-5)
-        be.backward(gy3, x3, mean, gamma * inv_std, inv_std * inv_std, True, out=gx3)
+        _, cache = forward()
+        arraybn.batch_norm_backward(gy, cache, out=gx)
     return forward, forward_backward
 
 
@@ -242,7 +240,7 @@ def main(argv=None):
           "the spare cores")
     print(markdown_table(HEADERS, rows))
     if kernel_rows:
-        print("\nnumba kernels with preallocated outputs (no page faults), against copies into an "
+        print("\nnumba through the public API with out= buffers (no page faults), against copies into an "
               "existing and into a freshly allocated array:\n")
         print(markdown_table(KERNEL_HEADERS, kernel_rows))
     return 0

@@ -62,12 +62,13 @@ def _groups(n, ghost_batch_size):
 
 def _update_running(buf, momentum, value):
     if buf is not None:
-        buf[...] = ((1.0 - momentum) * buf + momentum * value).astype(buf.dtype)
+        buf[...] = (1.0 - momentum) * buf + momentum * value   # float64, rounded once into buf
 
 
 def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, running_var=None,
                        momentum=0.1, eps=1e-5, variant="full", backend=None,
-                       ghost_batch_size=None, renorm=False, rmax=3.0, dmax=5.0, frozen=False):
+                       ghost_batch_size=None, renorm=False, rmax=3.0, dmax=5.0, frozen=False,
+                       out=None):
     """Batch-normalize ``x`` of shape (N, C) or (N, C, *spatial); returns ``(y, cache)``.
 
     Statistics are per channel (axis 1) over N and the spatial axes.
@@ -81,12 +82,15 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
         Salimans & Kingma 2016; ``running_var`` is neither needed nor touched).
     ghost_batch_size: normalize each run of about this many samples with its own statistics
         (Hoffer et al. 2017); the batch is cut into ceil(N / size) groups as equal as possible
-        (``numpy.array_split``: N=10, size 4 gives 4, 3, 3), and the running buffers are updated once per group, in order.
+        (``numpy.array_split``: N=10, size 4 gives 4, 3, 3), and the running buffers are
+        updated once per group, in order.
     renorm: batch renormalization (Ioffe 2017): ``x_hat = (x - mean_B) / sigma_B * r + d`` with
         ``r = clip(sigma_B / sigma_run, 1/rmax, rmax)``, ``d = clip((mean_B - mean_run) / sigma_run,
         -dmax, dmax)``, r and d constants in backward; needs the running buffers.
     gamma/beta may be None (no affine transform); their gradients are then None.
-    y has x's dtype and shape, C-contiguous.
+    y has x's dtype and shape, C-contiguous; ``out``, a C-contiguous array of that shape and
+    dtype, receives y instead of a new array (reusing buffers saves the page faults of a fresh
+    allocation on large inputs).
     """
     be = backend_for(x, backend)
     xp = be.xp
@@ -108,7 +112,7 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
                          else "batch renormalization")
     if renorm and center_only:
         raise ValueError("batch renormalization needs variant='full' (it rescales by r)")
-    y3 = xp.empty_like(x3)
+    y3 = _output(xp, out, x3, tuple(x.shape), "out")
     if use_running:
         cache_parts = _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only)
         groups, centered = ((0, n),), False
@@ -118,6 +122,17 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
                                        center_only, renorm, rmax, dmax)
     cache = BNCache(be, x3, tuple(x.shape), groups, *cache_parts, centered, g, *dtypes)
     return y3.reshape(x.shape), cache
+
+
+def _output(xp, out, like3, shape, name):
+    """A (N, C, M) view of ``out`` to write into, or a new array."""
+    if out is None:
+        return xp.empty_like(like3)
+    if (tuple(out.shape) != shape or out.dtype != like3.dtype or not out.flags.c_contiguous
+            or type(out) is not type(like3)):
+        raise ValueError(f"{name} must be a C-contiguous {like3.dtype} array of shape {shape} "
+                         f"on the same device; got {out.dtype} {tuple(out.shape)}")
+    return out.reshape(like3.shape)
 
 
 def _require_running(rm, rv, center_only, what):
@@ -179,11 +194,11 @@ def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
     return r / sigma_b, d
 
 
-def batch_norm_backward(gy, cache):
+def batch_norm_backward(gy, cache, *, out=None):
     """Gradients ``(gx, ggamma, gbeta)`` of the loss, given ``gy = dL/dy`` and the forward cache.
 
-    gx has the input's shape and dtype; ggamma/gbeta have gamma's/beta's dtype (None when the
-    forward got None).
+    gx has the input's shape and dtype (written into ``out`` when given, as in the forward);
+    ggamma/gbeta have gamma's/beta's dtype (None when the forward got None).
     """
     if not isinstance(cache, BNCache):
         raise TypeError("cache must be the second value returned by batch_norm_forward")
@@ -193,17 +208,17 @@ def batch_norm_backward(gy, cache):
         raise ValueError(f"gy has shape {tuple(gy.shape)} but the forward input had {cache.shape}")
     _check_array_module(gy, be)
     gy3 = xp.ascontiguousarray(gy, dtype=x3.dtype).reshape(x3.shape)
-    gx3 = xp.empty_like(x3)
-    ggamma = xp.zeros(x3.shape[1], dtype=np.float64)
-    gbeta = xp.zeros(x3.shape[1], dtype=np.float64)
+    gx3 = _output(xp, out, x3, cache.shape, "out")
+    ggamma = gbeta = None
     for k, (start, stop) in enumerate(cache.groups):
         _, sum_gy, sum_gy_xc = be.backward(gy3[start:stop], x3[start:stop], cache.mean[k],
                                            cache.gamma * cache.xhat_scale[k], cache.w[k],
                                            cache.centered, out=gx3[start:stop])
-        gbeta += sum_gy
-        ggamma += sum_gy_xc * cache.xhat_scale[k]
+        part = sum_gy_xc * cache.xhat_scale[k]
         if cache.xhat_shift[k] is not None:
-            ggamma += sum_gy * cache.xhat_shift[k]
+            part += sum_gy * cache.xhat_shift[k]
+        ggamma = part if ggamma is None else ggamma + part
+        gbeta = sum_gy if gbeta is None else gbeta + sum_gy
     return (gx3.reshape(cache.shape),
-            None if cache.gamma_dtype is None else ggamma.astype(cache.gamma_dtype),
-            None if cache.beta_dtype is None else gbeta.astype(cache.beta_dtype))
+            None if cache.gamma_dtype is None else ggamma.astype(cache.gamma_dtype, copy=False),
+            None if cache.beta_dtype is None else gbeta.astype(cache.beta_dtype, copy=False))

@@ -35,11 +35,11 @@ def channel_param(value, name, channels, xp, default):
     """gamma/beta/coefficients as float64 (C,) on the backend; None gives ``default``."""
     if value is None:
         return xp.full(channels, default, dtype=np.float64)
-    arr = xp.asarray(value)
+    arr = value if isinstance(value, xp.ndarray) else xp.asarray(value)
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) for {channels} channels; "
                          f"got shape {tuple(arr.shape)}")
-    return arr.astype(np.float64)
+    return arr.astype(np.float64)          # a copy: the cache must not see later in-place updates
 
 
 def check_buffer(buf, name, channels, xp):

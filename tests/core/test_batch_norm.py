@@ -196,3 +196,21 @@ def test_full_bn_output_is_invariant_to_a_positive_affine_map_per_channel(shape,
                                               gamma[[c]], beta[[c]], eps=1e-6 * a[c] ** 2,
                                               backend=name)[0][:, 0] for c in range(shape[1])], 1)
     np.testing.assert_allclose(y2, y1, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_out_buffers_receive_y_and_gx(backend, rng, training):
+    x, gamma, beta = make(rng, (6, 3, 4, 4), np.float32)
+    gy = rng.normal(size=x.shape).astype(np.float32)
+    rm, rv = to_backend(backend, np.zeros(3, np.float32), np.ones(3, np.float32))
+    args = to_backend(backend, x, gamma, beta)
+    kw = dict(training=training, running_mean=rm, running_var=rv)
+    y_new, cache_new = arraybn.batch_norm_forward(*args, **kw)
+    y_buf, gx_buf = (backend.xp.full(x.shape, np.nan, dtype=np.float32) for _ in range(2))
+    rm[...], rv[...] = 0, 1
+    y, cache = arraybn.batch_norm_forward(*args, **kw, out=y_buf)
+    gx, _, _ = arraybn.batch_norm_backward(to_backend(backend, gy), cache, out=gx_buf)
+    np.testing.assert_array_equal(to_host(y_buf), to_host(y_new))
+    gx_new = arraybn.batch_norm_backward(to_backend(backend, gy), cache_new)[0]
+    np.testing.assert_array_equal(to_host(gx_buf), to_host(gx_new))
+    np.testing.assert_array_equal(to_host(gx), to_host(gx_new))

@@ -123,3 +123,10 @@ def test_backward_checks_its_arguments(backend, rng):
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         arraybn.get_backend("tpu")
+
+
+@pytest.mark.parametrize("bad", [np.empty((4, 2)), np.empty((4, 3), np.float32),
+                                 np.empty((3, 4)).T])
+def test_out_of_the_wrong_shape_dtype_or_layout(backend, bad):
+    with pytest.raises(ValueError, match="out must be a C-contiguous float64 array of shape"):
+        forward(backend, np.ones((4, 3)), out=to_backend(backend, bad))
