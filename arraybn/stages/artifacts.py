@@ -89,6 +89,7 @@ def staging(run_dir, stage, force=False):
     check_can_write(run_dir, stage, force)
     os.makedirs(run_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{stage}.tmp-", dir=run_dir)
+    os.chmod(tmp, 0o755)          # mkdtemp's 0o700 would make the finished stage private
     try:
         yield tmp
         commit_directory(tmp, stage_dir(run_dir, stage), force)

@@ -4,22 +4,12 @@ import pytest
 
 import arraybn
 from tests.conftest import to_backend, to_host
+from tests.nn.gradcheck import numerical_grad
 
 
-def numeric_grads(f, arrays, h=1e-6):
-    grads = []
-    for a in arrays:
-        g = np.zeros_like(a)
-        for idx in np.ndindex(a.shape):
-            old = a[idx]
-            a[idx] = old + h
-            plus = f()
-            a[idx] = old - h
-            minus = f()
-            a[idx] = old
-            g[idx] = (plus - minus) / (2 * h)
-        grads.append(g)
-    return grads
+def numeric_grads(f, arrays):
+    return [np.array([numerical_grad(f, a, idx) for idx in np.ndindex(a.shape)]).reshape(a.shape)
+            for a in arrays]
 
 
 VARIANTS = {
