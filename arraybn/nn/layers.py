@@ -5,6 +5,7 @@ it (cs231n style). The layer objects own parameters and keep the last cache so t
 ``forward`` then ``backward``. Array maths goes through ``xp`` (numpy or cupy), never a fixed
 module.
 """
+import abc
 import math
 
 import numpy as np
@@ -35,7 +36,7 @@ def kaiming_uniform(rng, shape, fan_in, dtype):
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
-class Layer:
+class Layer(abc.ABC):
     """Base class: ``forward(x, training)`` stores what ``backward(gy)`` needs and returns y."""
     name = None
     need_input_grad = True        # the model clears this on its first layer to skip gx
@@ -43,11 +44,13 @@ class Layer:
     def parameters(self):
         return []
 
+    @abc.abstractmethod
     def forward(self, x, training):
-        raise NotImplementedError
+        """y for input x; keeps in ``self._cache`` what backward needs."""
 
+    @abc.abstractmethod
     def backward(self, gy):
-        raise NotImplementedError
+        """d loss / d input from ``gy = d loss / d y``; fills the parameters' ``.grad``."""
 
     def _take_cache(self):
         cache = getattr(self, "_cache", None)
