@@ -427,6 +427,7 @@ def load_sweep(path, root=None):
         raise SweepConfigError(f"{path} is not valid TOML: {exc}") from None
     if root is None:
         root = data.get("root", os.path.join("runs", os.path.splitext(os.path.basename(path))[0]))
+    root = os.fspath(root) if isinstance(root, os.PathLike) else root
     if not isinstance(root, str) or not root:
         raise SweepConfigError(f"{path}: root must be a directory name, got {root!r}")
     try:

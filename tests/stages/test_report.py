@@ -1,0 +1,85 @@
+"""Reports: rows from stored artifacts, runs found by directory or glob, incomplete runs."""
+import csv
+import io
+import json
+import os
+import shutil
+
+import pytest
+
+from arraybn.stages.report import collect_rows, csv_text, find_runs, markdown_table
+from arraybn.stages.sweep import load_sweep, run_sweep
+from tests.stages.helpers import make_dataset
+from tests.stages.test_sweep import write_sweep
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A finished sweep: runs bnnone and bnfull (with variants exact-b1 and batch)."""
+    tmp = tmp_path_factory.mktemp("report")
+    data_dir = make_dataset(tmp / "data")
+    path = write_sweep(tmp / "s.toml", data_dir, """
+[grid]
+bn = ["none", "full"]
+[[variants]]
+name = "exact-b{postproc.batches}"
+postproc = {method = "exact", batches = 1, batch_size = 8}
+[[variants]]
+name = "batch"
+test = {stats = "batch", batch_size = 10}
+""")
+    outcomes = run_sweep(load_sweep(path, tmp / "runs"), echo=lambda *_: None)
+    assert [o["status"] for o in outcomes] == ["ok", "ok"]
+    return tmp / "runs"
+
+
+def test_one_row_per_run_and_variant_from_the_artifacts(sweep_root):
+    rows = collect_rows([sweep_root])
+    assert [r["name"] for r in rows] == ["bnfull", "bnfull/batch", "bnfull/exact-b1", "bnnone"]
+    full = rows[0]
+    metrics = json.loads((sweep_root / "bnfull" / "test" / "metrics.json").read_text())
+    manifest = json.loads((sweep_root / "bnfull" / "train" / "manifest.json").read_text())
+    assert full["test_acc"] == metrics["accuracy"] and full["test_loss"] == metrics["loss"]
+    assert full["val_acc"] == manifest["metrics"]["val_acc"]
+    assert full["seconds_per_epoch"] == pytest.approx(manifest["timings"]["train_seconds"])
+    assert (full["model"], full["bn"], full["batch_size"], full["epochs"]) == \
+        ("lenet5", "full", 16, 1)
+    assert full["stats"].startswith("postproc exact, all batches of 256 (60 images)")
+    assert rows[1]["stats"] == "test-batch statistics (10 per batch)"
+    assert rows[2]["stats"] == "postproc exact, 1 batches of 8 (8 images)"
+    assert rows[3]["stats"] == "none (model has no BN)" and rows[3]["bn_position"] == ""
+
+
+def test_markdown_and_csv_tables(sweep_root):
+    rows = collect_rows([sweep_root], variants=False)
+    table = markdown_table(rows).splitlines()
+    assert len(table) == 2 + 2 and table[0].startswith("| run | model | BN |")
+    assert "| bnnone |" in table[3] and f"{100 * rows[1]['test_acc']:.2f}%" in table[3]
+    parsed = list(csv.DictReader(io.StringIO(csv_text(rows))))
+    assert [r["name"] for r in parsed] == ["bnfull", "bnnone"]
+    assert float(parsed[0]["test_acc"]) == rows[0]["test_acc"]
+
+
+def test_incomplete_runs_get_blanks_and_a_note(sweep_root, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(sweep_root / "bnnone", copy / "untested", symlinks=True)
+    shutil.rmtree(copy / "untested" / "test")
+    (copy / "empty" / "test").mkdir(parents=True)
+    rows = {r["name"]: r for r in collect_rows([copy])}
+    assert rows["untested"]["test_acc"] is None and rows["untested"]["val_acc"] is not None
+    assert "no test stage: run `arraybn test" in rows["untested"]["note"]
+    assert "no train stage" in rows["empty"]["note"] and rows["empty"]["model"] is None
+    assert "| untested |" in markdown_table(list(rows.values()))
+
+
+def test_globs_and_errors(sweep_root, tmp_path):
+    assert find_runs([os.path.join(sweep_root, "bn*")]) == \
+        [os.path.join(sweep_root, "bnfull"), os.path.join(sweep_root, "bnnone")]
+    with pytest.raises(FileNotFoundError, match="no run directory matches"):
+        find_runs([str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="no run directories"):
+        find_runs([str(tmp_path)])
+    (tmp_path / "corrupt" / "test").mkdir(parents=True)
+    (tmp_path / "corrupt" / "test" / "metrics.json").write_text("{not json")
+    row = collect_rows([tmp_path / "corrupt"])[0]
+    assert "unreadable" in row["note"] and row["test_acc"] is None

@@ -1,0 +1,196 @@
+"""Sweeps: parsing and validation of the TOML file, resuming, changed specifications, failures."""
+import os
+
+import pytest
+
+from arraybn.stages.sweep import (SweepConfigError, load_sweep, parse_sweep, plan_sweep,
+                                  run_sweep)
+from tests.stages.helpers import file_sha, make_dataset
+
+TINY_TRAIN = """
+[train]
+data_dir = "{data}"
+epochs = 1
+batch_size = 16
+val_split = 0.25
+eval_batch_size = 16
+backend = "numpy"
+"""
+
+
+def sweep_toml(data_dir, body, head=""):
+    """A sweep file's text: top-level ``head``, tiny shared training options, then ``body``."""
+    return head + TINY_TRAIN.format(data=data_dir) + body
+
+
+def write_sweep(path, data_dir, body, head=""):
+    path.write_text(sweep_toml(data_dir, body, head))
+    return path
+
+
+def _quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def test_grid_is_the_cartesian_product_with_named_runs(data_dir, tmp_path):
+    path = write_sweep(tmp_path / "s.toml", data_dir, """
+[grid]
+bn = ["none", "full", "mean-only"]
+batch_size = [8, 16]
+[[runs]]
+name = "extra"
+bn = "ghost"
+""", head='name = "{bn}-bs{batch_size}"\n')
+    sweep = load_sweep(path, tmp_path / "runs")
+    names = [run.name for run in sweep.runs]
+    assert names == ["none-bs8", "none-bs16", "full-bs8", "full-bs16", "mean-only-bs8",
+                     "mean-only-bs16", "extra"]
+    assert sweep.runs[3].config.batch_size == 16 and sweep.runs[3].config.bn == "full"
+    assert sweep.runs[-1].config.bn == "ghost" and sweep.runs[-1].config.epochs == 1
+    assert sweep.runs[0].run_dir == os.path.join(str(tmp_path / "runs"), "none-bs8")
+
+
+def test_tied_grid_options_and_expanded_variants(data_dir):
+    data = {"train": {"data_dir": str(data_dir), "backend": "numpy"},
+            "grid": {"bn": ["full"],
+                     "regularise": [{"augment": False, "dropout": 0.0},
+                                    {"augment": True, "dropout": 0.3}]},
+            "variants": [{"name": "{postproc.method}-b{postproc.batches}",
+                          "postproc": {"method": ["ema", "exact"], "batches": [1, "all"]}},
+                         {"name": "batch", "test": {"stats": "batch"}}]}
+    runs = parse_sweep(data, "root")
+    assert [(r.config.augment, r.config.dropout) for r in runs] == [(False, 0.0), (True, 0.3)]
+    variants = runs[0].variants
+    assert [v.name for v in variants] == ["ema-b1", "ema-ball", "exact-b1", "exact-ball", "batch"]
+    assert variants[1].postproc.batches is None and variants[0].test.stats == "postproc"
+    assert variants[-1].postproc is None and variants[-1].test.stats == "batch"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[grid]\nbn = ['full', 'wat']\n", "bn must be one of"),
+    ("[grid]\nbatch_size = [1]\n", "batch_size must be >= 2"),
+    ("[grid]\nlearning_rate = [0.1]\n", "learning_rate is not a training option"),
+    ("[grid]\nbn = []\n", "must be a non-empty list"),
+    ("[postproc]\nmethod = 'median'\n", "unknown --method 'median'"),
+    ("[postproc]\nbatches = 0\n", "batches must be an integer >= 1"),
+    ("[test]\nstats = 'magic'\n", "test stats must be one of"),
+    ("[[variants]]\nname = 'v'\ntest = {stats = 'postproc'}\n", "without a postproc table"),
+    ("[[variants]]\npostproc = {method = 'exact'}\n", "needs a name"),
+    ("[[runs]]\nname = 'a'\n[[runs]]\nname = 'a'\n", "run names repeat: a"),
+    ("[[runs]]\nname = 'a/b'\n", "run name 'a/b' must start"),
+    ("[[runs]]\nname = 'x'\nepochs = 'three'\n", "epochs must be an integer"),
+    ("[[runs]]\nname = 'x'\nbackend = 'fortran'\n", "backend 'fortran'"),
+    ("[[runs]]\nname = 'x'\ndata_dir = '/nonexistent'\n", "not found"),
+])
+def test_bad_files_are_refused_naming_the_problem(data_dir, tmp_path, body, message):
+    path = write_sweep(tmp_path / "bad.toml", data_dir, body)
+    with pytest.raises(SweepConfigError, match="nothing was run") as info:
+        load_sweep(path, tmp_path / "runs")
+    assert message in str(info.value)
+
+
+def test_every_problem_is_listed_and_nothing_is_created(data_dir, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'colour = "red"\n[train]\ndata_dir = "{data_dir}"\nepochz = 3\n'
+                    '[grid]\nbn = ["wat"]\n')
+    with pytest.raises(SweepConfigError) as info:
+        load_sweep(path, tmp_path / "runs")
+    text = str(info.value)
+    assert "unknown key colour" in text and "unknown key epochz" in text and "'wat'" in text
+    assert not (tmp_path / "runs").exists()
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[train\n")
+    with pytest.raises(SweepConfigError, match="broken.toml is not valid TOML"):
+        load_sweep(path)
+
+
+@pytest.fixture
+def two_runs(data_dir, tmp_path):
+    path = write_sweep(tmp_path / "s.toml", data_dir, """
+[grid]
+bn = ["none", "full"]
+[[variants]]
+name = "ema-b{postproc.batches}"
+postproc = {method = "ema", decay = 0.9, stat = "std", batches = 2, batch_size = 8}
+""")
+    return path, tmp_path / "runs"
+
+
+def test_sweep_runs_then_skips_finished_runs(two_runs):
+    path, root = two_runs
+    sweep = load_sweep(path, root)
+    outcomes = run_sweep(sweep, echo=_quiet)
+    assert [o["status"] for o in outcomes] == ["ok", "ok"]
+    full = root / "bnfull"
+    assert sorted(os.listdir(root / "bnnone")) == ["sweep-run.json", "sweep.log", "test", "train"]
+    assert (full / "postproc" / "bn_stats.npz").is_file()
+    variant = full / "variants" / "ema-b2"
+    assert os.readlink(variant / "train") == os.path.join("..", "..", "train")
+    assert (variant / "postproc").is_dir() and (variant / "test" / "metrics.json").is_file()
+    before = {p: os.stat(p).st_mtime_ns for p in (full / "test" / "metrics.json",
+                                                   variant / "test" / "metrics.json")}
+    assert [s for _, s, _ in plan_sweep(sweep)] == ["done", "done"]
+    again = run_sweep(load_sweep(path, root), echo=_quiet)
+    assert [o["status"] for o in again] == ["skipped", "skipped"]
+    assert again[1]["test_accuracy"] == outcomes[1]["test_accuracy"]
+    assert before == {p: os.stat(p).st_mtime_ns for p in before}
+
+
+def test_missing_stage_is_completed_and_new_variant_added(two_runs):
+    path, root = two_runs
+    run_sweep(load_sweep(path, root), echo=_quiet)
+    model_sha = file_sha(root / "bnfull", "train", "model.npz")
+    os.remove(root / "bnfull" / "test" / "metrics.json")
+    path.write_text(path.read_text() + '[[variants]]\nname = "batch"\ntest = {stats = "batch"}\n')
+    sweep = load_sweep(path, root)
+    status = {spec.name: (s, changes) for spec, s, changes in plan_sweep(sweep)}
+    assert status["bnfull"] == ("partial", ["test", "variant batch"])
+    run_sweep(sweep, echo=_quiet)
+    assert (root / "bnfull" / "test" / "metrics.json").is_file()
+    assert (root / "bnfull" / "variants" / "batch" / "test" / "metrics.json").is_file()
+    assert file_sha(root / "bnfull", "train", "model.npz") == model_sha
+
+
+def test_changed_specification_is_an_error_unless_forced(two_runs):
+    path, root = two_runs
+    run_sweep(load_sweep(path, root), echo=_quiet)
+    model_sha = file_sha(root / "bnfull", "train", "model.npz")
+    path.write_text(path.read_text() + "[test]\nstats = 'running'\n")
+    with pytest.raises(SweepConfigError, match=r"bnfull: test"):
+        run_sweep(load_sweep(path, root), echo=_quiet)
+    run_sweep(load_sweep(path, root), force=True, echo=_quiet)
+    assert file_sha(root / "bnfull", "train", "model.npz") == model_sha  # not retrained
+    assert '"stats": "running"' in (root / "bnfull" / "test" / "metrics.json").read_text()
+    path.write_text(path.read_text().replace("epochs = 1", "epochs = 2"))
+    with pytest.raises(SweepConfigError, match="train.epochs"):
+        plan_sweep(load_sweep(path, root))
+    run_sweep(load_sweep(path, root), force=True, echo=_quiet)
+    assert file_sha(root / "bnfull", "train", "model.npz") != model_sha
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(data_dir, tmp_path):
+    # 30 test images in batches of 29 leave a batch of one: no batch statistics at test time
+    path = write_sweep(tmp_path / "s.toml", data_dir, """
+[test]
+stats = "batch"
+[[runs]]
+name = "fails"
+bn = "full"
+eval_batch_size = 29
+[[runs]]
+name = "works"
+bn = "full"
+""")
+    outcomes = run_sweep(load_sweep(path, tmp_path / "runs"), echo=_quiet)
+    assert [o["status"] for o in outcomes] == ["failed", "ok"]
+    assert "StageError" in outcomes[0]["error"]
+    assert "FAILED" in (tmp_path / "runs" / "fails" / "sweep.log").read_text()
+    assert (tmp_path / "runs" / "works" / "test" / "metrics.json").is_file()
