@@ -1,8 +1,10 @@
 """Seconds per epoch of LeNet-5 + BN training: arraybn's CPU backends vs the same net in PyTorch.
 
-One process, same thread count for everyone (BLAS, Numba and PyTorch threads are all set to
-``--threads``), random 28x28 data, batch 128, SGD with momentum. Each contender runs ``--steps``
-steps per round; rounds are interleaved (numpy, numba, torch, numpy, ...) so that load from other
+Same thread count for everyone (BLAS, Numba and PyTorch threads are all set to ``--threads``),
+random 28x28 data, batch 128, SGD with momentum. Each contender runs ``--steps`` steps per round in
+a fresh process of its own, with its library's default environment: in one shared process the
+OpenMP workers of one library spin while the other computes (each library's defaults are what its
+users get). Rounds are interleaved (numpy, numba, torch, numpy, ...) so that load from other
 processes hits everyone alike, and the median round is reported, extrapolated to an epoch of
 60,000 images. Usage::
 
@@ -29,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--backends", default="numpy,numba",
                         help="comma-separated arraybn backends to time")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--contender", help=argparse.SUPPRESS)   # internal: time one, print s/step
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch, args.threads) < 1 or args.warmup < 0:
         parser.error("--steps, --rounds, --batch and --threads must be >= 1, --warmup >= 0")
@@ -90,32 +93,51 @@ def time_steps(step, first, count):
     return (time.perf_counter() - start) / count
 
 
-def run(args):
+def time_contender(args):
+    """Seconds per step of ``args.contender`` ('torch' or a backend name), in this process."""
     import numpy as np
-    import arraybn
     rng = np.random.default_rng(0)
-    pool = min(EPOCH_IMAGES, args.steps * args.batch)
+    pool = min(EPOCH_IMAGES, (args.warmup + args.steps) * args.batch)
     images = rng.standard_normal((pool, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, pool).astype(np.int64)
+    if args.contender == "torch":
+        step = torch_contender(args, images, labels)
+    else:
+        step = arraybn_contender(args.contender, args, images, labels)
+    for i in range(args.warmup):
+        step(i)
+    return time_steps(step, args.warmup, args.steps)
+
+
+def contenders(args):
+    """{table name: contender id} of what can run here."""
+    import importlib.util
+    import arraybn
     available = arraybn.available_backends()
-    contenders = {}
+    chosen = {}
     for name in args.backends.split(","):
-        if name not in available:
+        if name in available:
+            chosen[f"arraybn {name}"] = name
+        else:
             print(f"skipping backend {name!r}: not available here ({', '.join(available)})")
-            continue
-        contenders[f"arraybn {name}"] = arraybn_contender(name, args, images, labels)
     if not args.no_torch:
-        try:
-            contenders["pytorch cpu"] = torch_contender(args, images, labels)
-        except ImportError:
+        if importlib.util.find_spec("torch"):
+            chosen["pytorch cpu"] = "torch"
+        else:
             print("skipping PyTorch: not installed")
-    for step in contenders.values():
-        for i in range(args.warmup):
-            step(i)
-    rounds = {name: [] for name in contenders}
-    for r in range(args.rounds):
-        for name, step in contenders.items():
-            rounds[name].append(time_steps(step, args.warmup + r * args.steps, args.steps))
+    return chosen
+
+
+def run(args, argv):
+    """Median seconds per step of each contender over interleaved rounds of fresh processes."""
+    import subprocess
+    chosen = contenders(args)
+    rounds = {name: [] for name in chosen}
+    for _ in range(args.rounds):
+        for name, contender in chosen.items():
+            out = subprocess.run([sys.executable, __file__, *argv, "--contender", contender],
+                                 check=True, capture_output=True, text=True).stdout
+            rounds[name].append(float(out.split()[-1]))
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
@@ -131,9 +153,14 @@ def print_table(per_step, args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     limit_threads(args.threads)
-    print_table(run(args), args)
+    if args.contender:
+        print(time_contender(args))
+        return 0
+    print_table(run(args, argv), args)
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ over memory: forward reads ``x`` once from DRAM and writes ``y`` once; backward 
 ``x`` once and writes ``gx`` once. The public methods only check what a kernel relies on (dtype,
 layout, shapes of ``out``) and allocate; the kernels live in ``numba_kernels``.
 """
+import os
+
 import numpy as np
 
 from arraybn.backends.base import Backend, BackendUnavailableError
@@ -126,8 +128,20 @@ class NumbaBackend(Backend):
         return gx3, sum_gy, sum_gy_xc
 
 
+def _passive_openmp_workers():
+    """Let Numba's OpenMP workers sleep between parallel regions unless the user chose otherwise.
+
+    Spinning workers compete with OpenBLAS's threads for the cores: LeNet-5 training on 2 threads
+    measured 27.6 ms/step spinning vs 10.6 ms/step passive. OpenMP reads the variable once, when
+    its runtime loads, so this must run before Numba's first parallel call; an OpenMP runtime that
+    another library loaded earlier (PyTorch ships its own) keeps its setting.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def create():
     """The numba backend, or ``BackendUnavailableError`` saying how to install Numba."""
+    _passive_openmp_workers()
     try:
         import numba
     except ImportError as exc:

@@ -16,9 +16,10 @@ def _load():
 
 def test_benchmark_runs_and_prints_a_table(capsys):
     bench = _load()
-    args = bench.parse_args(["--steps", "2", "--rounds", "1", "--warmup", "1", "--batch", "16",
-                             "--backends", "numpy,nonexistent", "--no-torch"])
-    per_step = bench.run(args)
+    argv = ["--steps", "2", "--rounds", "1", "--warmup", "1", "--batch", "16",
+            "--backends", "numpy,nonexistent", "--no-torch"]
+    args = bench.parse_args(argv)
+    per_step = bench.run(args, argv)
     assert list(per_step) == ["arraybn numpy"] and per_step["arraybn numpy"] > 0
     bench.print_table(per_step, args)
     out = capsys.readouterr().out
