@@ -86,8 +86,10 @@ def plot_batch_size(figure, rows):
         gap_ax.plot(sizes, [100 * (r["train_acc"] - r["test_acc"])
                             if r.get("train_acc") is not None else None for r in group], "-o",
                     label=f"bn={bn}")
+    ticks = sorted({r["batch_size"] for r in runs})
     for ax in (acc_ax, gap_ax):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("mini-batch size (images, log scale)")
         ax.legend(fontsize="small")
     acc_ax.set(ylabel="test accuracy (%)", title="test accuracy")
@@ -112,7 +114,7 @@ def plot_postproc_batches(figure, rows):
     """Test accuracy against the number of post-processing batches, one line per method and
     run; the run's own test (e.g. running averages) is a dashed horizontal line."""
     ax = figure.subplots(1, 1)
-    drawn = 0
+    drawn, ticks = 0, set()
     for parent, group in _by(rows, "parent").items():
         if parent is None:
             continue
@@ -125,6 +127,7 @@ def plot_postproc_batches(figure, rows):
                 lines.setdefault(point[0], []).append((point[1], 100 * row["test_acc"]))
         for method, points in sorted(lines.items()):
             points.sort()
+            ticks.update(x for x, _ in points)
             line, = ax.plot(*zip(*points), "-o", markersize=4, label=f"{run_name}: {method}")
             drawn += 1
         if main and main.get("test_acc") is not None and lines:
@@ -134,6 +137,7 @@ def plot_postproc_batches(figure, rows):
         raise ValueError("no post-processing variants to plot (see [[variants]] in the sweep "
                          "file documentation)")
     ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
     ax.set(xlabel="post-processing batches (log scale)", ylabel="test accuracy (%)")
     ax.legend(fontsize="x-small", ncol=2)
     return "Test accuracy vs number of post-processing batches"
