@@ -6,10 +6,10 @@ from arraybn_cli.cmd_info import info_command
 from arraybn_cli.cmd_postproc import postproc_command
 from arraybn_cli.cmd_run import run_command
 from arraybn_cli.cmd_test import test_command
+from arraybn_cli.cmd_plot import plot_command
+from arraybn_cli.cmd_report import report_command
+from arraybn_cli.cmd_sweep import sweep_command
 from arraybn_cli.cmd_train import train_command
-from arraybn_cli.plot import plot_command
-from arraybn_cli.report import report_command
-from arraybn_cli.sweep import sweep_command
 
 
 @click.group()
@@ -18,7 +18,6 @@ def cli():
     """arraybn: train, post-process and test networks with Batch Normalization."""
 
 
-for command in (train_command, postproc_command, test_command, run_command, info_command):
-    cli.add_command(command)
-for command in (sweep_command, report_command, plot_command):
+for command in (train_command, postproc_command, test_command, run_command, info_command,
+                sweep_command, report_command, plot_command):
     cli.add_command(command)

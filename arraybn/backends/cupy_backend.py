@@ -13,7 +13,6 @@ consecutive channels).
 """
 import functools
 import importlib.resources
-import math
 from dataclasses import dataclass
 
 import numpy as np

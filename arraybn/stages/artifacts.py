@@ -98,6 +98,17 @@ def staging(run_dir, stage, force=False):
         raise
 
 
+def read_json_if_exists(path, fix="delete it or rerun with --force"):
+    """The JSON at ``path``, None when the file does not exist; an unreadable one is a StageError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path} is unreadable ({exc}); {fix}") from None
+
+
 def write_json(path, data):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=True, allow_nan=True)

@@ -7,12 +7,11 @@ stage) still gets a row, with blanks and a note that says which command complete
 import csv
 import glob
 import io
-import json
 import os
 import re
 
-from arraybn.stages.artifacts import stage_dir
-from arraybn.stages.sweep import VARIANTS_DIR
+from arraybn.stages.artifacts import StageError, read_json_if_exists, stage_dir
+from arraybn.stages.sweep_config import VARIANTS_DIR
 
 COLUMNS = (  # (key, header)
     ("name", "run"), ("model", "model"), ("bn", "BN"), ("bn_position", "BN position"),
@@ -50,17 +49,6 @@ def find_runs(patterns):
         raise FileNotFoundError(f"no run directories (with train/ or test/) in "
                                 f"{', '.join(map(os.fspath, patterns))}")
     return unique
-
-
-def _read_json(path):
-    """The JSON at ``path``, None when missing; a corrupt file raises ValueError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc})") from None
 
 
 def describe_stats(metrics, postproc, config):
@@ -105,10 +93,10 @@ def run_row(run_dir, name=None):
                history=None, postproc=None)
     notes = []
     try:
-        train = _read_json(os.path.join(stage_dir(run_dir, "train"), "manifest.json"))
-        test = _read_json(os.path.join(stage_dir(run_dir, "test"), "metrics.json"))
-        postproc = _read_json(os.path.join(stage_dir(run_dir, "postproc"), "manifest.json"))
-    except ValueError as exc:
+        train = read_json_if_exists(os.path.join(stage_dir(run_dir, "train"), "manifest.json"))
+        test = read_json_if_exists(os.path.join(stage_dir(run_dir, "test"), "metrics.json"))
+        postproc = read_json_if_exists(os.path.join(stage_dir(run_dir, "postproc"), "manifest.json"))
+    except StageError as exc:
         row["note"] = str(exc)
         return row
     if train is None:

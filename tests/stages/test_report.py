@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from arraybn.stages.report import collect_rows, csv_text, find_runs, markdown_table
-from arraybn.stages.sweep import load_sweep, run_sweep
+from arraybn.stages.sweep import run_sweep
+from arraybn.stages.sweep_config import load_sweep
 from tests.stages.helpers import make_dataset
 from tests.stages.test_sweep import write_sweep
 

@@ -8,7 +8,6 @@ import pytest
 
 import arraybn
 from arraybn.core import NonFiniteStatisticsError
-from arraybn.data import sha256_file
 from arraybn.nn import Network
 from arraybn.stages import StageError, TrainingInterrupted, run_train
 from tests.conftest import CPU_BACKENDS

@@ -1,7 +1,8 @@
 """``arraybn sweep CONFIG.toml``: many runs from one TOML file, resumable, in parallel."""
 import click
 
-from arraybn.stages.sweep import describe_outcome, load_sweep, plan_sweep, run_sweep
+from arraybn.stages.sweep import describe_outcome, plan_sweep, run_sweep
+from arraybn.stages.sweep_config import load_sweep
 from arraybn_cli.reporting import friendly_errors
 
 
