@@ -24,7 +24,7 @@ import textwrap
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import format_seconds, markdown_table, median_time  # noqa: E402
+from timing import format_seconds, markdown_table, median_time, parse_shapes  # noqa: E402
 
 import arraybn  # noqa: E402
 
@@ -42,12 +42,9 @@ def parse_args(argv):
     parser.add_argument("--backend", choices=["cpu", "cupy"], default="cpu",
                         help="cpu: numpy/numba/torch here; cupy: the CUDA benchmark")
     args = parser.parse_args(argv)
-    try:
-        args.shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",")]
-    except ValueError:
-        parser.error(f"--shapes must look like 128x6x26x26,128x120; got {args.shapes!r}")
-    if any(len(s) < 2 for s in args.shapes) or args.repeats < 1 or args.threads < 1:
-        parser.error("shapes need at least N and C; --repeats and --threads must be >= 1")
+    args.shapes = parse_shapes(args.shapes, parser)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
     return args
 
 

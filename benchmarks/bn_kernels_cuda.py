@@ -29,7 +29,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import format_seconds, markdown_table  # noqa: E402
+from timing import format_seconds, markdown_table, parse_shapes  # noqa: E402
 
 import arraybn  # noqa: E402
 
@@ -51,12 +51,9 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, default=None,
                         help="accepted from benchmarks/bn_kernels.py; CPU threads play no part")
     args = parser.parse_args(argv)
-    try:
-        args.shapes = [tuple(int(d) for d in s.lower().split("x")) for s in args.shapes.split(",")]
-    except ValueError:
-        parser.error(f"--shapes must look like 128x6x26x26,128x120; got {args.shapes!r}")
-    if any(len(s) < 2 for s in args.shapes) or args.repeats < 1 or args.warmup < 0:
-        parser.error("shapes need at least N and C; --repeats must be >= 1, --warmup >= 0")
+    args.shapes = parse_shapes(args.shapes, parser)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1, --warmup >= 0")
     return args
 
 

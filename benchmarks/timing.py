@@ -51,3 +51,14 @@ def markdown_table(headers, rows):
     out = [line([str(h) for h in headers]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def parse_shapes(text, parser):
+    """'128x6x26x26,128x120' -> [(128, 6, 26, 26), (128, 120)]; bad text is a parser error."""
+    try:
+        shapes = [tuple(int(d) for d in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--shapes must look like 128x6x26x26,128x120; got {text!r}")
+    if any(len(s) < 2 for s in shapes):
+        parser.error("each shape needs at least N and C")
+    return shapes
