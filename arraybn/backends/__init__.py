@@ -15,23 +15,35 @@ _MODULES = {
 }
 BACKEND_NAMES = tuple(_MODULES)
 _AUTO_ORDER = ("cupy", "numba", "numpy")
-_instances = {}
+_instances = {}     # name -> backend, or the BackendUnavailableError its create() raised
 
 __all__ = ["Backend", "BackendUnavailableError", "BACKEND_NAMES", "get_backend",
            "available_backends", "backend_for"]
 
 
 def _load(name):
+    """The backend ``name``, created once per process; so is the verdict that it is unavailable
+    (probing for a GPU costs ~50 us, too much to repeat on every ``auto`` call)."""
     if name not in _instances:
         try:
-            module = importlib.import_module(_MODULES[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != _MODULES[name]:
-                raise
-            raise BackendUnavailableError(f"backend {name!r} is missing from this installation "
-                                          "of arraybn; reinstall it") from exc
-        _instances[name] = module.create()  # raises BackendUnavailableError with the reason
-    return _instances[name]
+            _instances[name] = _create(name)
+        except BackendUnavailableError as exc:
+            _instances[name] = exc
+    found = _instances[name]
+    if isinstance(found, BackendUnavailableError):
+        raise BackendUnavailableError(str(found))
+    return found
+
+
+def _create(name):
+    try:
+        module = importlib.import_module(_MODULES[name])
+    except ModuleNotFoundError as exc:
+        if exc.name != _MODULES[name]:
+            raise
+        raise BackendUnavailableError(f"backend {name!r} is missing from this installation "
+                                      "of arraybn; reinstall it") from exc
+    return module.create()  # raises BackendUnavailableError with the reason
 
 
 def available_backends():

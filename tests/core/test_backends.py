@@ -50,3 +50,22 @@ def test_cupy_unavailable_is_a_readable_error_here():
 def test_a_numpy_array_is_refused_by_the_cupy_backend_with_advice():
     with pytest.raises(TypeError, match="cupy.asarray"):
         arraybn.batch_norm_forward(np.ones((4, 2)), None, None, backend="cupy")
+
+
+def test_an_unavailable_backend_is_probed_once_per_process(monkeypatch):
+    from arraybn import backends
+    from arraybn.backends import cupy_backend
+    calls = []
+
+    def create():
+        calls.append(1)
+        raise backends.BackendUnavailableError("no CUDA device is visible (test)")
+
+    monkeypatch.delitem(backends._instances, "cupy", raising=False)
+    monkeypatch.setattr(cupy_backend, "create", create)
+    for _ in range(3):
+        with pytest.raises(backends.BackendUnavailableError, match="no CUDA device is visible"):
+            arraybn.get_backend("cupy")
+    monkeypatch.setenv("ARRAYBN_BACKEND", "auto")
+    assert arraybn.get_backend().name != "cupy"
+    assert calls == [1]
