@@ -19,6 +19,16 @@ and rounded once to the data's dtype, so float32 results are correctly rounded, 
   ``m = N * M``.
 
 ``out``, when given, is a preallocated C-contiguous array of x3's shape and dtype to write into.
+
+One per-channel step comes with a default written with ``xp`` operations, which a backend may
+replace with a fused kernel (the numba backend does: on small inputs these few (C,) operations
+cost more than the kernels):
+
+- ``finish_statistics(mean, var, eps, momentum, count, running_mean, running_var)
+  -> (finite, inv_std)``: if every ``mean``/``var`` is finite, ``inv_std = 1 / sqrt(var + eps)``
+  and the running buffers (either may be None) are updated in place,
+  ``r = (1 - momentum) * r + momentum * batch`` in float64 with ``var * count / (count - 1)`` for
+  ``running_var``; otherwise ``(False, None)`` and nothing changes.
 """
 
 
@@ -48,6 +58,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def backward(self, gy3, x3, mean, scale, w, centered=True, out=None):
         """(gx, sum_gy, sum_gy_xc)."""
+
+    def finish_statistics(self, mean, var, eps, momentum, count, running_mean=None,
+                          running_var=None):
+        """(finite, inv_std); running buffers updated in place only when finite."""
+        xp = self.xp
+        if not bool((xp.isfinite(mean) & xp.isfinite(var)).all()):
+            return False, None
+        inv_std = 1.0 / xp.sqrt(var + eps)
+        for buf, batch in ((running_mean, mean), (running_var, var * (count / (count - 1)))):
+            if buf is not None:
+                buf[...] = (1.0 - momentum) * buf.astype(xp.float64) + momentum * batch
+        return True, inv_std
 
     def __repr__(self):
         return f"<arraybn backend {self.name!r}>"

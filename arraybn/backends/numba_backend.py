@@ -33,6 +33,20 @@ def _channel_array(values, channels, name):
     return arr
 
 
+_NO_BUFFER = np.empty(0)          # "no running buffer" for the kernels, which skip empty ones
+
+
+def _running_buffer(buf, channels, name):
+    if buf is None:
+        return _NO_BUFFER
+    if not (isinstance(buf, np.ndarray) and buf.shape == (channels,) and buf.dtype in _FLOATS
+            and buf.flags.writeable):
+        raise ValueError(f"numba backend: {name} must be a writeable float32/float64 NumPy array "
+                         f"of shape ({channels},); got {getattr(buf, 'dtype', '')} "
+                         f"{getattr(buf, 'shape', type(buf).__name__)}")
+    return buf
+
+
 def _output(out, like, name="out"):
     """``out`` checked against ``like``, or a new array of like's shape and dtype."""
     if out is None:
@@ -126,6 +140,19 @@ class NumbaBackend(Backend):
         else:
             self._k.backward_range(*args, 0, channels, gx3, sum_gy, sum_gy_xc)
         return gx3, sum_gy, sum_gy_xc
+
+
+    def finish_statistics(self, mean, var, eps, momentum, count, running_mean=None,
+                          running_var=None):
+        channels = np.shape(mean)[0]
+        mean = _channel_array(mean, channels, "mean")
+        var = _channel_array(var, channels, "var")
+        inv_std = np.empty(channels)
+        finite = self._k.finish_statistics(
+            mean, var, float(eps), float(momentum), float(count),
+            _running_buffer(running_mean, channels, "running_mean"),
+            _running_buffer(running_var, channels, "running_var"), inv_std)
+        return (True, inv_std) if finite else (False, None)
 
 
 def _passive_openmp_workers():

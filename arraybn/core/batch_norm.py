@@ -60,11 +60,6 @@ def _groups(n, ghost_batch_size):
     return tuple((int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]))
 
 
-def _update_running(buf, momentum, value):
-    if buf is not None:
-        buf[...] = (1.0 - momentum) * buf + momentum * value   # float64, rounded once into buf
-
-
 def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, running_var=None,
                        momentum=0.1, eps=1e-5, variant="full", backend=None,
                        ghost_batch_size=None, renorm=False, rmax=3.0, dmax=5.0, frozen=False,
@@ -159,25 +154,24 @@ def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_onl
         xg, yg = x3[start:stop], y3[start:stop]
         count = xg.shape[0] * xg.shape[2]
         v.check_batch_size(count, xg.shape, "the batch" if len(groups) == 1 else "a ghost batch")
-        if renorm:
-            mean, var = be.moments(xg)
-        else:
-            _, mean, var = be.forward_train(xg, g, b, eps, center_only, out=yg)
-        v.check_finite(xp, [mean, var], "batch statistics")
-        inv_std = 1.0 / xp.sqrt(var + eps)
         shift = None
-        if center_only:
-            scale, w = xp.ones_like(mean), xp.zeros_like(mean)
-        elif renorm:
+        if renorm:            # r and d come from the running statistics before this update
+            mean, var = be.moments(xg)
+            v.check_finite(xp, [mean, var], "batch statistics")
             scale, shift = _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax)
             a = g * scale
             be.affine(xg, a, b + g * shift - mean * a, out=yg)
-            w = inv_std * inv_std
         else:
-            scale, w = inv_std, inv_std * inv_std
-        _update_running(rm, momentum, mean)
-        if not center_only:
-            _update_running(rv, momentum, var * (count / (count - 1)))
+            _, mean, var = be.forward_train(xg, g, b, eps, center_only, out=yg)
+        finite, inv_std = be.finish_statistics(mean, var, eps, momentum, count, rm,
+                                               None if center_only else rv)
+        if not finite:
+            raise v.non_finite_error(xp, [mean, var], "batch statistics")
+        if center_only:
+            scale, w = xp.ones_like(mean), xp.zeros_like(mean)
+        else:
+            scale = scale if renorm else inv_std
+            w = inv_std * inv_std
         means.append(mean), scales.append(scale), shifts.append(shift), ws.append(w)
     return means, scales, shifts, ws
 

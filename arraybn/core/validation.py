@@ -77,13 +77,22 @@ def check_finite(xp, arrays, what):
 
     One reduction and one device-to-host transfer however many arrays are checked.
     """
+    if not bool(_finite(xp, arrays).all()):
+        raise non_finite_error(xp, arrays, what)
+
+
+def _finite(xp, arrays):
     finite = xp.isfinite(arrays[0])
     for arr in arrays[1:]:
         finite &= xp.isfinite(arr)
-    if bool(finite.all()):
-        return
+    return finite
+
+
+def non_finite_error(xp, arrays, what):
+    """The NonFiniteStatisticsError for ``arrays``, at least one of which holds NaN/inf."""
+    finite = _finite(xp, arrays)
     bad = np.flatnonzero(~(finite.get() if hasattr(finite, "get") else finite))
     shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
-    raise NonFiniteStatisticsError(
+    return NonFiniteStatisticsError(
         f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "
         "(lower the learning rate, check the data, or use float64)", channels=bad)
