@@ -6,8 +6,9 @@
 Times are medians per call of ``arraybn.batch_norm_forward`` (training mode, running buffers
 updated) and of forward + ``arraybn.batch_norm_backward``; PyTorch runs
 ``torch.nn.functional.batch_norm`` and ``torch.autograd.grad`` on the same data with the same
-number of threads. The ceiling is a large ``numpy.copyto`` measured in the same run (read |x|,
-write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
+number of threads. numba and PyTorch are sampled in turns, and their ratio is the median of the
+per-turn ratios, so that a slow spell of this shared machine does not favour either. The
+ceiling is a large ``numpy.copyto`` measured in the same run (read |x|, write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
 fraction of it, counting the traffic a fused kernel cannot avoid: 2|x| for forward (read x,
 write y) and 5|x| for forward + backward (then read gy and x, write gx). The public API
 allocates y and gx on every call unless given ``out=``, so a second table times numba with
@@ -24,7 +25,8 @@ import textwrap
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import format_seconds, markdown_table, median_time, parse_shapes  # noqa: E402
+from timing import (format_seconds, interleaved_times, markdown_table, median_ratio,  # noqa: E402
+                    median_time, parse_shapes)
 
 import arraybn  # noqa: E402
 
@@ -92,7 +94,8 @@ def torch_timers(torch, x, gy):
 
 
 def measure_shape(shape, repeats, torch):
-    """Seconds per call: {'numpy': (fwd, fwd+bwd), 'numba': ..., 'torch': ..., 'copy': t}."""
+    """Seconds per call: {'numpy': (fwd, fwd+bwd), 'numba': ..., 'torch': ..., 'copy': t}, and
+    'ratios': numba/torch (fwd, fwd+bwd) as medians of ratios from interleaved samples."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, dtype=np.float32)
     gy = rng.standard_normal(shape, dtype=np.float32)
@@ -100,12 +103,22 @@ def measure_shape(shape, repeats, torch):
     min_seconds = 0.02 if x.size <= LARGE_ELEMENTS else 0.0
     timed = lambda f, r=reps: median_time(f, r, warmup=2, min_seconds=min_seconds)
     result = {}
-    for name in ("numpy", "numba"):
-        if name in arraybn.available_backends():
-            result[name] = tuple(timed(f, 3 if name == "numpy" and reps < repeats else reps)
-                                 for f in arraybn_timers(x, gy, name))
+    if "numpy" in arraybn.available_backends():   # slow: timed alone, fewer repeats when large
+        result["numpy"] = tuple(timed(f, 3 if reps < repeats else reps)
+                                for f in arraybn_timers(x, gy, "numpy"))
+    contenders = {}
+    if "numba" in arraybn.available_backends():
+        contenders["numba"] = arraybn_timers(x, gy, "numba")
     if torch is not None:
-        result["torch"] = tuple(timed(f) for f in torch_timers(torch, x, gy))
+        contenders["torch"] = torch_timers(torch, x, gy)
+    ratios, times = [], {name: [] for name in contenders}
+    for k in (0, 1):                                # forward, forward + backward
+        medians, rounds = interleaved_times({name: f[k] for name, f in contenders.items()},
+                                            reps, warmup=2, min_seconds=min_seconds)
+        for name in contenders:
+            times[name].append(medians[name])
+        ratios.append(median_ratio(rounds, "numba", "torch"))
+    result.update({name: tuple(t) for name, t in times.items()}, ratios=tuple(ratios))
     copy = np.empty_like(x)
     result["copy"] = timed(lambda: np.copyto(copy, x))
     if x.nbytes >= BANDWIDTH_MIN_BYTES and "numba" in result:
@@ -131,10 +144,6 @@ def kernel_timers(x, gy):
     return forward, forward_backward
 
 
-def ratio(a, b):
-    return None if a is None or b is None else f"{a / b:.2f}"
-
-
 def table_row(shape, nbytes, r):
     pick = lambda name, k: r[name][k] if name in r else None
     fmt = lambda t: None if t is None else format_seconds(t)
@@ -145,8 +154,8 @@ def table_row(shape, nbytes, r):
                      for k, traffic in ((0, 2), (1, 5))]
     return ["x".join(map(str, shape)), fmt(pick("numpy", 0)), fmt(pick("numba", 0)),
             fmt(pick("torch", 0)), fmt(pick("numpy", 1)), fmt(pick("numba", 1)),
-            fmt(pick("torch", 1)), ratio(pick("numba", 0), pick("torch", 0)),
-            ratio(pick("numba", 1), pick("torch", 1)), fmt(r["copy"]),
+            fmt(pick("torch", 1)), *(None if q is None else f"{q:.2f}" for q in r["ratios"]),
+            fmt(r["copy"]),
             f"{2 * nbytes / r['copy'] / 1e9:.1f}", *fractions]
 
 

@@ -21,6 +21,38 @@ def median_time(func, repeats=20, warmup=2, min_seconds=0.0):
     return statistics.median(samples)
 
 
+def interleaved_times(funcs, repeats=20, warmup=2, min_seconds=0.0):
+    """Per-call times of the callables in ``funcs`` (a dict), sampled in turns.
+
+    Each round takes one sample of every callable, so a slow spell of a shared machine hits all
+    of them alike. Returns ``(medians, rounds)``: the median seconds per call of each, and the
+    list of rounds (a dict of seconds per call each), from which ``median_ratio`` takes ratios.
+    """
+    inner = {}
+    for name, func in funcs.items():
+        for _ in range(warmup):
+            func()
+        inner[name] = _calls_per_sample(func, min_seconds)
+    rounds = []
+    for _ in range(repeats):
+        sample = {}
+        for name, func in funcs.items():
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                func()
+            sample[name] = (time.perf_counter() - start) / inner[name]
+        rounds.append(sample)
+    medians = {name: statistics.median(r[name] for r in rounds) for name in funcs}
+    return medians, rounds
+
+
+def median_ratio(rounds, a, b):
+    """Median over the rounds of time(a) / time(b), or None when either was not timed."""
+    if not rounds or a not in rounds[0] or b not in rounds[0]:
+        return None
+    return statistics.median(r[a] / r[b] for r in rounds)
+
+
 def _calls_per_sample(func, min_seconds):
     calls = 1
     while min_seconds > 0:

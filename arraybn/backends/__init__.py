@@ -96,6 +96,17 @@ def backend_for(x, backend=None):
         return get_backend(backend)
     if is_cupy_array(x):
         return get_backend("cupy")
+    forced = os.environ.get("ARRAYBN_BACKEND", "")
+    found = _cpu_defaults.get(forced)
+    if found is None:        # resolved once per value of the override: BN calls come by the 1000
+        found = _cpu_defaults[forced] = _cpu_default()
+    return found
+
+
+_cpu_defaults = {}          # ARRAYBN_BACKEND value -> the CPU backend backend_for picks
+
+
+def _cpu_default():
     default = get_backend("auto")
     if default.name != "cupy":
         return default

@@ -16,8 +16,11 @@ _INSTALL_HINT = ("install it with `python3 -m pip install numba` (or `pip instal
                  "which depends on it), or use backend='numpy'")
 
 
+_F64 = np.dtype(np.float64)
+
+
 def _check_data(arr, name):
-    if not (isinstance(arr, np.ndarray) and arr.ndim == 3 and arr.dtype in _FLOATS
+    if not (type(arr) is np.ndarray and arr.ndim == 3 and arr.dtype in _FLOATS
             and arr.flags.c_contiguous):
         raise TypeError(f"numba backend: {name} must be a C-contiguous float32/float64 NumPy array "
                         f"of shape (N, C, M); got {type(arr).__name__} "
@@ -26,7 +29,10 @@ def _check_data(arr, name):
 
 def _channel_array(values, channels, name):
     """``values`` as float64 (C,); the kernels index it by channel without bounds checks."""
-    arr = np.ascontiguousarray(values, dtype=np.float64)
+    if type(values) is np.ndarray and values.dtype == _F64 and values.flags.c_contiguous:
+        arr = values                       # the usual case: the core passes float64 (C,) arrays
+    else:
+        arr = np.ascontiguousarray(values, dtype=np.float64)
     if arr.shape != (channels,):
         raise ValueError(f"numba backend: {name} must have shape ({channels},), one value per "
                          f"channel; got shape {arr.shape}")
@@ -39,7 +45,7 @@ _NO_BUFFER = np.empty(0)          # "no running buffer" for the kernels, which s
 def _running_buffer(buf, channels, name):
     if buf is None:
         return _NO_BUFFER
-    if not (isinstance(buf, np.ndarray) and buf.shape == (channels,) and buf.dtype in _FLOATS
+    if not (type(buf) is np.ndarray and buf.shape == (channels,) and buf.dtype in _FLOATS
             and buf.flags.writeable):
         raise ValueError(f"numba backend: {name} must be a writeable float32/float64 NumPy array "
                          f"of shape ({channels},); got {getattr(buf, 'dtype', '')} "
@@ -51,7 +57,7 @@ def _output(out, like, name="out"):
     """``out`` checked against ``like``, or a new array of like's shape and dtype."""
     if out is None:
         return np.empty_like(like)
-    if not (isinstance(out, np.ndarray) and out.shape == like.shape and out.dtype == like.dtype
+    if not (type(out) is np.ndarray and out.shape == like.shape and out.dtype == like.dtype
             and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"numba backend: {name} must be a writeable C-contiguous {like.dtype} "
                          f"array of shape {like.shape}; got {getattr(out, 'dtype', '')} "
@@ -74,15 +80,15 @@ class NumbaBackend(Backend):
         self._numba = numba_module
 
     def _tasks(self, x3):
-        """Channel blocks to share among threads; 0 means run serially on this thread."""
+        """Channel ranges to share among threads; 0 means run serially on this thread."""
         if x3.size < self.parallel_min_size:
             return 0
         threads = self._numba.get_num_threads()
-        channels = x3.shape[1]
-        if x3.shape[2] > 1:
-            tasks = channels                                  # conv: one channel per task
+        channels, m = x3.shape[1], x3.shape[2]
+        if m > self._k.LANES:
+            tasks = channels                                  # long rows: a channel per task
         else:
-            tasks = min(threads, channels // 32)              # dense: rows of >= 32 channels
+            tasks = min(threads, channels, channels * m // 32)   # rows of >= 32 values a task
         return tasks if threads > 1 and tasks > 1 else 0
 
     def moments(self, x3):
@@ -103,12 +109,12 @@ class NumbaBackend(Backend):
         mean, var = np.empty(channels), np.empty(channels)
         gamma = _channel_array(gamma, channels, "gamma")
         beta = _channel_array(beta, channels, "beta")
-        args = (x3, gamma, beta, float(eps), bool(center_only))
+        eps, center_only = float(eps), bool(center_only)
         tasks = self._tasks(x3)
         if tasks:
-            self._k.forward_parallel(*args, tasks, y3, mean, var)
+            self._k.forward_parallel(x3, gamma, beta, eps, center_only, tasks, y3, mean, var)
         else:
-            self._k.forward_range(*args, 0, channels, y3, mean, var)
+            self._k.forward_range(x3, gamma, beta, eps, center_only, 0, channels, y3, mean, var)
         return y3, mean, var
 
     def affine(self, x3, a, b, out=None):
@@ -131,20 +137,20 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         gx3 = _output(out, x3)
         sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-        args = (gy3, x3, _channel_array(mean, channels, "mean"),
-                _channel_array(scale, channels, "scale"), _channel_array(w, channels, "w"),
-                bool(centered))
+        mean, scale = _channel_array(mean, channels, "mean"), _channel_array(scale, channels, "scale")
+        w, centered = _channel_array(w, channels, "w"), bool(centered)
         tasks = self._tasks(x3)
         if tasks:
-            self._k.backward_parallel(*args, tasks, gx3, sum_gy, sum_gy_xc)
+            self._k.backward_parallel(gy3, x3, mean, scale, w, centered, tasks, gx3, sum_gy,
+                                      sum_gy_xc)
         else:
-            self._k.backward_range(*args, 0, channels, gx3, sum_gy, sum_gy_xc)
+            self._k.backward_range(gy3, x3, mean, scale, w, centered, 0, channels, gx3, sum_gy,
+                                   sum_gy_xc)
         return gx3, sum_gy, sum_gy_xc
-
 
     def finish_statistics(self, mean, var, eps, momentum, count, running_mean=None,
                           running_var=None):
-        channels = np.shape(mean)[0]
+        channels = len(mean)
         mean = _channel_array(mean, channels, "mean")
         var = _channel_array(var, channels, "var")
         inv_std = np.empty(channels)

@@ -151,7 +151,7 @@ def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_onl
     xp = be.xp
     means, scales, shifts, ws = [], [], [], []
     for start, stop in groups:
-        xg, yg = x3[start:stop], y3[start:stop]
+        xg, yg = (x3, y3) if len(groups) == 1 else (x3[start:stop], y3[start:stop])
         count = xg.shape[0] * xg.shape[2]
         v.check_batch_size(count, xg.shape, "the batch" if len(groups) == 1 else "a ghost batch")
         shift = None
@@ -168,7 +168,7 @@ def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_onl
         if not finite:
             raise v.non_finite_error(xp, [mean, var], "batch statistics")
         if center_only:
-            scale, w = xp.ones_like(mean), xp.zeros_like(mean)
+            scale, w = xp.ones(mean.shape), xp.zeros(mean.shape)
         else:
             scale = scale if renorm else inv_std
             w = inv_std * inv_std
