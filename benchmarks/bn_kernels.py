@@ -33,6 +33,7 @@ import arraybn  # noqa: E402
 DEFAULT_SHAPES = "128x6x26x26,128x16x11x11,128x120,64x64x112x112"
 BANDWIDTH_MIN_BYTES = 64 * 2**20     # larger than any L3 here: the data streams from DRAM
 LARGE_ELEMENTS = 2**22               # fewer repeats above this size
+PAUSE_SECONDS = 0.05                 # before each interleaved sample: spinning workers go to sleep
 
 
 def parse_args(argv):
@@ -114,7 +115,8 @@ def measure_shape(shape, repeats, torch):
     ratios, times = [], {name: [] for name in contenders}
     for k in (0, 1):                                # forward, forward + backward
         medians, rounds = interleaved_times({name: f[k] for name, f in contenders.items()},
-                                            reps, warmup=2, min_seconds=min_seconds)
+                                            reps, warmup=2, min_seconds=min_seconds,
+                                            pause=PAUSE_SECONDS)
         for name in contenders:
             times[name].append(medians[name])
         ratios.append(median_ratio(rounds, "numba", "torch"))

@@ -21,11 +21,13 @@ def median_time(func, repeats=20, warmup=2, min_seconds=0.0):
     return statistics.median(samples)
 
 
-def interleaved_times(funcs, repeats=20, warmup=2, min_seconds=0.0):
+def interleaved_times(funcs, repeats=20, warmup=2, min_seconds=0.0, pause=0.0):
     """Per-call times of the callables in ``funcs`` (a dict), sampled in turns.
 
     Each round takes one sample of every callable, so a slow spell of a shared machine hits all
-    of them alike. Returns ``(medians, rounds)``: the median seconds per call of each, and the
+    of them alike. ``pause`` seconds of sleep before each sample let the OpenMP workers of the
+    previous one stop spinning (libgomp's default spins for milliseconds after a parallel
+    region, on cores the next sample needs). Returns ``(medians, rounds)``: the median seconds per call of each, and the
     list of rounds (a dict of seconds per call each), from which ``median_ratio`` takes ratios.
     """
     inner = {}
@@ -37,6 +39,7 @@ def interleaved_times(funcs, repeats=20, warmup=2, min_seconds=0.0):
     for _ in range(repeats):
         sample = {}
         for name, func in funcs.items():
+            time.sleep(pause)
             start = time.perf_counter()
             for _ in range(inner[name]):
                 func()
