@@ -38,6 +38,18 @@ def test_numpy_arrays_run_on_a_cpu_backend(monkeypatch):
     assert backend_for(np.ones((2, 2)), "numpy").name == "numpy"
 
 
+def test_the_default_follows_the_environment_variable_from_call_to_call(monkeypatch):
+    x = np.ones((2, 2))
+    monkeypatch.setenv("ARRAYBN_BACKEND", "numpy")
+    assert backend_for(x).name == "numpy"
+    monkeypatch.delenv("ARRAYBN_BACKEND")
+    best = [n for n in ("numba", "numpy") if n in arraybn.available_backends()][0]
+    assert backend_for(x).name == best
+    monkeypatch.setenv("ARRAYBN_BACKEND", "quantum")
+    with pytest.raises(ValueError, match="unknown backend 'quantum'"):
+        backend_for(x)
+
+
 def test_cupy_unavailable_is_a_readable_error_here():
     if "cupy" in arraybn.available_backends():
         pytest.skip("a CUDA GPU works here")

@@ -191,6 +191,37 @@ def test_forward_and_backward_on_random_shapes(n, c, m, dtype, seed):
         assert_rounded_once(gx3, gx, mag, dtype)
 
 
+@pytest.mark.parametrize("buffer_dtype", DTYPES)
+@pytest.mark.parametrize("with_var", [True, False])
+def test_finish_statistics(cpu_backend, rng, buffer_dtype, with_var):
+    """inv_std and PyTorch's running update (unbiased variance), in float64, rounded once."""
+    mean, var = rng.normal(size=5), rng.uniform(0.1, 2.0, 5)
+    rm0, rv0 = rng.normal(size=5).astype(buffer_dtype), rng.uniform(1, 2, 5).astype(buffer_dtype)
+    rm, rv = rm0.copy(), rv0.copy()
+    finite, inv_std = cpu_backend.finish_statistics(mean, var, EPS, 0.3, 8, rm,
+                                                    rv if with_var else None)
+    assert finite
+    np.testing.assert_allclose(inv_std, 1 / np.sqrt(var + EPS), rtol=1e-15)
+    expected_rm = 0.7 * rm0.astype(np.float64) + 0.3 * mean
+    expected_rv = 0.7 * rv0.astype(np.float64) + 0.3 * var * 8 / 7
+    ulp = np.finfo(buffer_dtype).eps          # numba may fuse a multiply-add: one rounding less
+    np.testing.assert_allclose(rm, expected_rm.astype(buffer_dtype), rtol=ulp, atol=0)
+    if with_var:
+        np.testing.assert_allclose(rv, expected_rv.astype(buffer_dtype), rtol=ulp, atol=0)
+    else:
+        np.testing.assert_array_equal(rv, rv0)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_finish_statistics_with_non_finite_statistics_changes_nothing(cpu_backend, rng, poison):
+    mean, var = rng.normal(size=4), rng.uniform(0.1, 2.0, 4)
+    var[2] = poison
+    rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    assert cpu_backend.finish_statistics(mean, var, EPS, 0.1, 10, rm, rv) == (False, None)
+    np.testing.assert_array_equal(rm, 0)
+    np.testing.assert_array_equal(rv, 1)
+
+
 # ----------------------------------------------------------------------------- numerics
 
 @pytest.mark.parametrize("shape", [(256, 3, 1), (64, 3, 300)])
@@ -251,6 +282,10 @@ def test_numba_rejects_what_its_kernels_cannot_take(rng):
         be.forward_train(x3, np.ones(2), np.zeros(3), EPS)
     with pytest.raises(ValueError, match="gy3 .* must match x3"):
         be.backward(x3.astype(np.float64), x3, np.zeros(3), np.ones(3), np.ones(3))
+    with pytest.raises(ValueError, match=r"running_var must be a writeable .* shape \(3,\)"):
+        be.finish_statistics(np.zeros(3), np.ones(3), EPS, 0.1, 8, None, np.ones(2))
+    with pytest.raises(ValueError, match=r"var must have shape \(3,\)"):
+        be.finish_statistics(np.zeros(3), np.ones(4), EPS, 0.1, 8)
 
 
 def test_numba_missing_is_a_readable_error(monkeypatch):

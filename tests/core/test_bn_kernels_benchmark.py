@@ -1,0 +1,55 @@
+"""The CPU BN benchmark runs end to end on tiny shapes (no timing is asserted), and its
+interleaved sampling helpers compute what they say."""
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_interleaved_times_samples_every_callable_in_turns():
+    timing = _load("timing")
+    calls = []
+    medians, rounds = timing.interleaved_times({"a": lambda: calls.append("a"),
+                                                "b": lambda: calls.append("b")},
+                                               repeats=3, warmup=1)
+    assert calls[:2] == ["a", "b"] and calls[2:] == ["a", "b"] * 3
+    assert len(rounds) == 3 and set(medians) == {"a", "b"}
+    assert all(t > 0 for r in rounds for t in r.values())
+
+
+def test_median_ratio_is_the_median_of_per_round_ratios():
+    timing = _load("timing")
+    rounds = [{"a": 1.0, "b": 2.0}, {"a": 3.0, "b": 1.0}, {"a": 2.0, "b": 2.0}]
+    assert timing.median_ratio(rounds, "a", "b") == 1.0      # ratios 0.5, 3, 1
+    assert timing.median_ratio(rounds, "a", "torch") is None
+    assert timing.median_ratio([], "a", "b") is None
+
+
+def test_benchmark_prints_a_row_per_shape(capsys):
+    bench = _load("bn_kernels")
+    assert bench.main(["--repeats", "1", "--shapes", "8x3x4x4,6x5", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 8x3x4x4")
+            or line.startswith("| 6x5 ")]
+    assert len(rows) == 2
+    assert all(len(row.split("|")) == len(bench.HEADERS) + 2 for row in rows)
+
+
+def test_benchmark_rejects_a_bad_shape():
+    bench = _load("bn_kernels")
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "8xfoo"])
