@@ -275,15 +275,15 @@ def _block_moments(x3, c0, c1, scratch, mean, var):
 @_jit()
 def _block_affine(x3, c0, c1, scratch, center, a, b, y3):
     """y = (x - center[c]) * a[c] + b[c] for the block's channels."""
-    x2, y2, m = _rows(x3), _rows(y3), x3.shape[2]
+    x2, y2, m, per = _rows(x3), _rows(y3), x3.shape[2], _per_channel_lanes(x3)
     if m > LANES:
         _affine_channel(x2, c0 * m, c1 * m, center[c0], a[c0], b[c0], y2)
         return
     center_l, a_l, b_l = (_lanes_of(scratch, 0, x3, c0, c1), _lanes_of(scratch, 1, x3, c0, c1),
                           _lanes_of(scratch, 2, x3, c0, c1))
-    _spread(center, c0, m, center_l)
-    _spread(a, c0, m, a_l)
-    _spread(b, c0, m, b_l)
+    _spread(center, c0, per, center_l)
+    _spread(a, c0, per, a_l)
+    _spread(b, c0, per, b_l)
     _affine_rows(x2, c0 * m, c1 * m, center_l, a_l, b_l, y2)
 
 
@@ -312,9 +312,9 @@ def _block_backward(gy3, x3, mean, scale, w, centered, c0, c1, scratch, gx3, sum
         _gx_channel(gy2, x2, c0 * m, c1 * m, mean[c0], scale[c0], a_x[c0], b[c0], gx2)
     else:
         a_gy, a_x_l, b_l = lanes_gy, lanes_gy_xc, _lanes_of(scratch, 3, x3, c0, c1)
-        _spread(scale, c0, m, a_gy)        # the sums are folded out: reuse their lanes
-        _spread(a_x, c0, m, a_x_l)
-        _spread(b, c0, m, b_l)
+        _spread(scale, c0, per, a_gy)        # the sums are folded out: reuse their lanes
+        _spread(a_x, c0, per, a_x_l)
+        _spread(b, c0, per, b_l)
         _gx_rows(gy2, x2, c0 * m, c1 * m, center, a_gy, a_x_l, b_l, gx2)
 
 

@@ -25,6 +25,18 @@ def test_batch_of_one_works_in_inference(backend, rng):
     assert y.shape == (1, 4)
 
 
+def test_empty_spatial_axes_are_refused_in_training_and_pass_through_inference(backend):
+    x = np.ones((4, 3, 0, 5))
+    with pytest.raises(ValueError, match="more than one value per channel"):
+        forward(backend, x)
+    rm, rv = to_backend(backend, np.zeros(3), np.ones(3))
+    y, cache = forward(backend, x, training=False, running_mean=rm, running_var=rv)
+    gx, ggamma, gbeta = arraybn.batch_norm_backward(y, cache)
+    assert y.shape == gx.shape == x.shape
+    np.testing.assert_array_equal(to_host(ggamma), 0)
+    np.testing.assert_array_equal(to_host(gbeta), 0)
+
+
 def test_ghost_batch_of_one_is_refused(backend):
     with pytest.raises(ValueError, match="ghost batch"):
         forward(backend, np.ones((4, 3)), ghost_batch_size=1)
