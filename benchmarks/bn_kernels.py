@@ -8,9 +8,10 @@ updated) and of forward + ``arraybn.batch_norm_backward``; PyTorch runs
 ``torch.nn.functional.batch_norm`` and ``torch.autograd.grad`` on the same data with the same
 number of threads. numba and PyTorch are sampled in turns, and their ratio is the median of the
 per-turn ratios, so that a slow spell of this shared machine does not favour either. The
-ceiling is a large ``numpy.copyto`` measured in the same run (read |x|, write |x|); on shapes too large for the caches numba's achieved bandwidth is reported as a
-fraction of it, counting the traffic a fused kernel cannot avoid: 2|x| for forward (read x,
-write y) and 5|x| for forward + backward (then read gy and x, write gx). The public API
+ceiling is a large ``numpy.copyto`` measured in the same run (read |x|, write |x|); on shapes
+too large for the caches numba's achieved bandwidth is reported as a fraction of it, counting
+the traffic a fused kernel cannot avoid: 2|x| for forward (read x, write y) and 5|x| for
+forward + backward (then read gy and x, write gx). The public API
 allocates y and gx on every call unless given ``out=``, so a second table times numba with
 ``out=`` buffers reused between calls on those shapes.
 """

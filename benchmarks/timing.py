@@ -27,8 +27,9 @@ def interleaved_times(funcs, repeats=20, warmup=2, min_seconds=0.0, pause=0.0):
     Each round takes one sample of every callable, so a slow spell of a shared machine hits all
     of them alike. ``pause`` seconds of sleep before each sample let the OpenMP workers of the
     previous one stop spinning (libgomp's default spins for milliseconds after a parallel
-    region, on cores the next sample needs). Returns ``(medians, rounds)``: the median seconds per call of each, and the
-    list of rounds (a dict of seconds per call each), from which ``median_ratio`` takes ratios.
+    region, on cores the next sample needs). Returns ``(medians, rounds)``: the median seconds
+    per call of each, and the list of rounds (a dict of seconds per call each), from which
+    ``median_ratio`` takes ratios.
     """
     inner = {}
     for name, func in funcs.items():

@@ -21,7 +21,7 @@ _F64 = np.dtype(np.float64)
 
 
 def _check_data(arr, name):
-    if not (type(arr) is np.ndarray and arr.ndim == 3 and arr.dtype in _FLOATS
+    if not (isinstance(arr, np.ndarray) and arr.ndim == 3 and arr.dtype in _FLOATS
             and arr.flags.c_contiguous):
         raise TypeError(f"numba backend: {name} must be a C-contiguous float32/float64 NumPy array "
                         f"of shape (N, C, M); got {type(arr).__name__} "
@@ -46,7 +46,7 @@ _NO_BUFFER = np.empty(0)          # "no running buffer" for the kernels, which s
 def _running_buffer(buf, channels, name):
     if buf is None:
         return _NO_BUFFER
-    if not (type(buf) is np.ndarray and buf.shape == (channels,) and buf.dtype in _FLOATS
+    if not (isinstance(buf, np.ndarray) and buf.shape == (channels,) and buf.dtype in _FLOATS
             and buf.flags.writeable):
         raise ValueError(f"numba backend: {name} must be a writeable float32/float64 NumPy array "
                          f"of shape ({channels},); got {getattr(buf, 'dtype', '')} "
@@ -58,7 +58,7 @@ def _output(out, like, name="out"):
     """``out`` checked against ``like``, or a new array of like's shape and dtype."""
     if out is None:
         return np.empty_like(like)
-    if not (type(out) is np.ndarray and out.shape == like.shape and out.dtype == like.dtype
+    if not (isinstance(out, np.ndarray) and out.shape == like.shape and out.dtype == like.dtype
             and out.flags.c_contiguous and out.flags.writeable):
         raise ValueError(f"numba backend: {name} must be a writeable C-contiguous {like.dtype} "
                          f"array of shape {like.shape}; got {getattr(out, 'dtype', '')} "
@@ -138,7 +138,8 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         gx3 = _output(out, x3)
         sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-        mean, scale = _channel_array(mean, channels, "mean"), _channel_array(scale, channels, "scale")
+        mean = _channel_array(mean, channels, "mean")
+        scale = _channel_array(scale, channels, "scale")
         w, centered = _channel_array(w, channels, "w"), bool(centered)
         tasks = self._tasks(x3)
         if tasks:
