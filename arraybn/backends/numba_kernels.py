@@ -17,9 +17,13 @@ k0 = c0*M .. k1 = c1*M, and every pass walks the rows in order over the columns 
   in L2 (``BLOCK_BYTES``), so the passes after the first read it from cache.
 - Long rows (M > LANES): a block is one channel, its lanes wrap around each row.
 
-Statistics read each block once from memory: rows are cut into chunks of about ``CHUNK`` values
-per channel; each chunk gets a two-pass mean and sum of squared deviations (its second pass hits
-cache), merged in order with Chan et al.'s pairwise update, as stable as two passes over the
+Every pass reads memory in address order: ``ROWS`` rows at a time, each across the block's
+columns (walking a long channel column by column, all rows per column, halved the speed: it defeats
+the hardware prefetcher).
+
+Statistics read each block once from memory: rows are cut into chunks of at least ``ROWS`` rows
+and about ``CHUNK`` values per channel; each chunk gets a two-pass mean and sum of squared
+deviations (its second pass hits cache), merged in order with Chan et al.'s pairwise update, as stable as two passes over the
 whole channel. The per-lane arrays ``center``, ``a``, ``b`` of the element-wise passes hold each
 channel's coefficient in all of its lanes.
 
@@ -74,15 +78,16 @@ def _sum_rows(x2, n0, n1, k0, k1, lanes):
     """lanes[j] += sum of the lane's elements, in float64."""
     width = lanes.shape[0]
     n4 = n1 - (n1 - n0) % ROWS
-    for start in range(k0, k1, width):
-        stop = min(start + width, k1)
-        for n in range(n0, n4, ROWS):
+    for n in range(n0, n4, ROWS):
+        for start in range(k0, k1, width):
+            stop = min(start + width, k1)
             p0, p1 = x2[n, start:stop], x2[n + 1, start:stop]
             p2, p3 = x2[n + 2, start:stop], x2[n + 3, start:stop]
             for j in range(p0.shape[0]):
                 lanes[j] += (np.float64(p0[j]) + p1[j]) + (np.float64(p2[j]) + p3[j])
-        for n in range(n4, n1):
-            part = x2[n, start:stop]
+    for n in range(n4, n1):
+        for start in range(k0, k1, width):
+            part = x2[n, start:min(start + width, k1)]
             for j in range(part.shape[0]):
                 lanes[j] += part[j]
 
@@ -92,17 +97,18 @@ def _sum_sq_dev_rows(x2, n0, n1, k0, k1, center, lanes):
     """lanes[j] += sum of (element - center[j])**2, in float64."""
     width = lanes.shape[0]
     n4 = n1 - (n1 - n0) % ROWS
-    for start in range(k0, k1, width):
-        stop = min(start + width, k1)
-        for n in range(n0, n4, ROWS):
+    for n in range(n0, n4, ROWS):
+        for start in range(k0, k1, width):
+            stop = min(start + width, k1)
             p0, p1 = x2[n, start:stop], x2[n + 1, start:stop]
             p2, p3 = x2[n + 2, start:stop], x2[n + 3, start:stop]
             for j in range(p0.shape[0]):
                 mu = center[j]
                 d0, d1, d2, d3 = p0[j] - mu, p1[j] - mu, p2[j] - mu, p3[j] - mu
                 lanes[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        for n in range(n4, n1):
-            part = x2[n, start:stop]
+    for n in range(n4, n1):
+        for start in range(k0, k1, width):
+            part = x2[n, start:min(start + width, k1)]
             for j in range(part.shape[0]):
                 d = part[j] - center[j]
                 lanes[j] += d * d
@@ -113,9 +119,9 @@ def _sum_grad_rows(gy2, x2, k0, k1, center, lanes_gy, lanes_gy_xc):
     """lanes_gy[j] += sum of gy, lanes_gy_xc[j] += sum of gy * (x - center[j]), all rows."""
     width, n1 = lanes_gy.shape[0], x2.shape[0]
     n4 = n1 - n1 % ROWS
-    for start in range(k0, k1, width):
-        stop = min(start + width, k1)
-        for n in range(0, n4, ROWS):
+    for n in range(0, n4, ROWS):
+        for start in range(k0, k1, width):
+            stop = min(start + width, k1)
             g0, g1 = gy2[n, start:stop], gy2[n + 1, start:stop]
             g2, g3 = gy2[n + 2, start:stop], gy2[n + 3, start:stop]
             p0, p1 = x2[n, start:stop], x2[n + 1, start:stop]
@@ -127,7 +133,9 @@ def _sum_grad_rows(gy2, x2, k0, k1, center, lanes_gy, lanes_gy_xc):
                 lanes_gy[j] += (a0 + a1) + (a2 + a3)
                 lanes_gy_xc[j] += ((a0 * (p0[j] - mu) + a1 * (p1[j] - mu))
                                    + (a2 * (p2[j] - mu) + a3 * (p3[j] - mu)))
-        for n in range(n4, n1):
+    for n in range(n4, n1):
+        for start in range(k0, k1, width):
+            stop = min(start + width, k1)
             grow, xrow = gy2[n, start:stop], x2[n, start:stop]
             for j in range(xrow.shape[0]):
                 g = np.float64(grow[j])
@@ -244,7 +252,7 @@ def _block_moments(x3, c0, c1, scratch, mean, var):
     x2, m = _rows(x3), x3.shape[2]
     per, k0, k1 = _per_channel_lanes(x3), c0 * m, c1 * m
     lanes, center = _lanes_of(scratch, 0, x3, c0, c1), _lanes_of(scratch, 1, x3, c0, c1)
-    rows = max(1, CHUNK // max(m, 1))
+    rows = max(ROWS, CHUNK // max(m, 1))
     mean[c0:c1] = 0.0
     var[c0:c1] = 0.0                       # holds M2, the sum of squared deviations, until the end
     count = 0.0
