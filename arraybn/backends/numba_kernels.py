@@ -199,7 +199,13 @@ def _fold(acc):
 
 @_jit()
 def _fold_channels(lanes, per, out, c0):
-    """out[c0 + i] = folded sum of channel i's ``per`` lanes, for every channel of the block."""
+    """out[c0 + i] = folded sum of channel i's ``per`` lanes, for every channel of the block.
+
+    ``out`` may be ``lanes`` itself with c0 = 0: channel i's sum lands at or before its lanes.
+    """
+    if per == 1:                               # dense data: a lane is a channel
+        out[c0:c0 + lanes.shape[0]] = lanes
+        return
     for i in range(lanes.shape[0] // per):
         out[c0 + i] = _fold(lanes[i * per:(i + 1) * per])
 
@@ -207,6 +213,9 @@ def _fold_channels(lanes, per, out, c0):
 @_jit()
 def _spread(values, c0, per, lanes):
     """Every lane of the block's channel i gets values[c0 + i]."""
+    if per == 1:
+        lanes[:] = values[c0:c0 + lanes.shape[0]]
+        return
     for i in range(lanes.shape[0] // per):
         lanes[i * per:(i + 1) * per] = values[c0 + i]
 
@@ -262,13 +271,13 @@ def _block_moments(x3, c0, c1, scratch, mean, var):
         total = count + k
         lanes[:] = 0.0
         _sum_rows(x2, n0, n1, k0, k1, lanes)
-        for i in range(c1 - c0):
-            center[i * per:(i + 1) * per] = _fold(lanes[i * per:(i + 1) * per]) / k
+        _fold_channels(lanes, per, center, 0)
+        _spread(center[:c1 - c0] / k, 0, per, center)
         lanes[:] = 0.0
         _sum_sq_dev_rows(x2, n0, n1, k0, k1, center, lanes)
         for i in range(c1 - c0):
             c, mean_k = c0 + i, center[i * per]
-            m2_k = _fold(lanes[i * per:(i + 1) * per])
+            m2_k = lanes[i] if per == 1 else _fold(lanes[i * per:(i + 1) * per])
             delta = mean_k - mean[c]
             mean[c] += delta * (k / total)
             var[c] += m2_k + delta * delta * (count * k / total)
