@@ -93,7 +93,10 @@ def backend_for(x, backend=None):
     runs on the best CPU backend instead.
     """
     if backend is not None:
-        return get_backend(backend)
+        found = _instances.get(backend) if isinstance(backend, str) else None
+        if found is None or isinstance(found, BackendUnavailableError):
+            return get_backend(backend)
+        return found                                  # the usual case: created already
     if is_cupy_array(x):
         return get_backend("cupy")
     forced = os.environ.get("ARRAYBN_BACKEND", "")

@@ -29,6 +29,10 @@ cost more than the kernels):
   and the running buffers (either may be None) are updated in place,
   ``r = (1 - momentum) * r + momentum * batch`` in float64 with ``var * count / (count - 1)`` for
   ``running_var``; otherwise ``(False, None)`` and nothing changes.
+- ``forward_train_finish(x3, gamma, beta, eps, center_only, momentum, running_mean,
+  running_var, out) -> (y, mean, var, inv_std)``: ``forward_train``, then ``finish_statistics``
+  with ``count = N * M``; ``inv_std`` is None when the statistics are not finite. One call per
+  training step, as in cuDNN's forward-training call (the numba backend makes it one kernel).
 """
 
 
@@ -70,6 +74,14 @@ class Backend(abc.ABC):
             if buf is not None:
                 buf[...] = (1.0 - momentum) * buf.astype(xp.float64) + momentum * batch
         return True, inv_std
+
+    def forward_train_finish(self, x3, gamma, beta, eps, center_only=False, momentum=0.1,
+                             running_mean=None, running_var=None, out=None):
+        """(y, mean, var, inv_std or None): forward_train, then finish_statistics."""
+        y3, mean, var = self.forward_train(x3, gamma, beta, eps, center_only, out=out)
+        _, inv_std = self.finish_statistics(mean, var, eps, momentum, x3.shape[0] * x3.shape[2],
+                                            running_mean, running_var)
+        return y3, mean, var, inv_std
 
     def __repr__(self):
         return f"<arraybn backend {self.name!r}>"

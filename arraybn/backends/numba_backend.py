@@ -104,19 +104,24 @@ class NumbaBackend(Backend):
         return mean, var
 
     def forward_train(self, x3, gamma, beta, eps, center_only=False, out=None):
+        return self.forward_train_finish(x3, gamma, beta, eps, center_only, 0.0, out=out)[:3]
+
+    def forward_train_finish(self, x3, gamma, beta, eps, center_only=False, momentum=0.1,
+                             running_mean=None, running_var=None, out=None):
         _check_data(x3, "x3")
         channels = x3.shape[1]
         y3 = _output(out, x3)
-        mean, var = np.empty(channels), np.empty(channels)
-        gamma = _channel_array(gamma, channels, "gamma")
-        beta = _channel_array(beta, channels, "beta")
-        eps, center_only = float(eps), bool(center_only)
+        mean, var, inv_std = np.empty(channels), np.empty(channels), np.empty(channels)
+        args = (x3, _channel_array(gamma, channels, "gamma"),
+                _channel_array(beta, channels, "beta"), float(eps), bool(center_only))
+        rest = (float(momentum), _running_buffer(running_mean, channels, "running_mean"),
+                _running_buffer(running_var, channels, "running_var"), y3, mean, var, inv_std)
         tasks = self._tasks(x3)
         if tasks:
-            self._k.forward_parallel(x3, gamma, beta, eps, center_only, tasks, y3, mean, var)
+            finite = self._k.forward_finish_parallel(*args, tasks, *rest)
         else:
-            self._k.forward_range(x3, gamma, beta, eps, center_only, 0, channels, y3, mean, var)
-        return y3, mean, var
+            finite = self._k.forward_finish_range(*args, *rest)
+        return y3, mean, var, (inv_std if finite else None)
 
     def affine(self, x3, a, b, out=None):
         _check_data(x3, "x3")

@@ -23,9 +23,9 @@ the hardware prefetcher).
 
 Statistics read each block once from memory: rows are cut into chunks of at least ``ROWS`` rows
 and about ``CHUNK`` values per channel; each chunk gets a two-pass mean and sum of squared
-deviations (its second pass hits cache), merged in order with Chan et al.'s pairwise update, as stable as two passes over the
-whole channel. The per-lane arrays ``center``, ``a``, ``b`` of the element-wise passes hold each
-channel's coefficient in all of its lanes.
+deviations (its second pass hits cache), merged in order with Chan et al.'s pairwise update, as
+stable as two passes over the whole channel. The per-lane arrays ``center``, ``a``, ``b`` of the
+element-wise passes hold each channel's coefficient in all of its lanes.
 
 Each kernel exists as ``*_range`` (channels lo..hi-1 on the calling thread, for small inputs) and
 ``*_parallel`` (channel ranges shared out with ``prange``).
@@ -376,6 +376,19 @@ def backward_range(gy3, x3, mean, scale, w, centered, lo, hi, gx3, sum_gy, sum_g
                         gx3, sum_gy, sum_gy_xc)
 
 
+@_jit()
+def forward_finish_range(x3, gamma, beta, eps, center_only, momentum, running_mean, running_var,
+                         y3, mean, var, inv_std):
+    """``forward_finish_parallel`` on the calling thread.
+
+    Not one kernel with a thread-count switch: a cached function that calls a ``parallel=True``
+    one crashes when Numba loads it from its cache (numba/numba#8578).
+    """
+    forward_range(x3, gamma, beta, eps, center_only, 0, x3.shape[1], y3, mean, var)
+    return finish_statistics(mean, var, eps, momentum, float(x3.shape[0] * x3.shape[2]),
+                             running_mean, running_var, inv_std)
+
+
 # ----------------------------------------------------------------------------- per channel
 
 @_jit()
@@ -416,10 +429,15 @@ def moments_parallel(x3, tasks, mean, var):
 
 
 @_jit(parallel=True)
-def forward_parallel(x3, gamma, beta, eps, center_only, tasks, y3, mean, var):
+def forward_finish_parallel(x3, gamma, beta, eps, center_only, tasks, momentum, running_mean,
+                            running_var, y3, mean, var, inv_std):
+    """The training forward on ``tasks`` threads, then ``finish_statistics`` (count = N * M),
+    in one call from Python. Returns its finite flag."""
     for task in prange(tasks):
         lo, hi = _task_range(task, tasks, x3.shape[1])
         forward_range(x3, gamma, beta, eps, center_only, lo, hi, y3, mean, var)
+    return finish_statistics(mean, var, eps, momentum, float(x3.shape[0] * x3.shape[2]),
+                             running_mean, running_var, inv_std)
 
 
 @_jit(parallel=True)
@@ -434,3 +452,4 @@ def backward_parallel(gy3, x3, mean, scale, w, centered, tasks, gx3, sum_gy, sum
     for task in prange(tasks):
         lo, hi = _task_range(task, tasks, x3.shape[1])
         backward_range(gy3, x3, mean, scale, w, centered, lo, hi, gx3, sum_gy, sum_gy_xc)
+

@@ -99,7 +99,7 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     rm = v.check_buffer(running_mean, "running_mean", channels, xp)
     rv = v.check_buffer(running_var, "running_var", channels, xp)
     g = v.channel_param(gamma, "gamma", channels, xp, 1.0)
-    b = v.channel_param(beta, "beta", channels, xp, 0.0)
+    b = v.channel_param(beta, "beta", channels, xp, 0.0, copy=False)   # not kept in the cache
     dtypes = (None if gamma is None else np.dtype(getattr(gamma, "dtype", np.float64)),
               None if beta is None else np.dtype(getattr(beta, "dtype", np.float64)))
     use_running = frozen or not training
@@ -162,11 +162,11 @@ def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_onl
             scale, shift = _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax)
             a = g * scale
             be.affine(xg, a, b + g * shift - mean * a, out=yg)
+            _, inv_std = be.finish_statistics(mean, var, eps, momentum, count, rm, rv)
         else:
-            _, mean, var = be.forward_train(xg, g, b, eps, center_only, out=yg)
-        finite, inv_std = be.finish_statistics(mean, var, eps, momentum, count, rm,
-                                               None if center_only else rv)
-        if not finite:
+            _, mean, var, inv_std = be.forward_train_finish(
+                xg, g, b, eps, center_only, momentum, rm, None if center_only else rv, out=yg)
+        if inv_std is None:
             raise v.non_finite_error(xp, [mean, var], "batch statistics")
         if center_only:
             scale, w = xp.ones(mean.shape), xp.zeros(mean.shape)
@@ -205,10 +205,12 @@ def batch_norm_backward(gy, cache, *, out=None):
     gy3 = xp.ascontiguousarray(gy, dtype=x3.dtype).reshape(x3.shape)
     gx3 = _output(xp, out, x3, cache.shape, "out")
     ggamma = gbeta = None
+    whole = len(cache.groups) == 1
     for k, (start, stop) in enumerate(cache.groups):
-        _, sum_gy, sum_gy_xc = be.backward(gy3[start:stop], x3[start:stop], cache.mean[k],
+        parts = (gy3, x3, gx3) if whole else (gy3[start:stop], x3[start:stop], gx3[start:stop])
+        _, sum_gy, sum_gy_xc = be.backward(parts[0], parts[1], cache.mean[k],
                                            cache.gamma * cache.xhat_scale[k], cache.w[k],
-                                           cache.centered, out=gx3[start:stop])
+                                           cache.centered, out=parts[2])
         part = sum_gy_xc * cache.xhat_scale[k]
         if cache.xhat_shift[k] is not None:
             part += sum_gy * cache.xhat_shift[k]

@@ -31,15 +31,19 @@ def check_variant(variant):
                          "batch renormalization and frozen statistics are keyword options)") from None
 
 
-def channel_param(value, name, channels, xp, default):
-    """gamma/beta/coefficients as float64 (C,) on the backend; None gives ``default``."""
+def channel_param(value, name, channels, xp, default, copy=True):
+    """gamma/beta/coefficients as float64 (C,) on the backend; None gives ``default``.
+
+    A copy unless ``copy=False`` (then float64 input passes through): the cache keeps gamma, and
+    must not see the optimizer's later in-place updates.
+    """
     if value is None:
         return xp.full(channels, default, dtype=np.float64)
     arr = value if isinstance(value, xp.ndarray) else xp.asarray(value)
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) for {channels} channels; "
                          f"got shape {tuple(arr.shape)}")
-    return arr.astype(np.float64)          # a copy: the cache must not see later in-place updates
+    return arr.astype(np.float64, copy=copy)
 
 
 def check_buffer(buf, name, channels, xp):

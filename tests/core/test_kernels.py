@@ -4,6 +4,7 @@ float32 outputs must be the float64 result rounded once (within 2 ulp); float64 
 per-channel statistics must agree to ~1e-12 of the magnitude of the terms that make them up.
 """
 import copy
+import subprocess
 import sys
 
 import numpy as np
@@ -222,6 +223,41 @@ def test_finish_statistics_with_non_finite_statistics_changes_nothing(cpu_backen
     np.testing.assert_array_equal(rv, 1)
 
 
+@pytest.mark.parametrize("shape", [(128, 120, 1), (50, 2, 100), (3, 2, 5000)])
+@pytest.mark.parametrize("center_only", [False, True])
+def test_forward_train_finish_is_forward_train_then_finish_statistics(cpu_backend, rng, shape,
+                                                                     center_only):
+    """The fused training step gives exactly what its two parts give, on every code path."""
+    x3 = data(rng, shape, np.float32, offset=3.0)
+    gamma, beta = channel_params(rng, shape[1])
+    for be in each_path(cpu_backend):
+        rm, rv = np.zeros(shape[1], np.float32), np.ones(shape[1])
+        y3, mean, var, inv_std = be.forward_train_finish(x3, gamma, beta, EPS, center_only, 0.2,
+                                                         rm, None if center_only else rv)
+        rm2, rv2 = np.zeros(shape[1], np.float32), np.ones(shape[1])
+        parts = be.forward_train(x3, gamma, beta, EPS, center_only)
+        finite, inv_std2 = be.finish_statistics(parts[1], parts[2], EPS, 0.2,
+                                                shape[0] * shape[2], rm2,
+                                                None if center_only else rv2)
+        assert finite
+        for fused, apart in zip((y3, mean, var, inv_std, rm, rv), (*parts, inv_std2, rm2, rv2)):
+            np.testing.assert_array_equal(fused, apart)
+        if center_only:
+            np.testing.assert_array_equal(rv, 1)
+
+
+def test_forward_train_finish_with_non_finite_data_leaves_the_buffers_alone(cpu_backend, rng):
+    x3 = data(rng, (6, 3, 4), np.float64)
+    x3[2, 1, 3] = np.nan
+    for be in each_path(cpu_backend):
+        rm, rv = np.zeros(3), np.ones(3, np.float32)
+        y3, mean, var, inv_std = be.forward_train_finish(x3, np.ones(3), np.zeros(3), EPS, False,
+                                                         0.1, rm, rv)
+        assert inv_std is None and np.isnan(mean[1]) and np.isfinite(mean[[0, 2]]).all()
+        np.testing.assert_array_equal(rm, 0)
+        np.testing.assert_array_equal(rv, 1)
+
+
 # ----------------------------------------------------------------------------- numerics
 
 @pytest.mark.parametrize("shape", [(256, 3, 1), (64, 3, 300)])
@@ -286,6 +322,35 @@ def test_numba_rejects_what_its_kernels_cannot_take(rng):
         be.finish_statistics(np.zeros(3), np.ones(3), EPS, 0.1, 8, None, np.ones(2))
     with pytest.raises(ValueError, match=r"var must have shape \(3,\)"):
         be.finish_statistics(np.zeros(3), np.ones(4), EPS, 0.1, 8)
+
+
+_FROM_CACHE_SCRIPT = """
+import copy, numpy as np, arraybn
+be = arraybn.get_backend("numba")
+for dtype in (np.float32, np.float64):
+    x3 = np.random.default_rng(0).standard_normal((64, 4, 300)).astype(dtype)
+    for min_size in (np.inf, 0):                    # the serial and the parallel kernels
+        path = copy.copy(be)
+        path.parallel_min_size = min_size
+        rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+        y3, mean, var, inv_std = path.forward_train_finish(x3, np.ones(4), np.zeros(4), 1e-5,
+                                                           False, 0.1, rm, rv)
+        path.backward(x3, x3, mean, inv_std, inv_std ** 2, True)
+        path.affine(x3, inv_std, -mean * inv_std)
+        path.moments(x3)
+print("ran")
+"""
+
+
+def test_numba_kernels_run_when_loaded_from_the_disk_cache():
+    """Fresh processes load the kernels from Numba's disk cache, which in-process tests never do
+    (the second run surely does). Loading is where a cached kernel that calls a parallel one can
+    crash (numba/numba#8578; it did here once, order-dependently), so no kernel nests that way."""
+    numba_backend()
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", _FROM_CACHE_SCRIPT], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and "ran" in done.stdout, done.stderr[-2000:]
 
 
 def test_numba_missing_is_a_readable_error(monkeypatch):
