@@ -275,9 +275,10 @@ def test_float32_data_with_a_large_offset_keeps_its_variance(cpu_backend, rng, s
         assert_rounded_once(y3, y_ref, np.abs(y_ref), np.float32)
 
 
-# dense; short rows whose thread ranges cut the cache blocks elsewhere than the serial run does
-# (blocks of 4 channels: 0-4, 4-6, 6-10, 10-13 vs 0-4, 4-8, ...); long rows; a long channel
-@pytest.mark.parametrize("shape", [(16, 70, 1), (40, 9, 25), (128, 13, 121), (8, 5, 300),
+# dense; short rows in one block serially but two on two threads; short rows whose thread ranges
+# cut the 1 MiB blocks elsewhere than the serial run does (blocks of 4 channels: 0-4, 4-6, 6-10,
+# 10-13 vs 0-4, 4-8, ...); long rows; a long channel
+@pytest.mark.parametrize("shape", [(16, 70, 1), (40, 9, 25), (512, 13, 121), (8, 5, 300),
                                    (3, 2, 5000)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_numba_results_do_not_depend_on_the_thread_count(rng, shape, dtype):
