@@ -16,6 +16,7 @@ allocates y and gx on every call unless given ``out=``, so a second table times 
 ``out=`` buffers reused between calls on those shapes.
 """
 import argparse
+import ctypes
 import importlib.util
 import os
 import platform
@@ -216,11 +217,29 @@ def run_cuda_benchmark(argv):
     return module.main(argv)
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of handing it back to the OS; returns
+    whether it could (not glibc: no).
+
+    Otherwise whether a fresh 1 MB output array is carved from pages the process already touched
+    depends on the heap's layout at that moment: top-of-heap trimming gives them back, and the
+    next allocation page-faults on every 4 KiB (3.6 us each on this VM, 4x the BN call itself on
+    128x16x11x11, for whichever library happens to hit it). Both libraries run with it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_mmap_threshold, 32 << 20))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.backend == "cupy":
         return run_cuda_benchmark(argv)
+    heap = "glibc keeps freed memory" if keep_freed_memory() else "default allocator"
     torch = load_torch(args.threads)
     if "numba" in arraybn.available_backends():
         import numba
@@ -230,7 +249,8 @@ def main(argv=None):
         layer = "numba unavailable"
     print(f"# arraybn BN kernels, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs; {layer}; torch "
-          + (f"{torch.__version__} on {torch.get_num_threads()} threads" if torch else "missing"))
+          + (f"{torch.__version__} on {torch.get_num_threads()} threads" if torch else "missing")
+          + f"; {heap}")
     load_before = os.getloadavg()[0]
     rows, kernel_rows = [], []
     for shape in args.shapes:

@@ -46,7 +46,7 @@ from numba import njit, prange
 
 LANES = 128                      # lanes per channel at most (long rows wrap around them)
 ROWS = 4                         # rows added together before they reach the lanes
-CHUNK = 4096                     # values per channel in one chunk of the statistics
+CHUNK = 16384                    # values per channel in one chunk of the statistics
 BLOCK_BYTES = 1 << 20            # data of one short-row block: re-read from L2/L3 between passes
 SCALAR_MIN = 32                  # M from which element-wise passes loop per channel and row
 BLOCK_LANES = 4096               # lanes of one short-row block at most (32 KiB per lane array)

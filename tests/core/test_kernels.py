@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 import arraybn
 from arraybn.backends import BackendUnavailableError
 
-# (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 128 lanes and the
-# 4096-value chunks of the numba kernels, a chunk that ends mid-batch, LeNet's conv layers.
+# (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 128 lanes, rows
+# longer than the 16384-value statistics chunks of the numba kernels (chunks of 4 rows, then 1),
+# LeNet's conv layers (128x6x676: 24-row chunks, the last one ends mid-batch).
 SHAPES = [(128, 120, 1), (7, 5, 1), (9, 1, 1), (4, 3, 25), (3, 1, 49), (2, 3, 5000),
-          (50, 2, 100), (5, 70, 3), (128, 6, 676), (128, 16, 121)]
+          (5, 2, 20000), (50, 2, 100), (5, 70, 3), (128, 6, 676), (128, 16, 121)]
 DTYPES = [np.float32, np.float64]
 EPS = 1e-5
 REL = 1e-12                     # float64 agreement, relative to the magnitude of the terms
