@@ -70,10 +70,10 @@ class NumbaBackend(Backend):
     """Kernels from ``numba_kernels``: fused passes over cache-sized blocks of channels.
 
     Inputs smaller than ``parallel_min_size`` values run on the calling thread: waking the other
-    threads costs more than it saves. On the 2-vCPU VM this project is measured on, forward +
-    backward on two threads had the better median only from about 10^6 values (991k: 3.9 vs
-    4.3 ms); at 248k (128x16x11x11) it was 0.89 vs 0.48 ms serially, at 519k 1.60 vs 1.29 ms.
-    On a machine whose idle cores wake faster, lower it (on an instance or the class).
+    threads costs more than it saves. On the 2-vCPU VM this project is measured on, median
+    forward + backward times on two threads vs one were 0.89 vs 0.48 ms at 248k values
+    (128x16x11x11) and 1.34-1.39 vs 1.64-1.66 ms at 519k (128x6x26x26). On a machine whose idle
+    cores wake faster, lower it (on an instance or on the class).
     """
     name = "numba"
     xp = np
