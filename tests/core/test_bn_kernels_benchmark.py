@@ -47,6 +47,7 @@ def test_benchmark_prints_a_row_per_shape(capsys):
             or line.startswith("| 6x5 ")]
     assert len(rows) == 2
     assert all(len(row.split("|")) == len(bench.HEADERS) + 2 for row in rows)
+    assert "glibc keeps freed memory" in out or "default allocator" in out   # said in the header
 
 
 def test_benchmark_rejects_a_bad_shape():
