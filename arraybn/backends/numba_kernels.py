@@ -287,12 +287,12 @@ def _block_moments(x3, c0, c1, scratch, mean, var):
         _spread(center[:c1 - c0] / k, 0, per, center)
         lanes[:] = 0.0
         _sum_sq_dev_rows(x2, n0, n1, k0, k1, center, lanes)
+        _fold_channels(lanes, per, lanes, 0)            # lanes[i]: M2 of the chunk's channel i
         for i in range(c1 - c0):
             c, mean_k = c0 + i, center[i * per]
-            m2_k = lanes[i] if per == 1 else _fold(lanes[i * per:(i + 1) * per])
             delta = mean_k - mean[c]
             mean[c] += delta * (k / total)
-            var[c] += m2_k + delta * delta * (count * k / total)
+            var[c] += lanes[i] + delta * delta * (count * k / total)
         count = total
     for c in range(c0, c1):
         if count > 0:
@@ -328,16 +328,15 @@ def _block_backward(gy3, x3, mean, scale, w, centered, c0, c1, scratch, gx3, sum
     _sum_grad_rows(gy2, x2, c0 * m, c1 * m, center, lanes_gy, lanes_gy_xc)
     _fold_channels(lanes_gy, per, sum_gy, c0)
     _fold_channels(lanes_gy_xc, per, sum_gy_xc, c0)
-    a_x, b = np.empty(x3.shape[1]), np.zeros(x3.shape[1])
-    for c in range(c0, c1):
-        if centered:                       # gx = scale * (gy - k_gy - k_xc * (x - mean))
-            a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count)
-            b[c] = -scale[c] * (sum_gy[c] / count)
-        else:                              # gx = scale * gy
-            a_x[c] = 0.0
-    if not centered:
+    b = np.zeros(x3.shape[1])
+    if not centered:                       # gx = scale * gy
         _block_affine(gy3, c0, c1, scratch, b, scale, b, gx3)
-    elif m >= SCALAR_MIN:
+        return
+    a_x = np.empty(x3.shape[1])            # gx = scale * (gy - k_gy - k_xc * (x - mean))
+    for c in range(c0, c1):
+        a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count)
+        b[c] = -scale[c] * (sum_gy[c] / count)
+    if m >= SCALAR_MIN:
         _gx_channels(gy2, x2, m, c0, c1, mean, scale, a_x, b, gx2)
     else:
         a_gy, a_x_l, b_l = lanes_gy, lanes_gy_xc, _lanes_of(scratch, 3, x3, c0, c1)
