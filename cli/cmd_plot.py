@@ -1,7 +1,7 @@
 """``arraybn plot RUN... --kind KIND --out FILE.png``: figures of finished runs."""
 import click
 
-from arraybn.stages.plots import KINDS, PlotUnavailable, make_plot
+from arraybn.experiments.plots import KINDS, PlotUnavailable, make_plot
 from arraybn_cli.reporting import friendly_errors
 
 

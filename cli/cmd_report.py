@@ -1,7 +1,7 @@
 """``arraybn report RUN...``: one table over finished runs (markdown on stdout, CSV on request)."""
 import click
 
-from arraybn.stages.report import collect_rows, csv_text, markdown_table
+from arraybn.experiments.report import collect_rows, csv_text, markdown_table
 from arraybn_cli.reporting import friendly_errors
 
 

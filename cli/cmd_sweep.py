@@ -1,8 +1,8 @@
 """``arraybn sweep CONFIG.toml``: many runs from one TOML file, resumable, in parallel."""
 import click
 
-from arraybn.stages.sweep import describe_outcome, plan_sweep, run_sweep
-from arraybn.stages.sweep_config import load_sweep
+from arraybn.experiments.sweep import describe_outcome, plan_sweep, run_sweep
+from arraybn.experiments.sweep_config import load_sweep
 from arraybn_cli.reporting import friendly_errors
 
 

@@ -10,7 +10,7 @@ from arraybn.backends import BACKEND_NAMES
 from arraybn.data import DATASETS
 from arraybn.stages.config import (BN_KINDS, BN_POSITIONS, MODELS, OPTIMIZERS, SCHEDULES,
                                    TRAIN_STATS, TrainConfig)
-from arraybn.stages.inference import STATS_CHOICES
+from arraybn.stages.testing import STATS_CHOICES
 from arraybn.stages.postproc import METHODS
 
 DEFAULTS = TrainConfig()

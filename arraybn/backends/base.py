@@ -83,5 +83,14 @@ class Backend(abc.ABC):
                                             running_mean, running_var)
         return y3, mean, var, inv_std
 
+    def conv_ops(self):
+        """Helpers for the trainer's conv and pooling layers, or None to use their ``xp`` code.
+
+        An object with ``col2im(gcols, x_shape, kh, kw, stride, pad) -> gx``,
+        ``maxpool2d_forward(x, k) -> (y, argmax)`` and
+        ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``).
+        """
+        return None
+
     def __repr__(self):
         return f"<arraybn backend {self.name!r}>"

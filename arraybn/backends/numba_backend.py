@@ -83,6 +83,11 @@ class NumbaBackend(Backend):
         self._k = kernels
         self._numba = numba_module
 
+    def conv_ops(self):
+        """``numba_conv_kernels``: col2im with fused padding and one-pass max pooling."""
+        from arraybn.backends import numba_conv_kernels     # compiled only when conv layers ask
+        return numba_conv_kernels
+
     def _tasks(self, x3):
         """Channel ranges to share among threads; 0 means run serially on this thread."""
         if x3.size < self.parallel_min_size:

@@ -35,14 +35,14 @@ coefficients, which cost three or four more loads per value. Below it, the per-l
 Each kernel exists as ``*_range`` (channels lo..hi-1 on the calling thread, for small inputs) and
 ``*_parallel`` (channel ranges shared out with ``prange``).
 
-Compile flags come from ``_jit`` only: cached on disk; of fastmath only FMA contraction, which
-rounds once where a multiply-add would round twice (no reassociation: these are statistics).
+Compile flags come from ``numba_config.jit`` only: cached on disk; of fastmath only FMA
+contraction, which rounds once where a multiply-add would round twice (no reassociation: these are
+statistics).
 """
-import functools
-import warnings
-
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from arraybn.backends.numba_config import jit as _jit
 
 LANES = 128                      # lanes per channel at most (long rows wrap around them)
 ROWS = 4                         # rows added together before they reach the lanes
@@ -50,29 +50,6 @@ CHUNK = 16384                    # values per channel in one chunk of the statis
 BLOCK_BYTES = 1 << 20            # data of one short-row block: re-read from L2/L3 between passes
 SCALAR_MIN = 32                  # M from which element-wise passes loop per channel and row
 BLOCK_LANES = 4096               # lanes of one short-row block at most (32 KiB per lane array)
-_FLAGS = dict(fastmath={"contract"}, nogil=True, error_model="numpy", boundscheck=False)
-
-
-def _jit(parallel=False):
-    """The one place compile flags are set: ``cache=True``, and ``parallel`` where it pays.
-
-    Numba writes its cache next to this module, or in its user-wide cache directory when that is
-    read-only; if neither can be written, the kernels still work, compiled once per process.
-    """
-    def decorate(func):
-        try:
-            return njit(cache=True, parallel=parallel, **_FLAGS)(func)
-        except RuntimeError:                 # numba: "cannot cache function ...: no locator"
-            _warn_not_cached()
-            return njit(cache=False, parallel=parallel, **_FLAGS)(func)
-    return decorate
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_not_cached():
-    warnings.warn(f"arraybn: no writable Numba cache directory for {__file__}, so its kernels "
-                  "are compiled again in every process; set NUMBA_CACHE_DIR to a writable "
-                  "directory to keep them", UserWarning, stacklevel=4)
 
 
 # ----------------------------------------------------------------------------- lane passes

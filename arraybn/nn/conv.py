@@ -1,8 +1,8 @@
 """2-D convolution (im2col + batched GEMM) and max pooling, NCHW like PyTorch.
 
-The plain path works on any ``xp`` (numpy or cupy). On the 'numba' backend the layers call the
-kernels in ``arraybn.nn.ops_numba`` instead (col2im with fused padding, one-pass pooling);
-the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col buffers from step to
+The plain path works on any ``xp`` (numpy or cupy). A backend whose ``conv_ops()`` offers its
+own helpers (the numba backend: col2im with fused padding, one-pass pooling) has the layers call
+those instead; the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col buffers from step to
 step (only the latest forward's cache is ever used by backward, so nothing else sees them).
 """
 import numpy as np
@@ -119,7 +119,8 @@ class Conv2d(Layer):
         if bias:
             self.bias = Parameter(f"{name}.bias", self.xp.asarray(
                 kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
-        self._col2im = _numba_ops().col2im if backend.name == "numba" else None
+        ops = backend.conv_ops()
+        self._col2im = None if ops is None else ops.col2im
         self._workspace = {}     # im2col buffers, reused while shapes stay the same
 
     def parameters(self):
@@ -186,7 +187,7 @@ class MaxPool2d(Layer):
 
     def __init__(self, kernel_size, backend):
         self.k, self.xp = int(kernel_size), backend.xp
-        self._fused = _numba_ops() if backend.name == "numba" else None
+        self._fused = backend.conv_ops()
 
     def forward(self, x, training):
         if self._fused is not None:
@@ -202,8 +203,3 @@ class MaxPool2d(Layer):
             argmax, x_shape = cache
             return self._fused.maxpool2d_backward(gy, argmax, x_shape, self.k)
         return maxpool2d_backward(gy, cache, self.xp)
-
-
-def _numba_ops():
-    from arraybn.nn import ops_numba            # imported only on the numba backend
-    return ops_numba

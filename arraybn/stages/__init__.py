@@ -5,7 +5,7 @@ subdirectory atomically; see ``arraybn.stages.artifacts``.
 """
 from arraybn.stages.artifacts import StageError
 from arraybn.stages.config import TrainConfig
-from arraybn.stages.inference import run_test
+from arraybn.stages.testing import run_test
 from arraybn.stages.postproc import run_postproc
 from arraybn.stages.train import TrainingInterrupted, run_train
 

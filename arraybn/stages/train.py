@@ -19,7 +19,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
                                       verify_artifact, write_json, write_json_atomic)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
-from arraybn.stages.trainer import HISTORY_FIELDS, ForcedInterrupt, Trainer
+from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
 
 PARTIAL_DIR = "train-checkpoint"
 CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from arraybn_cli.main import cli
 from tests.stages.helpers import make_dataset
-from tests.stages.test_sweep import write_sweep
+from tests.experiments.test_sweep import write_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SWEEP_BODY = """

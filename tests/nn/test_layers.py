@@ -127,9 +127,22 @@ def test_softmax_cross_entropy_rejects_bad_labels(labels, error):
 
 # --- Numba kernels against the plain path -------------------------------------------------------
 
+def _numba_conv_ops():
+    if "numba" not in arraybn.available_backends():
+        pytest.skip("the numba backend is not available here")
+    return arraybn.get_backend("numba").conv_ops()
+
+
+def test_conv_ops_are_the_backends_own():
+    assert arraybn.get_backend("numpy").conv_ops() is None
+    if "numba" in arraybn.available_backends():
+        ops = arraybn.get_backend("numba").conv_ops()
+        assert callable(ops.col2im) and callable(ops.maxpool2d_forward)
+
+
 @pytest.mark.parametrize("stride,pad", [(1, 0), (2, 1), (1, 2), (2, 0), (3, 2)])
 def test_numba_col2im_matches_plain(rng, stride, pad):
-    ops = pytest.importorskip("arraybn.nn.ops_numba")
+    ops = _numba_conv_ops()
     x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
     cols = plain.im2col(x, 3, 3, stride, pad, np)
     g = rng.standard_normal(cols.shape).astype(np.float32)
@@ -140,7 +153,7 @@ def test_numba_col2im_matches_plain(rng, stride, pad):
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 2, 5, 7)])
 def test_numba_maxpool_matches_plain(rng, shape):
-    ops = pytest.importorskip("arraybn.nn.ops_numba")
+    ops = _numba_conv_ops()
     x = rng.standard_normal(shape).astype(np.float32)
     x[0, 0, :2, :2] = 0.0                                        # a tie
     y, argmax = ops.maxpool2d_forward(x, 2)

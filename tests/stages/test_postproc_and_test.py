@@ -9,7 +9,7 @@ import pytest
 from arraybn.data import Split
 from arraybn.stages import StageError, run_postproc, run_test, run_train
 from arraybn.stages.common import TrainedRun, evaluate
-from arraybn.stages.inference import prepare_model
+from arraybn.stages.testing import prepare_model
 from tests.data.idx_files import STEMS, write_idx
 from tests.stages.helpers import file_sha, make_dataset, stage_leftovers, tiny_config
 

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from arraybn.stages.sweep import plan_sweep, run_sweep
-from arraybn.stages.sweep_config import SweepConfigError, load_sweep, parse_sweep
+from arraybn.experiments.sweep import plan_sweep, run_sweep
+from arraybn.experiments.sweep_config import SweepConfigError, load_sweep, parse_sweep
 from tests.stages.helpers import file_sha, make_dataset
 
 TINY_TRAIN = """

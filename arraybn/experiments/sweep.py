@@ -16,10 +16,11 @@ import shutil
 import time
 import traceback
 
+from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
+                                              SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
-from arraybn.stages.inference import run_test
 from arraybn.stages.postproc import run_postproc
-from arraybn.stages.sweep_config import RUN_RECORD, SWEEP_LOG, VARIANTS_DIR, SweepConfigError
+from arraybn.stages.testing import run_test
 from arraybn.stages.train import PARTIAL_DIR, run_train
 
 

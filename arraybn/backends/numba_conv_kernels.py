@@ -5,15 +5,16 @@ Used by ``Conv2d``/``MaxPool2d`` on the 'numba' backend only. Measured on LeNet-
 slower than im2col + GEMM), and im2col stays the plain NumPy one (nine strided slice copies beat
 a Numba loop 2-3x), while col2im's scatter-add and pooling are 1.5-10x faster here. The public
 functions are plain Python that validate and allocate; the ``@njit`` kernels are private and write
-into preallocated outputs, in parallel over the batch. Compile flags come from ``_JIT``.
+into preallocated outputs, in parallel over the batch. Compile flags come from
+``numba_config.jit``, shared with the BN kernels.
 """
 import numba
 import numpy as np
 
-_JIT = dict(cache=True, nogil=True, fastmath=False)
+from arraybn.backends.numba_config import jit
 
 
-@numba.njit(**_JIT)
+@jit()
 def _valid_columns(offset, stride, width, ow):
     """Output columns j in [j0, j1) whose input column j * stride + offset lies in [0, width)."""
     j0 = 0 if offset >= 0 else (-offset + stride - 1) // stride
@@ -21,9 +22,9 @@ def _valid_columns(offset, stride, width, ow):
     return j0, max(j0, j1)
 
 
-@numba.njit(parallel=True, **_JIT)
+@jit(parallel=True)
 def _col2im(gcols, kh, kw, stride, pad, gx):
-    """The adjoint of ``conv.im2col``: gx[n, c, y, x] = sum of the cols entries that read it."""
+    """The adjoint of ``arraybn.nn.conv.im2col``: gx[n, c, y, x] = sum of the cols entries that read it."""
     n_batch, n_in, h, w = gx.shape
     ow = (w + 2 * pad - kw) // stride + 1
     oh = gcols.shape[2] // ow
@@ -47,7 +48,7 @@ def _col2im(gcols, kh, kw, stride, pad, gx):
                                 gx[n, c, src, j * stride + off] += gcols[n, r, base + j]
 
 
-@numba.njit(parallel=True, **_JIT)
+@jit(parallel=True)
 def _maxpool_forward(x, k, y, argmax):
     n_batch, n_ch, oh, ow = y.shape
     for n in numba.prange(n_batch):
@@ -65,7 +66,7 @@ def _maxpool_forward(x, k, y, argmax):
                     argmax[n, c, i, j] = best_at
 
 
-@numba.njit(parallel=True, **_JIT)
+@jit(parallel=True)
 def _maxpool_backward(gy, argmax, k, gx):
     n_batch, n_ch, oh, ow = gy.shape
     for n in numba.prange(n_batch):

@@ -52,8 +52,8 @@ from arraybn.backends import BackendUnavailableError, get_backend
 from arraybn.data import DatasetNotFoundError, find_dataset
 from arraybn.stages.artifacts import StageError
 from arraybn.stages.config import TrainConfig
-from arraybn.stages.inference import STATS_CHOICES
 from arraybn.stages.postproc import estimator_options
+from arraybn.stages.testing import STATS_CHOICES
 
 TOP_KEYS = ("root", "name", "description", "train", "grid", "runs", "postproc", "test",
             "variants")

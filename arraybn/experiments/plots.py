@@ -1,14 +1,14 @@
 """PNG figures of finished runs (matplotlib, the optional extra ``arraybn[plot]``).
 
-Every figure is drawn from the rows of ``arraybn.stages.report`` (and each run's history.csv)
-on an Agg canvas of an exact pixel size. matplotlib is imported only here, and only when a
-figure is made.
+Every figure is drawn from the rows of ``arraybn.experiments.report`` (and each run's
+history.csv) on an Agg canvas of an exact pixel size. matplotlib is imported only here, and
+only when a figure is made.
 """
 import csv
 import math
 import os
 
-from arraybn.stages.report import collect_rows
+from arraybn.experiments.report import collect_rows
 
 KINDS = ("curves", "batch-size", "postproc-batches", "timing")
 DPI = 100

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from arraybn.stages.report import collect_rows, csv_text, find_runs, markdown_table
-from arraybn.stages.sweep import run_sweep
-from arraybn.stages.sweep_config import load_sweep
+from arraybn.experiments.report import collect_rows, csv_text, find_runs, markdown_table
+from arraybn.experiments.sweep import run_sweep
+from arraybn.experiments.sweep_config import load_sweep
 from tests.stages.helpers import make_dataset
-from tests.stages.test_sweep import write_sweep
+from tests.experiments.test_sweep import write_sweep
 
 
 @pytest.fixture(scope="module")

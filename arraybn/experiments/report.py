@@ -11,7 +11,7 @@ import os
 import re
 
 from arraybn.stages.artifacts import StageError, read_json_if_exists, stage_dir
-from arraybn.stages.sweep_config import VARIANTS_DIR
+from arraybn.experiments.sweep_config import VARIANTS_DIR
 
 COLUMNS = (  # (key, header)
     ("name", "run"), ("model", "model"), ("bn", "BN"), ("bn_position", "BN position"),
