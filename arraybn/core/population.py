@@ -9,6 +9,7 @@
 """
 from arraybn.backends import backend_for
 from arraybn.core import validation as v
+from arraybn.core.moments import chan_merge
 
 
 class PopulationStatistics:
@@ -46,10 +47,7 @@ class ExactStatistics(PopulationStatistics):
         if self._mean is None:
             self._mean, self._m2 = mean, m2
             return
-        total = self.count + n
-        delta = mean - self._mean
-        self._mean = self._mean + delta * (n / total)
-        self._m2 = self._m2 + m2 + delta * delta * (self.count * n / total)
+        _, self._mean, self._m2 = chan_merge(self.count, self._mean, self._m2, n, mean, m2)
 
     def _result(self):
         return self._mean, self._m2 / self.count
