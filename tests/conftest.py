@@ -1,9 +1,16 @@
-"""Shared fixtures: the backends to parametrise over, and GPU skipping that never fails on a CPU box."""
+"""Shared fixtures: the backends to parametrise over, and GPU skipping that never fails on a CPU box.
+
+A test that takes the ``backend`` or ``cpu_backend`` fixture must run its BN calls on that backend:
+an autouse spy records the backend every core call resolves and fails the test otherwise (a
+forgotten ``backend=`` silently runs on the default backend, numba, under a ``[numpy]`` label).
+"""
 import numpy as np
 import pytest
 
 import arraybn
 from arraybn.backends import BackendUnavailableError
+from arraybn.core import batch_norm as core_batch_norm
+from arraybn.core import population as core_population
 
 
 def _cupy_reason():
@@ -37,6 +44,50 @@ def backend(request):
 @pytest.fixture(params=CPU_BACKENDS)
 def cpu_backend(request):
     return arraybn.get_backend(request.param)
+
+
+class BackendSpy:
+    """Records the name of every backend the BN core resolves (forward and estimators' update)."""
+
+    MODULES = (core_batch_norm, core_population)
+
+    def __init__(self, monkeypatch):
+        self.used = []
+        for module in self.MODULES:
+            monkeypatch.setattr(module, "backend_for", self._recording(module.backend_for))
+
+    def _recording(self, backend_for):
+        def spy(x, backend=None):
+            found = backend_for(x, backend)
+            self.used.append(found.name)
+            return found
+        return spy
+
+    def check(self, expected):
+        strays = sorted(set(self.used) - {expected})
+        if strays:
+            pytest.fail(f"the test is parametrised with backend {expected!r} but its BN calls ran "
+                        f"on {strays}; pass backend=backend.name", pytrace=False)
+
+
+def _parametrised_backend(request):
+    """The backend name a test is parametrised with (a fixture's backend or a plain name)."""
+    for name in ("backend", "cpu_backend"):
+        if name in request.fixturenames:
+            value = request.getfixturevalue(name)
+            return value if isinstance(value, str) else value.name
+    return None
+
+
+@pytest.fixture(autouse=True)
+def bn_calls_run_on_the_parametrised_backend(request, monkeypatch):
+    expected = _parametrised_backend(request)
+    if expected is None:
+        yield
+        return
+    spy = BackendSpy(monkeypatch)
+    yield spy
+    spy.check(expected)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 Written straight from the papers, one sample axis list at a time; no shared code with arraybn.
 """
+import math
+
 import numpy as np
 
 
@@ -13,10 +15,18 @@ def _bc(v, x):
     return np.asarray(v, np.float64).reshape((1, -1) + (1,) * (x.ndim - 2))
 
 
+def moments(x):
+    """Per-channel mean and biased variance of x (N, C, *spatial) from correctly rounded sums."""
+    channels = np.moveaxis(np.asarray(x, np.float64), 1, 0).reshape(x.shape[1], -1)
+    mean = np.array([math.fsum(values.tolist()) / values.size for values in channels])
+    var = np.array([math.fsum(((values - mu) ** 2).tolist()) / values.size
+                    for values, mu in zip(channels, mean)])
+    return mean, var
+
+
 def bn_train(x, gamma, beta, eps, mean_only=False):
     x = np.asarray(x, np.float64)
-    mu = x.mean(axis=_axes(x))
-    var = ((x - _bc(mu, x)) ** 2).mean(axis=_axes(x))
+    mu, var = moments(x)
     if mean_only:
         return _bc(gamma, x) * (x - _bc(mu, x)) + _bc(beta, x), mu, var
     xhat = (x - _bc(mu, x)) / np.sqrt(_bc(var, x) + eps)
@@ -32,8 +42,8 @@ def bn_infer(x, gamma, beta, mean, var, eps, mean_only=False):
 
 def bn_renorm(x, gamma, beta, run_mean, run_var, eps, rmax, dmax):
     x = np.asarray(x, np.float64)
-    mu = x.mean(axis=_axes(x))
-    sigma = np.sqrt(((x - _bc(mu, x)) ** 2).mean(axis=_axes(x)) + eps)
+    mu, var = moments(x)
+    sigma = np.sqrt(var + eps)
     sigma_run = np.sqrt(np.asarray(run_var, np.float64) + eps)
     r = np.clip(sigma / sigma_run, 1 / rmax, rmax)
     d = np.clip((mu - run_mean) / sigma_run, -dmax, dmax)
@@ -52,12 +62,11 @@ def bn_train_backward(x, gamma, gy, eps, mean_only=False):
     x, gy = np.asarray(x, np.float64), np.asarray(gy, np.float64)
     axes = _axes(x)
     m = x.size // x.shape[1]
-    mu = x.mean(axis=axes)
+    mu, var = moments(x)
     xc = x - _bc(mu, x)
     if mean_only:
         gx = _bc(gamma, x) * (gy - _bc(gy.mean(axis=axes), x))
         return gx, (gy * xc).sum(axis=axes), gy.sum(axis=axes)
-    var = (xc ** 2).mean(axis=axes)
     inv = 1 / np.sqrt(var + eps)
     xhat = xc * _bc(inv, x)
     gxhat = gy * _bc(gamma, x)

@@ -4,6 +4,7 @@ import pytest
 
 import arraybn
 from arraybn.backends import backend_for
+from tests.conftest import BackendSpy
 
 
 def test_numpy_is_always_available_and_cupy_only_with_a_gpu():
@@ -53,9 +54,10 @@ def test_the_default_follows_the_environment_variable_from_call_to_call(monkeypa
 def test_cupy_unavailable_is_a_readable_error_here():
     if "cupy" in arraybn.available_backends():
         pytest.skip("a CUDA GPU works here")
-    with pytest.raises(arraybn.BackendUnavailableError) as info:
+    # what is missing (CuPy, a CUDA device) and what to do (install it, check the driver)
+    with pytest.raises(arraybn.BackendUnavailableError,
+                       match=r"(?s)CuPy.*(pip install|nvidia-smi|driver)"):
         arraybn.get_backend("cupy")
-    assert len(str(info.value)) > 20
 
 
 @pytest.mark.gpu
@@ -81,3 +83,16 @@ def test_an_unavailable_backend_is_probed_once_per_process(monkeypatch):
     monkeypatch.setenv("ARRAYBN_BACKEND", "auto")
     assert arraybn.get_backend().name != "cupy"
     assert calls == [1]
+
+
+def test_the_backend_spy_fails_a_test_whose_bn_calls_ran_on_another_backend(monkeypatch, rng):
+    """The autouse spy of tests/conftest.py: every BN call of a backend-parametrised test must
+    run on that backend (forward and the estimators' update both resolve one)."""
+    spy = BackendSpy(monkeypatch)
+    arraybn.batch_norm_forward(rng.normal(size=(4, 2)), None, None, backend="numpy")
+    arraybn.ExactStatistics(backend="numpy").update(rng.normal(size=(4, 2)))
+    assert spy.used == ["numpy", "numpy"]
+    spy.check("numpy")
+    with pytest.raises(pytest.fail.Exception, match=r"parametrised with backend 'numba' but its "
+                                                    r"BN calls ran on \['numpy'\]"):
+        spy.check("numba")

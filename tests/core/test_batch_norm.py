@@ -72,7 +72,7 @@ def test_inference_and_frozen_use_running_statistics_and_update_nothing(backend,
     rm, rv = to_backend(backend, rm0.copy(), rv0.copy())
     y, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), training=frozen,
                                           frozen=frozen, running_mean=rm, running_var=rv,
-                                          variant=variant)
+                                          variant=variant, backend=backend.name)
     mean_only = variant == "mean_only"
     np.testing.assert_allclose(to_host(y), ref.bn_infer(x, gamma, beta, rm0, rv0, 1e-5, mean_only),
                                **tol(dtype))
@@ -94,7 +94,8 @@ def test_ghost_batches_normalize_each_group_and_update_buffers_in_order(backend,
     x, gamma, beta = make(rng, (10, 3, 4, 4), np.float64)
     rm, rv = to_backend(backend, np.zeros(3), np.ones(3))
     y, _ = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                      running_var=rv, variant=variant, ghost_batch_size=ghost)
+                                      running_var=rv, variant=variant, ghost_batch_size=ghost,
+                                      backend=backend.name)
     mean_only = variant == "mean_only"
     np.testing.assert_allclose(to_host(y), ref.bn_ghost(x, gamma, beta, 1e-5, ghost, mean_only),
                                rtol=1e-12, atol=1e-12)
@@ -115,7 +116,8 @@ def test_batch_renorm_matches_reference_with_and_without_clipping(backend, rng, 
     rv0 = np.full(3, 1.2) if running == "near" else np.array([1e4, 1e-4, 1.0])
     rm, rv = to_backend(backend, rm0.copy(), rv0.copy())
     y, _ = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                      running_var=rv, renorm=True, rmax=2.0, dmax=1.5)
+                                      running_var=rv, renorm=True, rmax=2.0, dmax=1.5,
+                                      backend=backend.name)
     np.testing.assert_allclose(to_host(y), ref.bn_renorm(x, gamma, beta, rm0, rv0, 1e-5, 2.0, 1.5),
                                rtol=1e-12, atol=1e-12)
     assert not np.allclose(to_host(rm), rm0)
@@ -126,7 +128,7 @@ def test_renorm_equals_full_bn_when_running_statistics_equal_the_batch(backend, 
     _, mu, var = ref.bn_train(x, gamma, beta, 1e-5)
     rm, rv = to_backend(backend, mu.copy(), var.copy())
     y, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                          running_var=rv, renorm=True)
+                                          running_var=rv, renorm=True, backend=backend.name)
     np.testing.assert_allclose(to_host(y), ref.bn_train(x, gamma, beta, 1e-5)[0], rtol=1e-12,
                                atol=1e-12)
     gy = rng.normal(size=x.shape)
@@ -141,7 +143,8 @@ def test_non_contiguous_inputs(backend, rng, layout, dtype):
     x, gamma, beta = make(rng, (6, 4, 5, 7), dtype)
     view = channels_last(x) if layout == "channels_last" else np.repeat(x, 2, axis=3)[..., ::2]
     assert not view.flags.c_contiguous and np.array_equal(view, x)
-    y, cache = arraybn.batch_norm_forward(*to_backend(backend, view, gamma, beta))
+    y, cache = arraybn.batch_norm_forward(*to_backend(backend, view, gamma, beta),
+                                          backend=backend.name)
     np.testing.assert_allclose(to_host(y), ref.bn_train(x, gamma, beta, 1e-5)[0], **tol(dtype))
     gy = rng.normal(size=x.shape).astype(dtype)
     gx = arraybn.batch_norm_backward(to_backend(backend, channels_last(gy)), cache)[0]
@@ -155,7 +158,7 @@ def test_large_offset_float32_keeps_an_accurate_variance(backend, rng, shape):
     c = shape[1]
     rm, rv = to_backend(backend, np.zeros(c, np.float32), np.ones(c, np.float32))
     y, _ = arraybn.batch_norm_forward(to_backend(backend, x), None, None, running_mean=rm,
-                                      running_var=rv, momentum=1.0)
+                                      running_var=rv, momentum=1.0, backend=backend.name)
     y_ref, mu, var = ref.bn_train(x, np.ones(c), np.zeros(c), 1e-5)
     assert np.isfinite(to_host(y)).all()
     np.testing.assert_allclose(to_host(y), y_ref, rtol=3e-6, atol=3e-6)
@@ -166,7 +169,7 @@ def test_large_offset_float32_keeps_an_accurate_variance(backend, rng, shape):
 
 def test_affine_none_gives_none_gradients(backend, rng):
     x = to_backend(backend, rng.normal(size=(5, 2)))
-    y, cache = arraybn.batch_norm_forward(x, None, None)
+    y, cache = arraybn.batch_norm_forward(x, None, None, backend=backend.name)
     gx, ggamma, gbeta = arraybn.batch_norm_backward(y, cache)
     assert ggamma is None and gbeta is None and gx.shape == (5, 2)
 
@@ -174,7 +177,7 @@ def test_affine_none_gives_none_gradients(backend, rng):
 def test_outputs_in_the_input_dtype_with_float64_parameters(backend, rng):
     x = to_backend(backend, rng.normal(size=(5, 2, 3)).astype(np.float32))
     g, b = to_backend(backend, np.ones(2), np.zeros(2))
-    y, cache = arraybn.batch_norm_forward(x, g, b)
+    y, cache = arraybn.batch_norm_forward(x, g, b, backend=backend.name)
     gx, gg, gb = arraybn.batch_norm_backward(y.astype(np.float64), cache)
     assert y.dtype == np.float32 and gx.dtype == np.float32 and gg.dtype == np.float64
 
@@ -204,7 +207,7 @@ def test_out_buffers_receive_y_and_gx(backend, rng, training):
     gy = rng.normal(size=x.shape).astype(np.float32)
     rm, rv = to_backend(backend, np.zeros(3, np.float32), np.ones(3, np.float32))
     args = to_backend(backend, x, gamma, beta)
-    kw = dict(training=training, running_mean=rm, running_var=rv)
+    kw = dict(training=training, running_mean=rm, running_var=rv, backend=backend.name)
     y_new, cache_new = arraybn.batch_norm_forward(*args, **kw)
     y_buf, gx_buf = (backend.xp.full(x.shape, np.nan, dtype=np.float32) for _ in range(2))
     rm[...], rv[...] = 0, 1

@@ -38,12 +38,12 @@ def test_gradients_match_centred_differences(backend, rng, shape, name):
     def loss():
         rm, rv = to_backend(backend, np.full(c, running[0]), np.full(c, running[1]))
         y, _ = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                          running_var=rv, eps=1e-3, **options)
+                                          running_var=rv, eps=1e-3, **options, backend=backend.name)
         return float((to_host(y) * weights).sum())
 
     rm, rv = to_backend(backend, np.full(c, running[0]), np.full(c, running[1]))
     _, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                          running_var=rv, eps=1e-3, **options)
+                                          running_var=rv, eps=1e-3, **options, backend=backend.name)
     gx, ggamma, gbeta = (to_host(g) for g in
                          arraybn.batch_norm_backward(to_backend(backend, weights), cache))
     nx, ngamma, nbeta = numeric_grads(loss, [x, gamma, beta])

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import arraybn
 from arraybn.backends import BackendUnavailableError
+from tests.reference import moments as ref_moments
 
 # (N, C, M): dense, tiny, one channel, one value per row, rows longer than the 128 lanes, rows
 # longer than the 16384-value statistics chunks of the numba kernels (chunks of 4 rows, then 1),
@@ -46,12 +47,6 @@ def numba_backend():
 
 
 # ----------------------------------------------------------------------------- reference
-
-def ref_moments(x3):
-    x = x3.astype(np.float64)
-    mean = x.mean(axis=(0, 2))
-    return mean, ((x - mean[:, None]) ** 2).mean(axis=(0, 2))
-
 
 def col(v):
     return np.asarray(v, np.float64)[None, :, None]

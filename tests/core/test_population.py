@@ -38,7 +38,7 @@ def test_exact_statistics_do_not_depend_on_order_or_batch_size(backend, rng):
             parts = parts[::-1]
         elif order == "shuffled":
             parts = [parts[i] for i in rng.permutation(len(parts))]
-        est = arraybn.ExactStatistics()
+        est = arraybn.ExactStatistics(backend=backend.name)
         for part in parts:
             est.update(to_backend(backend, part))
         results.append([to_host(r) for r in est.result()])

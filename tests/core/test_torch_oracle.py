@@ -32,7 +32,8 @@ def test_full_bn_matches_torch(backend, rng, shape, dtype, training):
     y_t, gx_t, gg_t, gb_t = torch_bn(x, gamma, beta, t_rm, t_rv, gy, training, momentum=0.25)
     rm, rv = to_backend(backend, rm0.copy(), rv0.copy())
     y, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), training=training,
-                                          running_mean=rm, running_var=rv, momentum=0.25)
+                                          running_mean=rm, running_var=rv, momentum=0.25,
+                                          backend=backend.name)
     gx, gg, gb = arraybn.batch_norm_backward(to_backend(backend, gy), cache)
     t32 = dtype == np.float32
     close = dict(rtol=2e-5, atol=2e-5) if t32 else dict(rtol=1e-10, atol=1e-10)
@@ -55,7 +56,7 @@ def test_ghost_batches_equal_torch_called_per_chunk(backend, rng):
     y_t.backward(torch.tensor(gy))
     rm, rv = to_backend(backend, np.zeros(4), np.ones(4))
     y, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), running_mean=rm,
-                                          running_var=rv, ghost_batch_size=4)
+                                          running_var=rv, ghost_batch_size=4, backend=backend.name)
     gx, gg, gb = arraybn.batch_norm_backward(to_backend(backend, gy), cache)
     for ours, theirs in [(y, y_t.detach()), (gx, tx.grad), (gg, tg.grad), (gb, tb.grad),
                          (rm, t_rm), (rv, t_rv)]:
