@@ -33,10 +33,36 @@ cost more than the kernels):
   running_var, out) -> (y, mean, var, inv_std)``: ``forward_train``, then ``finish_statistics``
   with ``count = N * M``; ``inv_std`` is None when the statistics are not finite. One call per
   training step, as in cuDNN's forward-training call (the numba backend makes it one kernel).
+
+Under a communicator (``arraybn.distributed``) the statistics and the backward's sums are the whole
+group's, so the fused calls come apart into steps with the group's numbers in between:
+forward ``moments`` -> merge across ranks -> ``finish_statistics`` (group count) ->
+``center_affine``; backward ``backward_sums`` -> all-reduce -> ``backward_gx`` (group count).
+Defaults with ``xp`` operations (float64, rounded once), replaced by kernels where a backend has
+them:
+
+- ``center_affine(x3, center, a, b, out) -> y``: ``y = (x - center[c]) * a[c] + b[c]``, centred
+  first so that offset data loses no digits.
+- ``backward_sums(gy3, x3, mean) -> (sum_gy, sum_gy_xc)``: the sums of ``backward``, no gx.
+- ``backward_gx(gy3, x3, mean, scale, w, sum_gy, sum_gy_xc, count, out) -> gx``: the centred gx of
+  ``backward`` from given sums and count ``m``.
 """
 
 
 import abc
+
+import numpy as np
+
+
+def _col(v):
+    return v[None, :, None]
+
+
+def _store(value, like, out):
+    if out is None:
+        return value.astype(like.dtype, copy=False)
+    out[...] = value
+    return out
 
 
 class BackendUnavailableError(RuntimeError):
@@ -82,6 +108,26 @@ class Backend(abc.ABC):
         _, inv_std = self.finish_statistics(mean, var, eps, momentum, x3.shape[0] * x3.shape[2],
                                             running_mean, running_var)
         return y3, mean, var, inv_std
+
+    def center_affine(self, x3, center, a, b, out=None):
+        """y = (x - center[c]) * a[c] + b[c], in float64, rounded once to x3's dtype."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            return _store((x3 - _col(center)) * _col(a) + _col(b), x3, out)
+
+    def backward_sums(self, gy3, x3, mean):
+        """(sum_gy, sum_gy_xc) per channel, float64 (C,)."""
+        xp = self.xp
+        with np.errstate(invalid="ignore", over="ignore"):
+            gy = gy3.astype(xp.float64, copy=False)
+            return gy.sum(axis=(0, 2)), xp.einsum("ncm,ncm->c", gy, x3 - _col(mean))
+
+    def backward_gx(self, gy3, x3, mean, scale, w, sum_gy, sum_gy_xc, count, out=None):
+        """gx = scale * (gy - sum_gy / m - w * (x - mean) * sum_gy_xc / m), m = ``count``."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            gy = gy3.astype(self.xp.float64, copy=False)
+            gx = _col(scale) * (gy - _col(sum_gy / count)
+                                - _col(w * sum_gy_xc / count) * (x3 - _col(mean)))
+            return _store(gx, x3, out)
 
     def conv_ops(self):
         """Helpers for the trainer's conv and pooling layers, or None to use their ``xp`` code.

@@ -20,6 +20,8 @@ import numpy as np
 
 from arraybn.backends import backend_for, is_cupy_array
 from arraybn.core import validation as v
+from arraybn.core.moments import group_moments
+from arraybn.distributed.base import Communicator
 
 
 @dataclass
@@ -37,6 +39,8 @@ class BNCache:
     gamma: object           # float64 (C,)
     gamma_dtype: object     # dtype for ggamma, None when gamma was None
     beta_dtype: object      # dtype for gbeta, None when beta was None
+    comm: object = None     # the communicator whose group's statistics were used, else None
+    count: int = 0          # with comm: values per channel in the whole group's batch
 
 
 def _check_array_module(x, be):
@@ -63,7 +67,7 @@ def _groups(n, ghost_batch_size):
 def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, running_var=None,
                        momentum=0.1, eps=1e-5, variant="full", backend=None,
                        ghost_batch_size=None, renorm=False, rmax=3.0, dmax=5.0, frozen=False,
-                       out=None):
+                       out=None, comm=None):
     """Batch-normalize ``x`` of shape (N, C) or (N, C, *spatial); returns ``(y, cache)``.
 
     Statistics are per channel (axis 1) over N and the spatial axes.
@@ -86,6 +90,17 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     y has x's dtype and shape, C-contiguous; ``out``, a C-contiguous array of that shape and
     dtype, receives y instead of a new array (reusing buffers saves the page faults of a fresh
     allocation on large inputs).
+    comm: an ``arraybn.distributed`` communicator. In training (full, mean_only, renorm) the
+        statistics are those of the whole group's batch (every rank's x together, merged as
+        count/mean/M2 with Chan's formula in rank order), the running buffers get the group's
+        statistics and count (identical on every rank), and the backward all-reduces its
+        per-channel sums: each rank's y and gx are its rows of the one-process result on the
+        concatenated batch. ggamma/gbeta stay this rank's share (their sum over ranks is the
+        one-process gradient), to be all-reduced with the other parameter gradients. A rank may
+        hold no sample (N = 0); it still takes part. Every rank must make the same calls.
+        Frozen statistics and inference have nothing to synchronise and ignore comm. Ghost
+        batches are local by definition, so ghost_batch_size with comm is a ValueError (one
+        process's ghost batches are comm=None on each rank; groups of ranks are comm.split(G)).
     """
     be = backend_for(x, backend)
     xp = be.xp
@@ -108,15 +123,22 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
                          else "batch renormalization")
     if renorm and center_only:
         raise ValueError("batch renormalization needs variant='full' (it rescales by r)")
+    group = _check_comm(comm, ghost_batch_size) if not use_running else None
     y3 = _output(xp, out, x3, tuple(x.shape), "out")
+    count = 0
     if use_running:
         cache_parts = _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only)
         groups, centered = ((0, n),), False
+    elif group is not None:
+        groups, centered = ((0, n),), True
+        count, cache_parts = _forward_group(be, x3, y3, g, b, rm, rv, group, tuple(x.shape),
+                                            momentum, eps, center_only, renorm, rmax, dmax)
     else:
         groups, centered = _groups(n, ghost_batch_size), True
         cache_parts = _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps,
                                        center_only, renorm, rmax, dmax)
-    cache = BNCache(be, x3, tuple(x.shape), groups, *cache_parts, centered, g, *dtypes)
+    cache = BNCache(be, x3, tuple(x.shape), groups, *cache_parts, centered, g, *dtypes,
+                    comm=group, count=count)
     return y3.reshape(x.shape), cache
 
 
@@ -168,13 +190,67 @@ def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_onl
                 xg, g, b, eps, center_only, momentum, rm, None if center_only else rv, out=yg)
         if inv_std is None:
             raise v.non_finite_error(xp, [mean, var], "batch statistics")
-        if center_only:
-            scale, w = xp.ones(mean.shape), xp.zeros(mean.shape)
-        else:
-            scale = scale if renorm else inv_std
-            w = inv_std * inv_std
+        scale, w = _xhat_scale_and_w(xp, inv_std, scale if renorm else None, center_only)
         means.append(mean), scales.append(scale), shifts.append(shift), ws.append(w)
     return means, scales, shifts, ws
+
+
+def _xhat_scale_and_w(xp, inv_std, renorm_scale, center_only):
+    """The cache's xhat_scale and variance-term weight w for one group (see the module table)."""
+    if center_only:
+        return xp.ones(inv_std.shape), xp.zeros(inv_std.shape)
+    return (inv_std if renorm_scale is None else renorm_scale), inv_std * inv_std
+
+
+def _check_comm(comm, ghost_batch_size):
+    if comm is None:
+        return None
+    if not isinstance(comm, Communicator):
+        raise TypeError(f"comm must be an arraybn.distributed communicator (e.g. "
+                        f"arraybn.distributed.world()), got {type(comm).__name__}")
+    if ghost_batch_size is not None:
+        raise ValueError("ghost_batch_size cannot be combined with comm: ghost batches are "
+                         "local by definition. For each rank's own statistics pass comm=None; "
+                         "for groups of G ranks pass comm.split(G)")
+    return comm
+
+
+def _forward_group(be, x3, y3, g, b, rm, rv, comm, shape, momentum, eps, center_only, renorm,
+                   rmax, dmax):
+    """Training forward with the whole group's statistics: (group count, cache parts)."""
+    xp = be.xp
+    count, mean, var = _group_statistics(be, x3, comm, shape)
+    shift = scale = None
+    if renorm:            # r and d come from the running statistics before this update
+        scale, shift = _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax)
+    _, inv_std = be.finish_statistics(mean, var, eps, momentum, count, rm,
+                                      None if center_only else rv)
+    scale, w = _xhat_scale_and_w(xp, inv_std, scale, center_only)
+    if x3.size:
+        a = g * scale
+        be.center_affine(x3, mean, a, b if shift is None else b + g * shift, out=y3)
+    return count, ([mean], [scale], [shift], [w])
+
+
+def _group_statistics(be, x3, comm, shape):
+    """(count, mean, biased var) of the whole group's batch, the same on every rank."""
+    xp = be.xp
+    local = x3.shape[0] * x3.shape[2]
+    if local:
+        mean, var = be.moments(x3)
+        mean, m2 = _to_host(mean), _to_host(var * local)
+    else:
+        mean = m2 = np.zeros(x3.shape[1])
+    count, mean, m2 = group_moments(comm, local, mean, m2)
+    group_shape = (count // x3.shape[2] if x3.shape[2] else 0,) + shape[1:]
+    v.check_batch_size(count, group_shape, f"the batch of all {comm.size} ranks together")
+    mean, var = xp.asarray(mean), xp.asarray(m2 / count)
+    v.check_finite(xp, [mean, var], "batch statistics of the group")
+    return count, mean, var
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
@@ -208,9 +284,12 @@ def batch_norm_backward(gy, cache, *, out=None):
     whole = len(cache.groups) == 1
     for k, (start, stop) in enumerate(cache.groups):
         parts = (gy3, x3, gx3) if whole else (gy3[start:stop], x3[start:stop], gx3[start:stop])
-        _, sum_gy, sum_gy_xc = be.backward(parts[0], parts[1], cache.mean[k],
-                                           cache.gamma * cache.xhat_scale[k], cache.w[k],
-                                           cache.centered, out=parts[2])
+        if cache.comm is None:
+            _, sum_gy, sum_gy_xc = be.backward(parts[0], parts[1], cache.mean[k],
+                                               cache.gamma * cache.xhat_scale[k], cache.w[k],
+                                               cache.centered, out=parts[2])
+        else:
+            sum_gy, sum_gy_xc = _backward_group(be, cache, *parts)
         part = sum_gy_xc * cache.xhat_scale[k]
         if cache.xhat_shift[k] is not None:
             part += sum_gy * cache.xhat_shift[k]
@@ -219,3 +298,18 @@ def batch_norm_backward(gy, cache, *, out=None):
     return (gx3.reshape(cache.shape),
             None if cache.gamma_dtype is None else ggamma.astype(cache.gamma_dtype, copy=False),
             None if cache.beta_dtype is None else gbeta.astype(cache.beta_dtype, copy=False))
+
+
+def _backward_group(be, cache, gy3, x3, gx3):
+    """gx from the group's sums (one all-reduce of both) and count; returns this rank's sums."""
+    xp = be.xp
+    if x3.size:
+        sum_gy, sum_gy_xc = be.backward_sums(gy3, x3, cache.mean[0])
+    else:
+        sum_gy = sum_gy_xc = xp.zeros(x3.shape[1])
+    group_gy, group_gy_xc = cache.comm.allreduce_sum(np.stack([_to_host(sum_gy),
+                                                               _to_host(sum_gy_xc)]))
+    if x3.size:
+        be.backward_gx(gy3, x3, cache.mean[0], cache.gamma * cache.xhat_scale[0], cache.w[0],
+                       xp.asarray(group_gy), xp.asarray(group_gy_xc), cache.count, out=gx3)
+    return sum_gy, sum_gy_xc
