@@ -53,10 +53,14 @@ def _check_array_module(x, be):
 
 
 def _groups(n, ghost_batch_size):
+    """((start, stop), ...) along N: one per ghost batch, else one; none for an empty batch."""
+    if ghost_batch_size is not None and (int(ghost_batch_size) != ghost_batch_size
+                                         or ghost_batch_size < 1):
+        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
+    if n == 0:
+        return ()
     if ghost_batch_size is None:
         return ((0, n),)
-    if int(ghost_batch_size) != ghost_batch_size or ghost_batch_size < 1:
-        raise ValueError(f"ghost_batch_size must be a positive integer, got {ghost_batch_size!r}")
     count = -(-n // int(ghost_batch_size))
     base, extra = divmod(n, count)                     # like numpy.array_split: sizes differ by
     sizes = [base + 1] * extra + [base] * (count - extra)  # at most one, larger ones first
@@ -102,6 +106,7 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
         batches are local by definition, so ghost_batch_size with comm is a ValueError (one
         process's ghost batches are comm=None on each rank; groups of ranks are comm.split(G)).
     """
+    v.check_array(x, "x")
     be = backend_for(x, backend)
     xp = be.xp
     if backend is not None:            # else backend_for picked the backend that owns x
@@ -118,13 +123,21 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     dtypes = (None if gamma is None else np.dtype(getattr(gamma, "dtype", np.float64)),
               None if beta is None else np.dtype(getattr(beta, "dtype", np.float64)))
     use_running = frozen or not training
+    if not use_running:
+        v.check_writeable(running_mean=rm, running_var=None if center_only else rv)
     if use_running or renorm:
         _require_running(rm, rv, center_only, "frozen statistics / inference" if use_running
                          else "batch renormalization")
     if renorm and center_only:
         raise ValueError("batch renormalization needs variant='full' (it rescales by r)")
+    if renorm:
+        v.check_renorm_bounds(rmax, dmax)
     group = _check_comm(comm, ghost_batch_size) if not use_running else None
-    y3 = _output(xp, out, x3, tuple(x.shape), "out")
+    y3 = _output(xp, out, x3, tuple(x.shape), "out", [("x", x3, _KEPT_X)])
+    groups = _groups(n, ghost_batch_size)       # () for an empty batch
+    if not groups and group is None:            # as in PyTorch: empty y, buffers untouched
+        cache = BNCache(be, x3, tuple(x.shape), (), [], [], [], [], False, g, *dtypes)
+        return y3.reshape(x.shape), cache
     count = 0
     if use_running:
         cache_parts = _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only)
@@ -134,7 +147,7 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
         count, cache_parts = _forward_group(be, x3, y3, g, b, rm, rv, group, tuple(x.shape),
                                             momentum, eps, center_only, renorm, rmax, dmax)
     else:
-        groups, centered = _groups(n, ghost_batch_size), True
+        centered = True
         cache_parts = _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps,
                                        center_only, renorm, rmax, dmax)
     cache = BNCache(be, x3, tuple(x.shape), groups, *cache_parts, centered, g, *dtypes,
@@ -142,14 +155,25 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     return y3.reshape(x.shape), cache
 
 
-def _output(xp, out, like3, shape, name):
-    """A (N, C, M) view of ``out`` to write into, or a new array."""
+_KEPT_X = "the cache keeps x for the backward, which would then compute wrong gradients"
+
+
+def _output(xp, out, like3, shape, name, kept):
+    """A (N, C, M) view of ``out`` to write into, or a new array.
+
+    kept: ``(what, array, why)`` for each array that ``out`` must not overlap.
+    """
     if out is None:
         return xp.empty_like(like3)
     if (tuple(out.shape) != shape or out.dtype != like3.dtype or not out.flags.c_contiguous
             or type(out) is not type(like3)):
         raise ValueError(f"{name} must be a C-contiguous {like3.dtype} array of shape {shape} "
                          f"on the same device; got {out.dtype} {tuple(out.shape)}")
+    v.check_writeable(**{name: out})
+    for what, array, why in kept:
+        if v.overlaps(xp, out, array):
+            raise ValueError(f"{name} shares memory with {what}: {why}; pass a separate array "
+                             f"(or {name}=None)")
     return out.reshape(like3.shape)
 
 
@@ -162,7 +186,7 @@ def _require_running(rm, rv, center_only, what):
 def _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only):
     xp = be.xp
     mean = rm.astype(np.float64)
-    v.check_finite(xp, [mean] if center_only else [mean, rv], "running statistics")
+    v.check_running_statistics(xp, mean, None if center_only else rv)
     scale = xp.ones_like(mean) if center_only else 1.0 / xp.sqrt(rv.astype(np.float64) + eps)
     a = g * scale
     be.affine(x3, a, b - mean * a, out=y3)
@@ -255,9 +279,7 @@ def _to_host(a):
 
 def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
     """(r / sigma_B, d) of batch renormalization, from the running statistics before the update."""
-    if not (rmax >= 1 and dmax >= 0):
-        raise ValueError(f"renorm needs rmax >= 1 and dmax >= 0; got rmax={rmax}, dmax={dmax}")
-    v.check_finite(xp, [rm, rv], "running statistics")
+    v.check_running_statistics(xp, rm, rv)
     sigma_b = xp.sqrt(var + eps)
     sigma_run = xp.sqrt(rv.astype(np.float64) + eps)
     r = xp.clip(sigma_b / sigma_run, 1.0 / rmax, rmax)
@@ -275,11 +297,13 @@ def batch_norm_backward(gy, cache, *, out=None):
         raise TypeError("cache must be the second value returned by batch_norm_forward")
     be, x3 = cache.backend, cache.x3
     xp = be.xp
+    v.check_array(gy, "gy")
     if tuple(gy.shape) != cache.shape:
         raise ValueError(f"gy has shape {tuple(gy.shape)} but the forward input had {cache.shape}")
     _check_array_module(gy, be)
     gy3 = xp.ascontiguousarray(gy, dtype=x3.dtype).reshape(x3.shape)
-    gx3 = _output(xp, out, x3, cache.shape, "out")
+    gx3 = _output(xp, out, x3, cache.shape, "out",
+                  [("gy", gy3, "gx is computed from gy"), ("x", x3, _KEPT_X)])
     ggamma = gbeta = None
     whole = len(cache.groups) == 1
     for k, (start, stop) in enumerate(cache.groups):
@@ -295,6 +319,8 @@ def batch_norm_backward(gy, cache, *, out=None):
             part += sum_gy * cache.xhat_shift[k]
         ggamma = part if ggamma is None else ggamma + part
         gbeta = sum_gy if gbeta is None else gbeta + sum_gy
+    if not cache.groups:                 # an empty batch: zero gradients, as in PyTorch
+        ggamma, gbeta = xp.zeros(x3.shape[1]), xp.zeros(x3.shape[1])
     return (gx3.reshape(cache.shape),
             None if cache.gamma_dtype is None else ggamma.astype(cache.gamma_dtype, copy=False),
             None if cache.beta_dtype is None else gbeta.astype(cache.beta_dtype, copy=False))

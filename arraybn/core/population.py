@@ -1,11 +1,19 @@
 """Population statistics for the post-processing stage: fed batches, they return ``(mean, var)``.
 
-- ``ExactStatistics``: the mean and (biased) variance of all values seen, merged per batch with
-  Chan's parallel formula in float64; batch order and batch size do not change the result.
+Every estimator returns ``var`` in the running buffers' convention, the unbiased one (what
+training's running statistics, PyTorch and Chainer store), so it can replace ``running_var`` as
+is: after one batch of n values per channel, ``var = x.var() * n / (n - 1)``.
+
+- ``ExactStatistics``: the mean and unbiased variance ``M2 / (count - 1)`` of all values seen
+  (count over every batch), merged per batch with Chan's parallel formula in float64; batch order
+  and batch size do not change the result. ``torch.var(all_values, unbiased=True)``.
 - ``AverageStatistics``: the equal-weight average of per-batch means and unbiased variances, what
   PyTorch's ``momentum=None`` and ``torch.optim.swa_utils.update_bn`` store.
 - ``EMAStatistics``: ``s = decay * s + (1 - decay) * s_batch`` from given initial values, averaging
-  either the variance or, as the first seed text does, the standard deviation.
+  either the unbiased batch variance or, as the first seed text does, its square root (the
+  standard deviation; ``result()`` returns its square).
+
+An empty batch (N = 0) changes nothing; a batch must keep the channel count of the first one.
 """
 from arraybn.backends import backend_for
 from arraybn.core import validation as v
@@ -19,11 +27,17 @@ class PopulationStatistics:
         self._backend = backend
         self.batches = 0
         self.count = 0              # values per channel seen
+        self.channels = None        # set by the first batch
 
     def update(self, x):
+        """Add the batch ``x``, of shape (N, C, *spatial); an empty batch changes nothing."""
+        v.check_array(x, "x")
         be = backend_for(x, self._backend)
         x3 = v.as_nc_m(x, be.xp)
+        self._check_channels(x3.shape[1])
         n = x3.shape[0] * x3.shape[2]
+        if n == 0:
+            return self
         mean, var = be.moments(x3)
         v.check_finite(be.xp, [mean, var], "batch statistics")
         self._merge(be.xp, n, mean, var)
@@ -31,7 +45,15 @@ class PopulationStatistics:
         self.count += n
         return self
 
+    def _check_channels(self, channels):
+        if self.channels is None:
+            self.channels = channels
+        elif channels != self.channels:
+            raise ValueError(f"{type(self).__name__} was started with {self.channels} channels and "
+                             f"got {channels}; use one estimator per BN layer")
+
     def result(self):
+        """``(mean, var)``, float64 (C,), var unbiased like the running buffers."""
         if self.batches == 0:
             raise ValueError(f"{type(self).__name__} has seen no batch; call update(x) first")
         return self._result()
@@ -50,7 +72,10 @@ class ExactStatistics(PopulationStatistics):
         _, self._mean, self._m2 = chan_merge(self.count, self._mean, self._m2, n, mean, m2)
 
     def _result(self):
-        return self._mean, self._m2 / self.count
+        if self.count < 2:
+            raise ValueError(f"ExactStatistics needs at least two values per channel for an "
+                             f"unbiased variance; it has seen {self.count}")
+        return self._mean, self._m2 / (self.count - 1)
 
 
 class AverageStatistics(PopulationStatistics):
@@ -59,10 +84,7 @@ class AverageStatistics(PopulationStatistics):
         self._mean_sum = self._var_sum = None
 
     def _merge(self, xp, n, mean, var):
-        if n < 2:
-            raise ValueError("AverageStatistics needs more than one value per channel in each batch "
-                             "(it averages unbiased batch variances)")
-        unbiased = var * (n / (n - 1))
+        unbiased = _unbiased(var, n, "AverageStatistics")
         if self._mean_sum is None:
             self._mean_sum, self._var_sum = mean.copy(), unbiased
         else:
@@ -90,13 +112,20 @@ class EMAStatistics(PopulationStatistics):
         if self._mean is None:
             self._mean = xp.full(mean.shape, self._init[0])
             self._scale = xp.full(mean.shape, self._init[1])
-        batch_var = var * (n / (n - 1)) if n > 1 else var
+        batch_var = _unbiased(var, n, "EMAStatistics")
         batch_scale = xp.sqrt(batch_var) if self.stat == "std" else batch_var
         self._mean = self.decay * self._mean + (1.0 - self.decay) * mean
         self._scale = self.decay * self._scale + (1.0 - self.decay) * batch_scale
 
     def _result(self):
         return self._mean, (self._scale ** 2 if self.stat == "std" else self._scale)
+
+
+def _unbiased(var, n, estimator):
+    if n < 2:
+        raise ValueError(f"{estimator} needs more than one value per channel in each batch "
+                         "(it averages unbiased batch variances)")
+    return var * (n / (n - 1))
 
 
 ESTIMATORS = {"exact": ExactStatistics, "average": AverageStatistics, "ema": EMAStatistics}

@@ -1,16 +1,33 @@
 """Input checks shared by the BN functions: every message says what was wrong and what to do."""
 import numpy as np
 
+from arraybn.backends import is_cupy_array
 from arraybn.core.errors import NonFiniteStatisticsError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 VARIANTS = {"full": "full", "mean_only": "mean_only", "mean-only": "mean_only"}
 
 
+def check_array(x, name):
+    """Refuse anything but a NumPy or CuPy array, saying how to convert it.
+
+    A torch tensor is recognised by its type's module name, without importing torch.
+    """
+    if isinstance(x, np.ndarray) or is_cupy_array(x):
+        return
+    if type(x).__module__.split(".")[0] == "torch":
+        raise TypeError(f"{name} is a torch tensor; torch tensors are not accepted. Pass "
+                        "t.numpy() for a CPU tensor t (t.detach().numpy() if it requires grad), "
+                        "or cupy.from_dlpack(t) for a CUDA one")
+    raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(x).__name__}; convert it "
+                    f"first, e.g. np.asarray({name}, dtype=np.float32)")
+
+
 def as_nc_m(x, xp):
-    """View ``x`` of shape (N, C, *spatial) as a C-contiguous (N, C, M) array (copies if needed)."""
-    if not hasattr(x, "ndim"):
-        x = xp.asarray(x)
+    """View ``x`` of shape (N, C, *spatial) as a C-contiguous (N, C, M) array (copies if needed).
+
+    N may be 0 (an empty batch), C may not.
+    """
     if x.ndim < 2:
         raise ValueError(f"x must have shape (N, C) or (N, C, *spatial); got shape {tuple(x.shape)}. "
                          "Add a batch axis, e.g. x[None] for a single sample.")
@@ -18,9 +35,9 @@ def as_nc_m(x, xp):
         raise TypeError(f"x must be float32 or float64, got {x.dtype}; convert it first, "
                         "e.g. x.astype(numpy.float32)")
     n, c = x.shape[:2]
-    if n == 0 or c == 0:
-        raise ValueError(f"x is empty (shape {tuple(x.shape)}); BN needs at least one sample and channel")
-    return xp.ascontiguousarray(x).reshape(n, c, -1)
+    if c == 0:
+        raise ValueError(f"x has no channel (shape {tuple(x.shape)}); BN needs at least one")
+    return xp.ascontiguousarray(x).reshape(n, c, int(np.prod(x.shape[2:], dtype=np.int64)))
 
 
 def check_variant(variant):
@@ -40,6 +57,9 @@ def channel_param(value, name, channels, xp, default, copy=True):
     if value is None:
         return xp.full(channels, default, dtype=np.float64)
     arr = value if isinstance(value, xp.ndarray) else xp.asarray(value)
+    if np.dtype(arr.dtype) not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {arr.dtype} (its gradient comes "
+                        f"in its dtype); convert it first, e.g. {name}.astype(numpy.float32)")
     if arr.shape != (channels,):
         raise ValueError(f"{name} must have shape ({channels},) for {channels} channels; "
                          f"got shape {tuple(arr.shape)}")
@@ -57,6 +77,25 @@ def check_buffer(buf, name, channels, xp):
     if np.dtype(buf.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {buf.dtype}")
     return buf
+
+
+def check_writeable(**buffers):
+    """Buffers about to be updated in place must not be read-only NumPy arrays (CuPy's have no
+    such flag); None stands for a buffer that is not updated."""
+    for name, buf in buffers.items():
+        if buf is not None and not getattr(buf.flags, "writeable", True):
+            raise ValueError(f"{name} is read-only, but it is updated in place; pass a writeable "
+                             f"copy ({name}.copy())")
+
+
+def check_renorm_bounds(rmax, dmax):
+    if not (rmax >= 1 and dmax >= 0):
+        raise ValueError(f"renorm needs rmax >= 1 and dmax >= 0; got rmax={rmax}, dmax={dmax}")
+
+
+def overlaps(xp, a, b):
+    """Whether ``a`` and ``b`` share memory: exactly on NumPy, by address range on CuPy."""
+    return bool(np.shares_memory(a, b) if xp is np else xp.may_share_memory(a, b))
 
 
 def check_scalars(momentum, eps):
@@ -92,10 +131,34 @@ def _finite(xp, arrays):
     return finite
 
 
+def check_running_statistics(xp, mean, var):
+    """Refuse running statistics that cannot normalize: NaN/inf anywhere, or a negative variance.
+
+    ``var`` may be None (mean_only). One reduction over the C values and one transfer to the host
+    when they are fine.
+    """
+    arrays = [mean] if var is None else [mean, var]
+    usable = _finite(xp, arrays)
+    if var is not None:
+        usable &= var >= 0
+    if bool(usable.all()):
+        return
+    check_finite(xp, arrays, "running statistics")
+    negative = np.flatnonzero(_host(var < 0)).tolist()
+    shown = ", ".join(str(c) for c in negative[:8]) + (", ..." if len(negative) > 8 else "")
+    raise ValueError(f"running_var has negative values in channels [{shown}]; a variance cannot "
+                     "be negative, so these statistics are corrupt: recompute them (arraybn "
+                     "postproc) or load the stored ones again")
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
 def non_finite_error(xp, arrays, what):
     """The NonFiniteStatisticsError for ``arrays``, at least one of which holds NaN/inf."""
     finite = _finite(xp, arrays)
-    bad = np.flatnonzero(~(finite.get() if hasattr(finite, "get") else finite))
+    bad = np.flatnonzero(~_host(finite))
     shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
     return NonFiniteStatisticsError(
         f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "

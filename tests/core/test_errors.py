@@ -142,3 +142,115 @@ def test_unknown_backend_name():
 def test_out_of_the_wrong_shape_dtype_or_layout(backend, bad):
     with pytest.raises(ValueError, match="out must be a C-contiguous float64 array of shape"):
         forward(backend, np.ones((4, 3)), out=to_backend(backend, bad))
+
+
+# ----------------------------------------------------------------------------- out= overlapping
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("overlap", ["same", "shifted"])
+def test_forward_out_that_overlaps_x_is_refused_and_x_kept(backend, rng, training, overlap):
+    """The cache keeps x for the backward: y written over it would give wrong gradients."""
+    store = to_backend(backend, rng.normal(size=(7, 3, 2, 2)))
+    x = store[:6]
+    out = x if overlap == "same" else store[1:]
+    before = to_host(store).copy()
+    rm, rv = to_backend(backend, np.zeros(3), np.ones(3))
+    with pytest.raises(ValueError, match="out shares memory with x.*keeps x for the backward"):
+        arraybn.batch_norm_forward(x, None, None, training=training, running_mean=rm,
+                                   running_var=rv, out=out, backend=backend.name)
+    np.testing.assert_array_equal(to_host(store), before)
+    np.testing.assert_array_equal(to_host(rm), np.zeros(3))
+
+
+@pytest.mark.parametrize("target", ["gy", "x"])
+def test_backward_out_that_overlaps_gy_or_the_cached_x_is_refused(backend, rng, target):
+    x, gy = to_backend(backend, rng.normal(size=(6, 3, 4)), rng.normal(size=(6, 3, 4)))
+    _, cache = arraybn.batch_norm_forward(x, None, None, backend=backend.name)
+    before = to_host(x).copy(), to_host(gy).copy()
+    with pytest.raises(ValueError, match=f"out shares memory with {target}"):
+        arraybn.batch_norm_backward(gy, cache, out=gy if target == "gy" else x)
+    np.testing.assert_array_equal(to_host(x), before[0])
+    np.testing.assert_array_equal(to_host(gy), before[1])
+
+
+# ----------------------------------------------------------------------------- parameter dtypes
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_, np.float16, np.complex128])
+@pytest.mark.parametrize("name", ["gamma", "beta"])
+def test_parameters_must_be_float32_or_float64(backend, name, dtype):
+    params = {"gamma": np.ones(3), "beta": np.zeros(3)}
+    params[name] = params[name].astype(dtype)
+    x = to_backend(backend, np.arange(12.0).reshape(4, 3))
+    with pytest.raises(TypeError, match=f"{name} must be float32 or float64, got "
+                                        f"{np.dtype(dtype).name}.*astype"):
+        arraybn.batch_norm_forward(x, *to_backend(backend, params["gamma"], params["beta"]),
+                                   backend=backend.name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameter_gradients_come_in_the_parameters_dtype(backend, rng, dtype):
+    x, gy = to_backend(backend, rng.normal(size=(5, 3)), rng.normal(size=(5, 3)))
+    g, b = to_backend(backend, np.full(3, 1.5, dtype), np.zeros(3, dtype))
+    _, cache = arraybn.batch_norm_forward(x, g, b, backend=backend.name)
+    _, ggamma, gbeta = arraybn.batch_norm_backward(gy, cache)
+    assert ggamma.dtype == gbeta.dtype == dtype
+    np.testing.assert_allclose(to_host(gbeta), to_host(gy).sum(axis=0), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- what x can be
+
+def test_a_python_list_is_refused_with_how_to_convert(backend):
+    g, b = to_backend(backend, np.ones(2), np.zeros(2))
+    with pytest.raises(TypeError, match=r"x must be a NumPy or CuPy array, got list.*np\.asarray"):
+        arraybn.batch_norm_forward([[1.0, 2.0], [3.0, 4.0]], g, b, backend=backend.name)
+    with pytest.raises(TypeError, match=r"x must be a NumPy or CuPy array, got list"):
+        arraybn.ExactStatistics(backend=backend.name).update([[1.0, 2.0], [3.0, 4.0]])
+
+
+def test_a_python_list_gy_is_refused(backend, rng):
+    _, cache = forward(backend, rng.normal(size=(4, 2)))
+    with pytest.raises(TypeError, match=r"gy must be a NumPy or CuPy array, got list"):
+        arraybn.batch_norm_backward(np.ones((4, 2)).tolist(), cache)
+
+
+def test_a_torch_tensor_is_refused_with_how_to_convert(backend):
+    torch = pytest.importorskip("torch")
+    t = torch.ones(4, 2)
+    with pytest.raises(TypeError, match=r"x is a torch tensor.*not accepted.*t\.numpy\(\)"
+                                        r".*cupy\.from_dlpack\(t\)"):
+        arraybn.batch_norm_forward(t, None, None, backend=backend.name)
+    with pytest.raises(TypeError, match=r"x is a torch tensor"):
+        arraybn.AverageStatistics(backend=backend.name).update(t)
+
+
+@pytest.mark.parametrize("readonly", ["running_mean", "running_var"])
+def test_a_read_only_running_buffer_is_named_and_nothing_is_updated(cpu_backend, rng, readonly):
+    buffers = {"running_mean": np.zeros(3), "running_var": np.ones(3)}
+    buffers[readonly].setflags(write=False)
+    with pytest.raises(ValueError, match=f"{readonly} is read-only.*updated in place.*"
+                                         rf"{readonly}\.copy\(\)"):
+        forward(cpu_backend, rng.normal(size=(4, 3)) + 5, **buffers)
+    np.testing.assert_array_equal(buffers["running_mean"], np.zeros(3))
+    np.testing.assert_array_equal(buffers["running_var"], np.ones(3))
+
+
+def test_a_read_only_out_is_refused(cpu_backend):
+    out = np.empty((4, 3))
+    out.setflags(write=False)
+    with pytest.raises(ValueError, match="out is read-only"):
+        forward(cpu_backend, np.arange(12.0).reshape(4, 3), out=out)
+
+
+# ----------------------------------------------------------------------------- running_var
+
+@pytest.mark.parametrize("options", [{"training": False}, {"frozen": True}, {"renorm": True}])
+def test_negative_running_var_is_refused_naming_the_channels(backend, rng, options):
+    rm, rv = to_backend(backend, np.zeros(4), np.array([1.0, -0.5, 1.0, -1e-7]))
+    with pytest.raises(ValueError, match=r"running_var has negative values in channels \[1, 3\]"):
+        forward(backend, rng.normal(size=(5, 4)), running_mean=rm, running_var=rv, **options)
+
+
+def test_nan_running_var_in_inference_names_the_channel(backend, rng):
+    rm, rv = to_backend(backend, np.zeros(3), np.array([1.0, 1.0, np.nan]))
+    with pytest.raises(NonFiniteStatisticsError, match=r"running statistics in channel\(s\) 2"):
+        forward(backend, rng.normal(size=(4, 3)), training=False, running_mean=rm, running_var=rv)

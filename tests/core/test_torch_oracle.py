@@ -63,14 +63,25 @@ def test_ghost_batches_equal_torch_called_per_chunk(backend, rng):
         np.testing.assert_allclose(to_host(ours), theirs.numpy(), rtol=1e-10, atol=1e-10)
 
 
-def test_population_average_equals_torch_cumulative_momentum(rng):
+def test_population_average_equals_torch_cumulative_momentum(backend, rng):
     batches = [rng.normal(loc=i, size=(n, 3, 4, 4)) for i, n in enumerate([8, 5, 11])]
     layer = torch.nn.BatchNorm2d(3, momentum=None).double()
     for b in batches:
         layer(torch.tensor(b))
-    est = arraybn.AverageStatistics()
+    est = arraybn.AverageStatistics(backend=backend.name)
     for b in batches:
-        est.update(b)
-    mean, var = est.result()
+        est.update(to_backend(backend, b))
+    mean, var = (to_host(r) for r in est.result())
     np.testing.assert_allclose(mean, layer.running_mean.numpy(), rtol=1e-12)
     np.testing.assert_allclose(var, layer.running_var.numpy(), rtol=1e-12)
+
+
+def test_exact_population_statistics_equal_torch_over_all_values(backend, rng):
+    batches = [rng.normal(loc=i, size=(n, 3, 4, 4)) for i, n in enumerate([8, 5, 11])]
+    est = arraybn.make_estimator("exact", backend=backend.name)
+    for b in batches:
+        est.update(to_backend(backend, b))
+    mean, var = (to_host(r) for r in est.result())
+    every = torch.tensor(np.concatenate(batches)).transpose(0, 1).reshape(3, -1)
+    np.testing.assert_allclose(mean, every.mean(dim=1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(var, torch.var(every, dim=1, unbiased=True).numpy(), rtol=1e-12)
