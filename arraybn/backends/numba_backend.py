@@ -163,6 +163,52 @@ class NumbaBackend(Backend):
                                    sum_gy_xc)
         return gx3, sum_gy, sum_gy_xc
 
+    def center_affine(self, x3, center, a, b, out=None):
+        _check_data(x3, "x3")
+        y3, channels = _output(out, x3), x3.shape[1]
+        args = (x3, _channel_array(center, channels, "center"), _channel_array(a, channels, "a"),
+                _channel_array(b, channels, "b"))
+        kernels, tasks = _split_kernels(), self._tasks(x3)
+        if tasks:
+            kernels.center_affine_parallel(*args, tasks, y3)
+        else:
+            kernels.center_affine_range(*args, 0, channels, y3)
+        return y3
+
+    def backward_sums(self, gy3, x3, mean):
+        channels = self._check_gradient(gy3, x3)
+        sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
+        mean = _channel_array(mean, channels, "mean")
+        kernels, tasks = _split_kernels(), self._tasks(x3)
+        if tasks:
+            kernels.backward_sums_parallel(gy3, x3, mean, tasks, sum_gy, sum_gy_xc)
+        else:
+            kernels.backward_sums_range(gy3, x3, mean, 0, channels, sum_gy, sum_gy_xc)
+        return sum_gy, sum_gy_xc
+
+    def backward_gx(self, gy3, x3, mean, scale, w, sum_gy, sum_gy_xc, count, out=None):
+        channels = self._check_gradient(gy3, x3)
+        gx3 = _output(out, x3)
+        args = (gy3, x3) + tuple(_channel_array(values, channels, name) for values, name in (
+            (mean, "mean"), (scale, "scale"), (w, "w"), (sum_gy, "sum_gy"),
+            (sum_gy_xc, "sum_gy_xc"))) + (float(count),)
+        kernels, tasks = _split_kernels(), self._tasks(x3)
+        if tasks:
+            kernels.backward_gx_parallel(*args, tasks, gx3)
+        else:
+            kernels.backward_gx_range(*args, 0, channels, gx3)
+        return gx3
+
+    @staticmethod
+    def _check_gradient(gy3, x3):
+        """The channel count, once gy3 and x3 are checked as a matching pair."""
+        _check_data(x3, "x3")
+        _check_data(gy3, "gy3")
+        if gy3.shape != x3.shape or gy3.dtype != x3.dtype:
+            raise ValueError(f"numba backend: gy3 ({gy3.dtype} {gy3.shape}) must match x3 "
+                             f"({x3.dtype} {x3.shape})")
+        return x3.shape[1]
+
     def finish_statistics(self, mean, var, eps, momentum, count, running_mean=None,
                           running_var=None):
         channels = len(mean)
@@ -174,6 +220,12 @@ class NumbaBackend(Backend):
             _running_buffer(running_mean, channels, "running_mean"),
             _running_buffer(running_var, channels, "running_var"), inv_std)
         return (True, inv_std) if finite else (False, None)
+
+
+def _split_kernels():
+    """``numba_split_kernels``, loaded when a communicator first needs them."""
+    from arraybn.backends import numba_split_kernels
+    return numba_split_kernels
 
 
 def _passive_openmp_workers():
