@@ -85,3 +85,22 @@ def test_exact_population_statistics_equal_torch_over_all_values(backend, rng):
     every = torch.tensor(np.concatenate(batches)).transpose(0, 1).reshape(3, -1)
     np.testing.assert_allclose(mean, every.mean(dim=1).numpy(), rtol=1e-12)
     np.testing.assert_allclose(var, torch.var(every, dim=1, unbiased=True).numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 5, 5)])
+def test_an_empty_batch_matches_torch(backend, shape, training):
+    """torch.nn.functional.batch_norm on N = 0: empty y and gx, zero ggamma/gbeta, buffers kept."""
+    x = np.empty(shape, np.float32)
+    gamma, beta = np.array([1.0, 2.0, 3.0], np.float32), np.array([0.5, 0.0, -1.0], np.float32)
+    rm0, rv0 = np.array([0.1, 0.2, 0.3], np.float32), np.array([1.0, 2.0, 3.0], np.float32)
+    t_rm, t_rv = torch.tensor(rm0), torch.tensor(rv0)
+    y_t, gx_t, gg_t, gb_t = torch_bn(x, gamma, beta, t_rm, t_rv, x, training)
+    rm, rv = to_backend(backend, rm0.copy(), rv0.copy())
+    y, cache = arraybn.batch_norm_forward(*to_backend(backend, x, gamma, beta), training=training,
+                                          running_mean=rm, running_var=rv, backend=backend.name)
+    gx, gg, gb = arraybn.batch_norm_backward(to_backend(backend, x), cache)
+    for ours, theirs in [(y, y_t), (gx, gx_t), (gg, gg_t), (gb, gb_t), (rm, t_rm.numpy()),
+                         (rv, t_rv.numpy())]:
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(to_host(ours), theirs)
