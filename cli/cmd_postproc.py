@@ -2,22 +2,15 @@
 import click
 
 from arraybn.stages import run_postproc
-from arraybn_cli.options import common_options, postproc_method_options, run_dir_argument
+from arraybn_cli.options import (common_options, make_postproc_config, postproc_batch_size_option,
+                                 postproc_method_options, run_dir_argument)
 from arraybn_cli.reporting import Reporter, friendly_errors
-
-
-def postproc_stage(params, reporter, batch_size, force):
-    return run_postproc(params["run_dir"], method=params["method"], decay=params["decay"],
-                        stat=params["stat"], batches=params["batches"], batch_size=batch_size,
-                        backend=params["backend"], data_dir=params["data_dir"], force=force,
-                        echo=reporter.echo)
 
 
 @click.command("postproc")
 @run_dir_argument
 @postproc_method_options
-@click.option("--batch-size", type=click.IntRange(2), default=256, show_default=True,
-              help="Images per batch (each BN layer sees this batch's statistics).")
+@postproc_batch_size_option("--batch-size")
 @common_options
 def postproc_command(**params):
     """Estimate each BN layer's population statistics over the training data.
@@ -27,5 +20,7 @@ def postproc_command(**params):
     """
     reporter = Reporter(params["as_json"])
     with friendly_errors():
-        manifest = postproc_stage(params, reporter, params["batch_size"], params["force"])
+        manifest = run_postproc(params["run_dir"], make_postproc_config(params),
+                                backend=params["backend"], data_dir=params["data_dir"],
+                                force=params["force"], echo=reporter.echo)
     reporter.result(manifest, f"saved {params['run_dir']}/postproc/")

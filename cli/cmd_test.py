@@ -2,14 +2,9 @@
 import click
 
 from arraybn.stages import run_test
-from arraybn_cli.options import common_options, run_dir_argument, test_stats_option
+from arraybn_cli.options import (common_options, make_test_config, run_dir_argument,
+                                 test_stats_option)
 from arraybn_cli.reporting import Reporter, friendly_errors
-
-
-def test_stage(params, reporter, batch_size, force):
-    return run_test(params["run_dir"], stats=params["test_stats"], batch_size=batch_size,
-                    backend=params["backend"], data_dir=params["data_dir"], force=force,
-                    echo=reporter.echo)
 
 
 def per_class_table(metrics):
@@ -21,7 +16,8 @@ def per_class_table(metrics):
 @click.command("test")
 @run_dir_argument
 @test_stats_option("--stats")
-@click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Images per batch (default: the run's --eval-batch-size).")
 @common_options
 def test_command(**params):
     """Evaluate the trained model on the test split and store RUN/test/metrics.json.
@@ -31,5 +27,7 @@ def test_command(**params):
     """
     reporter = Reporter(params["as_json"])
     with friendly_errors():
-        metrics = test_stage(params, reporter, params["batch_size"], params["force"])
+        metrics = run_test(params["run_dir"], make_test_config(params, params["batch_size"]),
+                           data_dir=params["data_dir"], force=params["force"],
+                           echo=reporter.echo)
     reporter.result(metrics, per_class_table(metrics))

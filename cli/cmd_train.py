@@ -6,17 +6,6 @@ from arraybn_cli.options import common_options, run_dir_argument, train_config_f
 from arraybn_cli.reporting import EpochProgress, Reporter, friendly_errors
 
 
-def train_stage(ctx, params, reporter):
-    """Run the train stage for the parsed options; returns the manifest."""
-    config = train_config_from(ctx, params, params["resume"])
-    progress = EpochProgress()
-    try:
-        return run_train(params["run_dir"], config, force=params["force"],
-                         resume=params["resume"], echo=reporter.echo, on_step=progress)
-    finally:
-        progress.close()
-
-
 @click.command("train")
 @run_dir_argument
 @train_options
@@ -29,8 +18,14 @@ def train_command(ctx, **params):
     Ctrl-C saves a checkpoint; --resume continues exactly where it stopped.
     """
     reporter = Reporter(params["as_json"])
+    progress = EpochProgress()
     with friendly_errors():
-        manifest = train_stage(ctx, params, reporter)
+        try:
+            config = train_config_from(ctx, params, params["resume"])
+            manifest = run_train(params["run_dir"], config, force=params["force"],
+                                 resume=params["resume"], echo=reporter.echo, on_step=progress)
+        finally:
+            progress.close()
     metrics = manifest["metrics"]
     val = ("" if metrics["val_acc"] is None
            else f", validation accuracy {100 * metrics['val_acc']:.2f}%")

@@ -1,19 +1,27 @@
 """Options shared by several commands, defined once and stacked as decorators.
 
-Training defaults come from ``arraybn.stages.TrainConfig`` so that the CLI and the Python API
-agree on them.
+Defaults and choices come from the stages' configurations (``TrainConfig``, ``PostprocConfig``,
+``TestConfig``) and the lists beside them, so that the CLI and the Python API agree on them.
 """
+import dataclasses
+
 import click
 from click.core import ParameterSource
 
 from arraybn.backends import BACKEND_NAMES
 from arraybn.data import DATASETS
-from arraybn.stages.config import (BN_KINDS, BN_POSITIONS, MODELS, OPTIMIZERS, SCHEDULES,
-                                   TRAIN_STATS, TrainConfig)
-from arraybn.stages.testing import STATS_CHOICES
-from arraybn.stages.postproc import METHODS
+from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES
+from arraybn.stages.config import (EMA_STATS, OPTIMIZERS, POSTPROC_METHODS, TEST_STATS,
+                                   TRAIN_STATS, PostprocConfig, TestConfig, TrainConfig)
 
 DEFAULTS = TrainConfig()
+POSTPROC_DEFAULTS = PostprocConfig()
+# TrainConfig fields that have no option: the augmentation strengths keep their defaults.
+FIELDS_WITHOUT_OPTION = ("augment_rotation", "augment_shear", "augment_zoom", "augment_shift")
+# The options that make a TrainConfig. backend and data_dir are common options (shared with
+# postproc and test) whose default None means "not given": TrainConfig's default applies.
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                   if f.name not in FIELDS_WITHOUT_OPTION)
 
 
 def stack(*decorators):
@@ -60,10 +68,11 @@ train_options = stack(
                  help="Fraction of the training images held out for validation."),
     click.option("--train-subset", type=click.IntRange(2), default=None,
                  help="Train on a seeded random N of the training images (quick runs)."),
-    click.option("--model", type=click.Choice(MODELS), default=DEFAULTS.model, show_default=True),
+    click.option("--model", type=click.Choice(MODEL_NAMES), default=DEFAULTS.model,
+                 show_default=True),
     click.option("--hidden", callback=_hidden, default=",".join(map(str, DEFAULTS.hidden)),
                  show_default=True, help="MLP hidden widths, comma-separated."),
-    click.option("--bn", type=click.Choice(BN_KINDS), default=DEFAULTS.bn, show_default=True,
+    click.option("--bn", type=click.Choice(BN_CHOICES), default=DEFAULTS.bn, show_default=True,
                  help="Batch normalization variant."),
     click.option("--bn-position", type=click.Choice(BN_POSITIONS), default=DEFAULTS.bn_position,
                  show_default=True, help="BN before or after the ReLU."),
@@ -104,28 +113,44 @@ train_options = stack(
                  help="Continue an interrupted run exactly, or a finished one with more --epochs."),
 )
 
-TRAIN_KEYS = ("dataset", "val_split", "train_subset", "model", "hidden", "bn", "bn_position",
-              "bn_momentum", "bn_eps", "ghost_batch_size", "renorm_rmax", "renorm_dmax", "stats",
-              "dropout", "epochs", "batch_size", "optimizer", "lr", "momentum", "schedule",
-              "weight_decay", "augment", "eval_batch_size", "seed", "backend", "data_dir")
-
 postproc_method_options = stack(
-    click.option("--method", type=click.Choice(METHODS), default="exact", show_default=True,
+    click.option("--method", type=click.Choice(POSTPROC_METHODS),
+                 default=POSTPROC_DEFAULTS.method, show_default=True,
                  help="exact: all values seen; average: mean of batch statistics; ema: "
                       "s = decay s + (1-decay) s_batch."),
-    click.option("--decay", type=click.FloatRange(0, 1, max_open=True), default=0.9,
-                 show_default=True, help="EMA decay (--method ema)."),
-    click.option("--stat", type=click.Choice(("var", "std")), default="var", show_default=True,
+    click.option("--decay", type=click.FloatRange(0, 1, max_open=True),
+                 default=POSTPROC_DEFAULTS.decay, show_default=True,
+                 help="EMA decay (--method ema)."),
+    click.option("--stat", type=click.Choice(EMA_STATS), default=POSTPROC_DEFAULTS.stat,
+                 show_default=True,
                  help="EMA averages the variance or the standard deviation (--method ema)."),
-    click.option("--batches", type=click.IntRange(1), default=None,
+    click.option("--batches", type=click.IntRange(1), default=POSTPROC_DEFAULTS.batches,
                  help="Use at most N training batches (default: all)."),
 )
 
 
+def postproc_batch_size_option(name):
+    return click.option(name, "postproc_batch_size", type=click.IntRange(2),
+                        default=POSTPROC_DEFAULTS.batch_size, show_default=True,
+                        help="Images per postproc batch (each BN layer sees this batch's "
+                             "statistics).")
+
+
 def test_stats_option(name):
-    return click.option(name, "test_stats", type=click.Choice(STATS_CHOICES), default=None,
+    return click.option(name, "test_stats", type=click.Choice(TEST_STATS),
+                        default=TestConfig().stats,
                         help="BN statistics for testing (default: postproc when it exists, "
                              "else running).")
+
+
+def make_postproc_config(params):
+    return PostprocConfig(method=params["method"], decay=params["decay"], stat=params["stat"],
+                          batches=params["batches"], batch_size=params["postproc_batch_size"])
+
+
+def make_test_config(params, batch_size=None):
+    return TestConfig(stats=params["test_stats"], batch_size=batch_size,
+                      backend=params["backend"])
 
 
 def train_config_from(ctx, params, resume):

@@ -90,6 +90,13 @@ def bn_calls_run_on_the_parametrised_backend(request, monkeypatch):
     spy.check(expected)
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny generated MNIST-format dataset (tests.stages.helpers.TINY), shared read-only."""
+    from tests.stages.helpers import make_dataset
+    return str(make_dataset(tmp_path_factory.mktemp("data")))
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

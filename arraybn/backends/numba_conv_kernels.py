@@ -24,7 +24,8 @@ def _valid_columns(offset, stride, width, ow):
 
 @jit(parallel=True)
 def _col2im(gcols, kh, kw, stride, pad, gx):
-    """The adjoint of ``arraybn.nn.conv.im2col``: gx[n, c, y, x] = sum of the cols entries that read it."""
+    """The adjoint of ``arraybn.nn.conv.im2col``: gx[n, c, y, x] = sum of the cols entries that
+    read it."""
     n_batch, n_in, h, w = gx.shape
     ow = (w + 2 * pad - kw) // stride + 1
     oh = gcols.shape[2] // ow

@@ -19,9 +19,8 @@ import traceback
 from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
                                               SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
-from arraybn.stages.postproc import run_postproc
-from arraybn.stages.testing import run_test
-from arraybn.stages.train import PARTIAL_DIR, run_train
+from arraybn.stages.pipeline import STAGES, run_pipeline, stage_done
+from arraybn.stages.train import PARTIAL_DIR
 
 
 
@@ -42,17 +41,12 @@ def _changes(old, new):
     return changed
 
 
-def _stage_done(run_dir, stage, filename="manifest.json"):
-    return os.path.isfile(os.path.join(run_dir, stage, filename))
-
-
 def _missing_stages(spec):
-    stages = ["train", "postproc", "test"] if spec.has_bn else ["train", "test"]
-    files = {"test": "metrics.json"}
-    missing = [s for s in stages if not _stage_done(spec.run_dir, s, files.get(s, "manifest.json"))]
+    stages = STAGES if spec.has_bn else ("train", "test")
+    missing = [s for s in stages if not stage_done(spec.run_dir, s)]
     if spec.has_bn:
         missing += [f"variant {v.name}" for v in spec.variants
-                    if not _stage_done(spec.variant_dir(v), "test", "metrics.json")]
+                    if not stage_done(spec.variant_dir(v), "test")]
     return missing
 
 
@@ -99,31 +93,6 @@ class _RunLog:
             self.echo(f"[{self.name}] {message}")
 
 
-def _train(spec, log, redo):
-    if not redo and _stage_done(spec.run_dir, "train"):
-        return False
-    resume = not redo and os.path.isdir(os.path.join(spec.run_dir, PARTIAL_DIR))
-    log("train: resuming the interrupted run" if resume else "train")
-    run_train(spec.run_dir, {"epochs": spec.config.epochs} if resume else spec.config,
-              force=redo, resume=resume, echo=log)
-    return True
-
-
-def _postproc(run_dir, post, log, redo):
-    """Make ``run_dir/postproc`` unless it exists and ``redo`` is false; True if it ran."""
-    if not redo and _stage_done(run_dir, "postproc"):
-        return False
-    run_postproc(run_dir, method=post.method, decay=post.decay, stat=post.stat,
-                 batches=post.batches, batch_size=post.batch_size, force=True, echo=log)
-    return True
-
-
-def _test(run_dir, test, eval_batch_size, log, redo):
-    if redo or not _stage_done(run_dir, "test", "metrics.json"):
-        run_test(run_dir, stats=test.stats, batch_size=test.batch_size or eval_batch_size,
-                 backend=test.backend, force=True, echo=log)
-
-
 def _link_train(variant_dir):
     """Make ``VARIANT/train`` a relative link to the run's train stage."""
     link = os.path.join(variant_dir, "train")
@@ -140,24 +109,20 @@ def execute_run(spec, changes=(), echo=None):
     """
     os.makedirs(spec.run_dir, exist_ok=True)
     log = _RunLog(spec.run_dir, spec.name, echo)
-    retrain = any(c.startswith("train") for c in changes)
-    if retrain:
+    redo = {change.split(".")[0] for change in changes} & set(STAGES)    # 'train.lr' -> 'train'
+    if "train" in redo:
         shutil.rmtree(os.path.join(spec.run_dir, VARIANTS_DIR), ignore_errors=True)
     write_json_atomic(os.path.join(spec.run_dir, RUN_RECORD), spec.record())
-    retrained = _train(spec, log, retrain)
-    eval_batch = spec.config.eval_batch_size
-    redo = retrained
-    if spec.has_bn:
-        redo = _postproc(spec.run_dir, spec.postproc, log, redo or "postproc" in changes) or redo
-    _test(spec.run_dir, spec.test, eval_batch, log, redo or "test" in changes)
+    results = run_pipeline(spec.run_dir, spec.config, spec.postproc if spec.has_bn else None,
+                           spec.test, keep_done=True, redo=redo, echo=log)
+    retrained = results["train"] is not None
     for variant in spec.variants if spec.has_bn else ():
         vdir = spec.variant_dir(variant)
         _link_train(vdir)
-        redo_variant = retrained or f"variant {variant.name}" in changes
         log(f"variant {variant.name}")
-        if variant.postproc is not None:
-            redo_variant = _postproc(vdir, variant.postproc, log, redo_variant) or redo_variant
-        _test(vdir, variant.test, eval_batch, log, redo_variant)
+        changed = retrained or f"variant {variant.name}" in changes
+        run_pipeline(vdir, spec.config, variant.postproc, variant.test, keep_done=True,
+                     redo=("postproc", "test") if changed else (), echo=log)
     return _test_accuracy(spec.run_dir)
 
 

@@ -51,9 +51,7 @@ import types
 from arraybn.backends import BackendUnavailableError, get_backend
 from arraybn.data import DatasetNotFoundError, find_dataset
 from arraybn.stages.artifacts import StageError
-from arraybn.stages.config import TrainConfig
-from arraybn.stages.postproc import estimator_options
-from arraybn.stages.testing import STATS_CHOICES
+from arraybn.stages.config import PostprocConfig, TestConfig, TrainConfig
 
 TOP_KEYS = ("root", "name", "description", "train", "grid", "runs", "postproc", "test",
             "variants")
@@ -70,43 +68,11 @@ class SweepConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class PostprocSpec:
-    """Options of ``run_postproc`` (see ``arraybn postproc --help``)."""
-    method: str = "exact"
-    decay: float = 0.9
-    stat: str = "var"
-    batches: int = None       # None (in TOML: "all"): every training batch
-    batch_size: int = 256
-
-    def validate(self):
-        estimator_options(self.method, self.decay, self.stat)
-        if not (_is_int(self.batch_size) and self.batch_size >= 2):
-            raise ValueError(f"postproc batch_size must be an integer >= 2, got {self.batch_size!r}")
-        if self.batches is not None and not (_is_int(self.batches) and self.batches >= 1):
-            raise ValueError(f"postproc batches must be an integer >= 1, got {self.batches!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class TestSpec:
-    """Options of ``run_test``; ``batch_size=None`` uses the run's eval_batch_size."""
-    stats: str = None
-    batch_size: int = None
-    backend: str = None
-
-    def validate(self):
-        if self.stats is not None and self.stats not in STATS_CHOICES:
-            raise ValueError(f"test stats must be one of {', '.join(STATS_CHOICES)}, "
-                             f"got {self.stats!r}")
-        if self.batch_size is not None and not (_is_int(self.batch_size) and self.batch_size >= 1):
-            raise ValueError(f"test batch_size must be a positive integer, got {self.batch_size!r}")
-
-
-@dataclasses.dataclass(frozen=True)
 class Variant:
     """Extra statistics for a trained model: an optional postproc and a test."""
     name: str
-    postproc: PostprocSpec
-    test: TestSpec
+    postproc: PostprocConfig
+    test: TestConfig
 
     def record(self):
         return {"postproc": None if self.postproc is None else dataclasses.asdict(self.postproc),
@@ -119,8 +85,8 @@ class RunSpec:
     name: str
     run_dir: str
     config: TrainConfig
-    postproc: PostprocSpec
-    test: TestSpec
+    postproc: PostprocConfig
+    test: TestConfig
     variants: tuple
 
     @property
@@ -146,9 +112,6 @@ class Sweep:
 
 
 # --- reading and validating a sweep file --------------------------------------------------------
-
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _unknown(keys, allowed, where):
@@ -266,13 +229,11 @@ def _spec(cls, values, where, errors, allowed=None):
         return None
     if values.get("batches") == "all":  # TOML has no null: "all" means every batch
         values = {**values, "batches": None}
-    spec = cls(**values)
     try:
-        spec.validate()
+        return cls(**values)
     except (TypeError, ValueError, StageError) as exc:
         errors.append(f"{where}: {exc}")
         return None
-    return spec
 
 
 def _expand(table):
@@ -310,10 +271,10 @@ def _variants(entries, errors):
 def _variant(template, post_values, test_values, where, errors):
     post = None
     if post_values is not None:
-        post = _spec(PostprocSpec, post_values, f"{where} postproc", errors)
+        post = _spec(PostprocConfig, post_values, f"{where} postproc", errors)
         if post is None:
             return None
-    test = _spec(TestSpec, test_values, f"{where} test", errors)
+    test = _spec(TestConfig, test_values, f"{where} test", errors)
     if test is None:
         return None
     if post is not None and test.stats not in (None, "postproc"):
@@ -356,8 +317,8 @@ def _run_points(data, errors):
 def parse_sweep(data, root):
     """A validated ``(root, [RunSpec])`` from the parsed TOML ``data``; raises SweepConfigError."""
     errors = _unknown(data, TOP_KEYS, "top level")
-    post = _spec(PostprocSpec, _table(data, "postproc", dict, errors), "[postproc]", errors)
-    test = _spec(TestSpec, _table(data, "test", dict, errors), "[test]", errors)
+    post = _spec(PostprocConfig, _table(data, "postproc", dict, errors), "[postproc]", errors)
+    test = _spec(TestConfig, _table(data, "test", dict, errors), "[test]", errors)
     variants = _variants(_table(data, "variants", list, errors), errors)
     template = data.get("name", _default_template(data.get("grid", {})))
     runs = []

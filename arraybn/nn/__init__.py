@@ -9,10 +9,10 @@ from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
 from arraybn.nn.layers import Dense, Dropout, Flatten, Layer, Parameter, ReLU
 from arraybn.nn.loss import softmax_cross_entropy
-from arraybn.nn.models import MODEL_NAMES, Network, build_model
+from arraybn.nn.models import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, Network, build_model
 from arraybn.nn.optim import SGD, Adam, Optimizer
 from arraybn.nn.schedule import SCHEDULES, make_schedule
 
-__all__ = ["build_model", "Network", "MODEL_NAMES", "BatchNorm", "BN_KINDS", "Conv2d",
-           "MaxPool2d", "Dense", "Dropout", "Flatten", "ReLU", "Layer", "Parameter",
+__all__ = ["build_model", "Network", "MODEL_NAMES", "BN_CHOICES", "BN_POSITIONS", "BatchNorm",
+           "BN_KINDS", "Conv2d", "MaxPool2d", "Dense", "Dropout", "Flatten", "ReLU", "Layer", "Parameter",
            "softmax_cross_entropy", "SGD", "Adam", "Optimizer", "make_schedule", "SCHEDULES"]

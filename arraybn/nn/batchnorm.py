@@ -12,9 +12,12 @@ bn             core call in training
 "renorm"       variant="full", renorm=True, rmax=..., dmax=...
 =============  ====================================================================
 """
+import contextlib
+
 import numpy as np
 
 from arraybn.core import NonFiniteStatisticsError, batch_norm_backward, batch_norm_forward
+from arraybn.nn import defaults
 from arraybn.nn.layers import Layer, Parameter
 
 BN_KINDS = ("full", "mean-only", "ghost", "renorm")
@@ -28,12 +31,14 @@ class BatchNorm(Layer):
         (equal-weight) average over the batches seen, like PyTorch's ``momentum=None``.
     track_running_stats=False: no running buffers; every forward normalizes with batch statistics.
     eval_stats: what ``forward(training=False)`` normalizes with: "running" or "batch".
-    observer: None or an ``arraybn.PopulationStatistics``; forward feeds it its input first.
+    ``use_statistics(mean, var)`` sets the statistics inference uses (post-processing);
+    ``with observing(callback):`` shows every input to ``callback`` before it is normalized.
     """
 
-    def __init__(self, name, num_features, *, kind="full", backend, dtype=np.float32,
-                 momentum=0.1, eps=1e-5, ghost_batch_size=32, rmax=3.0, dmax=5.0,
-                 track_running_stats=True):
+    def __init__(self, name, num_features, *, kind=defaults.BN, backend, dtype=np.float32,
+                 momentum=defaults.BN_MOMENTUM, eps=defaults.BN_EPS,
+                 ghost_batch_size=defaults.GHOST_BATCH_SIZE, rmax=defaults.RENORM_RMAX,
+                 dmax=defaults.RENORM_DMAX, track_running_stats=True):
         if kind not in BN_KINDS:
             raise ValueError(f"{name}: unknown BN kind {kind!r}; "
                              f"choose one of {', '.join(BN_KINDS)}")
@@ -59,7 +64,7 @@ class BatchNorm(Layer):
             self.running_var = xp.ones(num_features, dtype=dtype)
         self.num_batches_tracked = 0
         self._eval_stats = "running"
-        self.observer = None
+        self._observer = None
 
     @property
     def num_features(self):
@@ -75,6 +80,33 @@ class BatchNorm(Layer):
             raise ValueError(f"{self.name}: eval_stats must be 'running' or 'batch', got {value!r}")
         self._eval_stats = value
 
+    def use_statistics(self, mean, var):
+        """Normalize with ``mean``/``var`` (unbiased, one value per channel) in inference.
+
+        They become the running buffers, copied in the layer's dtype, also for a layer made
+        without running statistics; ``eval_stats`` becomes "running".
+        """
+        xp, dtype = self.backend.xp, self.weight.data.dtype
+        mean, var = xp.asarray(mean, dtype=dtype), xp.asarray(var, dtype=dtype)
+        if mean.shape != (self.num_features,) or var.shape != (self.num_features,):
+            raise ValueError(f"{self.name}: statistics must hold one value for each of the "
+                             f"{self.num_features} channels; got mean {mean.shape} and var "
+                             f"{var.shape}")
+        self.track_running_stats = True
+        self.running_mean, self.running_var = mean.copy(), var.copy()
+        self.eval_stats = "running"
+
+    @contextlib.contextmanager
+    def observing(self, callback):
+        """Within the block every ``forward`` first calls ``callback(x)`` with its input
+        (e.g. ``PopulationStatistics.update``); the callback is dropped on leaving, also on
+        an error."""
+        self._observer = callback
+        try:
+            yield self
+        finally:
+            self._observer = None
+
     def parameters(self):
         return [self.weight, self.bias]
 
@@ -87,8 +119,8 @@ class BatchNorm(Layer):
                 (f"{self.name}.num_batches_tracked", self.num_batches_tracked)]
 
     def forward(self, x, training):
-        if self.observer is not None:
-            self.observer.update(x)
+        if self._observer is not None:
+            self._observer(x)
         try:
             y, self._cache = batch_norm_forward(x, self.weight.data, self.bias.data,
                                                 backend=self.backend,

@@ -2,8 +2,9 @@
 
 The plain path works on any ``xp`` (numpy or cupy). A backend whose ``conv_ops()`` offers its
 own helpers (the numba backend: col2im with fused padding, one-pass pooling) has the layers call
-those instead; the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col buffers from step to
-step (only the latest forward's cache is ever used by backward, so nothing else sees them).
+those instead; the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col
+buffers from step to step (only the latest forward's cache is ever used by backward, so nothing
+else sees them).
 """
 import numpy as np
 

@@ -7,13 +7,14 @@ parameter's ``.grad``. Parameter and buffer names follow the equivalent PyTorch 
 import numpy as np
 
 from arraybn.backends import get_backend
+from arraybn.nn import defaults
 from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
 from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
 
 MODEL_NAMES = ("lenet5", "mlp")
 BN_CHOICES = ("none",) + BN_KINDS
-POSITIONS = ("before", "after")
+BN_POSITIONS = ("before", "after")
 
 
 def _host(a):
@@ -164,7 +165,7 @@ def _mlp(b, in_shape, num_classes, hidden):
 
 
 def _check_config(cfg):
-    checks = [("name", MODEL_NAMES), ("bn", BN_CHOICES), ("bn_position", POSITIONS),
+    checks = [("name", MODEL_NAMES), ("bn", BN_CHOICES), ("bn_position", BN_POSITIONS),
               ("dtype", ("float32", "float64"))]
     for key, allowed in checks:
         if cfg[key] not in allowed:
@@ -177,10 +178,12 @@ def _check_config(cfg):
         raise ValueError(f"hidden must list one or more positive widths, got {cfg['hidden']}")
 
 
-def build_model(name, *, bn="full", bn_position="before", backend=None, seed=0, num_classes=10,
-                in_shape=(1, 28, 28), dropout=0.0, ghost_batch_size=32, bn_momentum=0.1,
-                bn_eps=1e-5, renorm_rmax=3.0, renorm_dmax=5.0, track_running_stats=True,
-                hidden=(256, 128), dtype="float32"):
+def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backend=None, seed=0,
+                num_classes=10, in_shape=(1, 28, 28), dropout=defaults.DROPOUT,
+                ghost_batch_size=defaults.GHOST_BATCH_SIZE, bn_momentum=defaults.BN_MOMENTUM,
+                bn_eps=defaults.BN_EPS, renorm_rmax=defaults.RENORM_RMAX,
+                renorm_dmax=defaults.RENORM_DMAX, track_running_stats=True,
+                hidden=defaults.MLP_HIDDEN, dtype="float32"):
     """Build 'lenet5' or 'mlp', PyTorch-default init from a numpy Generator seeded by ``seed``.
 
     lenet5 (seed text): conv1 6@3x3, BN, ReLU, maxpool 2 -> conv2 16@3x3, BN, ReLU, maxpool 2 ->

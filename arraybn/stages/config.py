@@ -1,18 +1,23 @@
-"""The training configuration: every choice that determines a trained model, in one record.
+"""The configurations of the stages, each the one source of its defaults and choices.
 
-The defaults are the reference run (``arraybn run runs/default``): LeNet-5 with full BN before
-each ReLU on Fashion-MNIST, Adam with a cosine schedule.
+``TrainConfig``: every choice that determines a trained model; its defaults are the reference
+run (``arraybn run runs/default``): LeNet-5 with full BN before each ReLU on Fashion-MNIST, Adam
+with a cosine schedule (the network options' defaults come from ``arraybn.nn.defaults``).
+``PostprocConfig`` and ``TestConfig``: the options of the postproc and test stages, shared by
+``arraybn postproc|test|run``, ``run_pipeline`` and sweeps. The CLI derives its options from
+these dataclasses.
 """
 from dataclasses import asdict, dataclass, fields
 
 from arraybn.data import DATASETS, AugmentConfig
+from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES, defaults
+from arraybn.stages.artifacts import StageError
 
-MODELS = ("lenet5", "mlp")
-BN_KINDS = ("none", "full", "mean-only", "ghost", "renorm")
-BN_POSITIONS = ("before", "after")
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("constant", "cosine", "step")
 TRAIN_STATS = ("running", "none")
+POSTPROC_METHODS = ("exact", "average", "ema")
+EMA_STATS = ("var", "std")
+TEST_STATS = ("postproc", "running", "batch")
 # Keys that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = ("epochs", "backend", "data_dir")
 
@@ -26,15 +31,15 @@ class TrainConfig:
     val_split: float = 0.05
     train_subset: int = None
     model: str = "lenet5"
-    bn: str = "full"
-    bn_position: str = "before"
-    hidden: tuple = (256, 128)
-    dropout: float = 0.0
-    ghost_batch_size: int = 32
-    bn_momentum: float = 0.1
-    bn_eps: float = 1e-5
-    renorm_rmax: float = 3.0
-    renorm_dmax: float = 5.0
+    bn: str = defaults.BN
+    bn_position: str = defaults.BN_POSITION
+    hidden: tuple = defaults.MLP_HIDDEN
+    dropout: float = defaults.DROPOUT
+    ghost_batch_size: int = defaults.GHOST_BATCH_SIZE
+    bn_momentum: float = defaults.BN_MOMENTUM
+    bn_eps: float = defaults.BN_EPS
+    renorm_rmax: float = defaults.RENORM_RMAX
+    renorm_dmax: float = defaults.RENORM_DMAX
     stats: str = "running"
     epochs: int = 8
     batch_size: int = 128
@@ -57,7 +62,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
-        choices = {"dataset": DATASETS, "model": MODELS, "bn": BN_KINDS,
+        choices = {"dataset": DATASETS, "model": MODEL_NAMES, "bn": BN_CHOICES,
                    "bn_position": BN_POSITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "stats": TRAIN_STATS}
         for key, allowed in choices.items():
@@ -115,3 +120,71 @@ class TrainConfig:
         """Keys whose values differ from ``other``'s (besides ``ignore``), sorted."""
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in ignore and mine[k] != theirs[k])
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class PostprocConfig:
+    """Options of the postproc stage (``arraybn postproc --help``).
+
+    method: 'exact' (all values seen, order-independent), 'average' (mean of per-batch
+    statistics) or 'ema' (``s = decay * s + (1 - decay) * s_batch`` of ``stat`` 'var' or 'std').
+    batches: use at most this many (seeded, shuffled) training batches; None: all.
+    """
+    method: str = "exact"
+    decay: float = 0.9
+    stat: str = "var"
+    batches: int = None
+    batch_size: int = 256
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise StageError naming the first unusable option."""
+        if self.method not in POSTPROC_METHODS:
+            raise StageError(f"unknown postproc method (--method) {self.method!r}; choose one of "
+                             f"{', '.join(POSTPROC_METHODS)}")
+        if self.method == "ema" and not 0.0 <= self.decay < 1.0:
+            raise StageError(f"postproc decay (--decay) must be in [0, 1), got {self.decay!r}")
+        if self.method == "ema" and self.stat not in EMA_STATS:
+            raise StageError(f"postproc stat (--stat) must be one of {', '.join(EMA_STATS)}, "
+                             f"got {self.stat!r}")
+        if not (_is_int(self.batch_size) and self.batch_size >= 2):
+            raise StageError(f"postproc batch_size (--batch-size) must be an integer >= 2 for "
+                             f"batch statistics, got {self.batch_size!r}")
+        if self.batches is not None and not (_is_int(self.batches) and self.batches >= 1):
+            raise StageError(f"postproc batches (--batches) must be an integer >= 1, got "
+                             f"{self.batches!r}")
+
+    def estimator_options(self):
+        """Keyword options of ``arraybn.make_estimator`` beyond the method (EMA's only)."""
+        return {"decay": float(self.decay), "stat": self.stat} if self.method == "ema" else {}
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Options of the test stage (``arraybn test --help``).
+
+    stats: 'postproc', 'running' or 'batch'; None: postproc when RUN/postproc exists, else
+    running. batch_size: None uses the run's ``eval_batch_size``. backend: None uses training's.
+    """
+    __test__ = False            # not a pytest test class, despite its name
+    stats: str = None
+    batch_size: int = None
+    backend: str = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        if self.stats is not None and self.stats not in TEST_STATS:
+            raise StageError(f"unknown test stats (--stats) {self.stats!r}; choose one of "
+                             f"{', '.join(TEST_STATS)}")
+        if self.batch_size is not None and not (_is_int(self.batch_size)
+                                                and self.batch_size >= 1):
+            raise StageError(f"test batch_size (--batch-size) must be a positive integer, got "
+                             f"{self.batch_size!r}")

@@ -4,6 +4,7 @@ The seed text's "Postproc" step: disable all weight updates, run each BN layer w
 statistics over the training data, let an estimator accumulate each layer's mean/variance,
 and store them beside the network (``RUN/postproc/bn_stats.npz`` with PyTorch buffer names).
 """
+import contextlib
 import os
 import time
 
@@ -14,22 +15,9 @@ from arraybn.data import batch_indices
 from arraybn.stages.artifacts import (StageError, check_can_write, output_digests, save_npz,
                                       staging, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats, to_host
+from arraybn.stages.config import PostprocConfig
 
-METHODS = ("exact", "average", "ema")
 POSTPROC_SEED_STREAM = 5
-
-
-def estimator_options(method, decay, stat):
-    """The options that matter for ``method`` (only EMA has a decay and a statistic)."""
-    if method not in METHODS:
-        raise StageError(f"unknown --method {method!r}; choose one of {', '.join(METHODS)}")
-    if method != "ema":
-        return {}
-    if not 0.0 <= decay < 1.0:
-        raise StageError(f"--decay must be in [0, 1), got {decay}")
-    if stat not in ("var", "std"):
-        raise StageError(f"--stat must be 'var' or 'std', got {stat!r}")
-    return {"decay": float(decay), "stat": stat}
 
 
 def _batches(n, batch_size, limit, seed):
@@ -58,16 +46,13 @@ def collect_statistics(model, split, observers, batch_size, limit, seed):
     """
     xp = model.backend.xp
     set_eval_stats(model, "batch")
-    for name, bn in model.bn_layers():
-        bn.observer = observers[name]
     seen = 0
-    try:
+    with contextlib.ExitStack() as observing:
+        for name, bn in model.bn_layers():
+            observing.enter_context(bn.observing(observers[name].update))
         for index in _batches(len(split), batch_size, limit, seed):
             model.forward(xp.asarray(split.images[index]), training=False)
             seen += len(index)
-    finally:
-        for _, bn in model.bn_layers():
-            bn.observer = None
     stats = {}
     for name, bn in model.bn_layers():
         mean, var = observers[name].result()
@@ -76,18 +61,18 @@ def collect_statistics(model, split, observers, batch_size, limit, seed):
     return stats, seen
 
 
-def run_postproc(run_dir, *, method="exact", decay=0.9, stat="var", batches=None,
-                 batch_size=256, backend=None, data_dir=None, force=False, echo=print):
+def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=False, echo=print,
+                 **options):
     """Estimate population BN statistics for the trained model; writes ``RUN/postproc/``.
 
-    method: 'exact' (all values seen, order-independent), 'average' (mean of per-batch
-    statistics) or 'ema' (``s = decay * s + (1 - decay) * s_batch``; ``stat`` 'var' or 'std').
-    batches: use at most this many (seeded, shuffled) training batches; None: all.
-    Returns the manifest dict.
+    config: a PostprocConfig, or None for ``PostprocConfig(**options)`` (method, decay, stat,
+    batches, batch_size; see there). Returns the manifest dict.
     """
     started = time.perf_counter()
+    config = PostprocConfig(**options) if config is None else config
+    method, batches, batch_size = config.method, config.batches, config.batch_size
     run = TrainedRun(run_dir, backend, data_dir)
-    options = estimator_options(method, decay, stat)
+    options = config.estimator_options()
     check_can_write(run_dir, "postproc", force)
     model = run.model()
     if not model.bn_layers():

@@ -14,8 +14,7 @@ from arraybn.data import CLASS_NAMES
 from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, read_manifest,
                                       stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, evaluate, set_eval_stats
-
-STATS_CHOICES = ("postproc", "running", "batch")
+from arraybn.stages.config import TestConfig
 
 
 def load_postproc_stats(run):
@@ -34,23 +33,20 @@ def apply_bn_stats(model, stats, where):
 
     This also works for a model trained without running statistics (``--stats none``).
     """
-    xp = model.backend.xp
     for name, bn in model.bn_layers():
         keys = (f"{name}.running_mean", f"{name}.running_var")
         missing = [k for k in keys if k not in stats]
         if missing:
             raise StageError(f"{where} lacks {', '.join(missing)}; it does not fit this model")
-        bn.track_running_stats = True
-        bn.running_mean = xp.asarray(stats[keys[0]], dtype=model.dtype)
-        bn.running_var = xp.asarray(stats[keys[1]], dtype=model.dtype)
-        bn.eval_stats = "running"
+        try:
+            bn.use_statistics(stats[keys[0]], stats[keys[1]])
+        except ValueError as exc:
+            raise StageError(f"{where} does not fit this model: {exc}") from None
 
 
 def _choose_stats(run, requested):
     has_postproc = os.path.isdir(stage_dir(run.run_dir, "postproc"))
     stats = requested or ("postproc" if has_postproc else "running")
-    if stats not in STATS_CHOICES:
-        raise StageError(f"unknown --stats {stats!r}; choose one of {', '.join(STATS_CHOICES)}")
     if stats == "postproc" and not has_postproc:
         raise StageError(f"{run.run_dir} has no postproc stage; make it with "
                          f"`arraybn postproc {run.run_dir}`, or test with --stats running|batch")
@@ -66,7 +62,7 @@ def prepare_model(run, stats):
         apply_bn_stats(model, bn_stats, f"{run.run_dir}/postproc/bn_stats.npz")
         inputs["postproc/bn_stats.npz"] = sha
     elif stats == "running":
-        untracked = [name for name, bn in model.bn_layers() if bn.running_mean is None]
+        untracked = [name for name, bn in model.bn_layers() if not bn.track_running_stats]
         if untracked:
             raise StageError(f"the model in {run.run_dir} was trained with --stats none and has "
                              f"no running statistics ({', '.join(untracked)}); run "
@@ -88,15 +84,18 @@ def classification_metrics(labels, predictions, num_classes, names):
             "confusion_matrix": confusion.tolist(), "class_names": list(names)}
 
 
-def run_test(run_dir, *, stats=None, batch_size=1000, backend=None, data_dir=None, force=False,
-             echo=print):
-    """Evaluate on the test split and write ``RUN/test/metrics.json``; returns the metrics dict."""
+def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, **options):
+    """Evaluate on the test split and write ``RUN/test/metrics.json``; returns the metrics dict.
+
+    config: a TestConfig, or None for ``TestConfig(**options)`` (stats, batch_size, backend;
+    see there).
+    """
     started = time.perf_counter()
-    run = TrainedRun(run_dir, backend, data_dir)
-    stats = _choose_stats(run, stats)
+    config = TestConfig(**options) if config is None else config
+    run = TrainedRun(run_dir, config.backend, data_dir)
+    stats = _choose_stats(run, config.stats)
     check_can_write(run_dir, "test", force)
-    if batch_size < 1:
-        raise StageError(f"--batch-size must be >= 1, got {batch_size}")
+    batch_size = config.batch_size or run.config.eval_batch_size
     model, inputs = prepare_model(run, stats)
     raw, splits, _ = run.data()
     test = splits["test"]

@@ -46,7 +46,7 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
     if resume:
         arrays, info, config = _resume_point(run_dir, config)
     else:
-        config, arrays, info = _fresh_config(config), None, None
+        config, arrays, info = fresh_config(config), None, None
         _check_fresh(run_dir, force)
     started = time.perf_counter()
     backend = arraybn.get_backend(config.backend)
@@ -82,7 +82,8 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
     return manifest
 
 
-def _fresh_config(config):
+def fresh_config(config):
+    """``config`` (a TrainConfig, a dict of its fields, or None: the defaults) as a TrainConfig."""
     if config is None:
         return TrainConfig()
     if isinstance(config, dict):

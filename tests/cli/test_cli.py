@@ -3,23 +3,11 @@ import json
 import os
 
 import pytest
-from click.testing import CliRunner
 
 import arraybn
 import arraybn_cli.cmd_train
-from arraybn_cli.main import cli
-from tests.stages.helpers import file_sha, make_dataset
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(make_dataset(tmp_path_factory.mktemp("data")))
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+from tests.cli.helpers import invoke
+from tests.stages.helpers import file_sha
 
 
 def train_args(run, data_dir, *extra):

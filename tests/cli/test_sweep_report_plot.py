@@ -5,11 +5,10 @@ import struct
 import sys
 
 import pytest
-from click.testing import CliRunner
 
-from arraybn_cli.main import cli
-from tests.stages.helpers import make_dataset
+from tests.cli.helpers import invoke
 from tests.experiments.test_sweep import write_sweep
+from tests.stages.helpers import make_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SWEEP_BODY = """
@@ -19,12 +18,6 @@ bn = ["none", "full", "mean-only"]
 name = "ema-b{postproc.batches}"
 postproc = {method = "ema", decay = 0.9, stat = "std", batch_size = 8, batches = [1, 3]}
 """
-
-
-def invoke(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

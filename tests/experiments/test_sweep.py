@@ -5,7 +5,7 @@ import pytest
 
 from arraybn.experiments.sweep import plan_sweep, run_sweep
 from arraybn.experiments.sweep_config import SweepConfigError, load_sweep, parse_sweep
-from tests.stages.helpers import file_sha, make_dataset
+from tests.stages.helpers import file_sha, quiet
 
 TINY_TRAIN = """
 [train]
@@ -26,15 +26,6 @@ def sweep_toml(data_dir, body, head=""):
 def write_sweep(path, data_dir, body, head=""):
     path.write_text(sweep_toml(data_dir, body, head))
     return path
-
-
-def _quiet(*_):
-    pass
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
 
 
 def test_grid_is_the_cartesian_product_with_named_runs(data_dir, tmp_path):
@@ -76,9 +67,9 @@ def test_tied_grid_options_and_expanded_variants(data_dir):
     ("[grid]\nbatch_size = [1]\n", "batch_size must be >= 2"),
     ("[grid]\nlearning_rate = [0.1]\n", "learning_rate is not a training option"),
     ("[grid]\nbn = []\n", "must be a non-empty list"),
-    ("[postproc]\nmethod = 'median'\n", "unknown --method 'median'"),
-    ("[postproc]\nbatches = 0\n", "batches must be an integer >= 1"),
-    ("[test]\nstats = 'magic'\n", "test stats must be one of"),
+    ("[postproc]\nmethod = 'median'\n", "unknown postproc method (--method) 'median'"),
+    ("[postproc]\nbatches = 0\n", "postproc batches (--batches) must be an integer >= 1"),
+    ("[test]\nstats = 'magic'\n", "unknown test stats (--stats) 'magic'"),
     ("[[variants]]\nname = 'v'\ntest = {stats = 'postproc'}\n", "without a postproc table"),
     ("[[variants]]\npostproc = {method = 'exact'}\n", "needs a name"),
     ("[[runs]]\nname = 'a'\n[[runs]]\nname = 'a'\n", "run names repeat: a"),
@@ -127,7 +118,7 @@ postproc = {method = "ema", decay = 0.9, stat = "std", batches = 2, batch_size =
 def test_sweep_runs_then_skips_finished_runs(two_runs):
     path, root = two_runs
     sweep = load_sweep(path, root)
-    outcomes = run_sweep(sweep, echo=_quiet)
+    outcomes = run_sweep(sweep, echo=quiet)
     assert [o["status"] for o in outcomes] == ["ok", "ok"]
     full = root / "bnfull"
     assert sorted(os.listdir(root / "bnnone")) == ["sweep-run.json", "sweep.log", "test", "train"]
@@ -138,7 +129,7 @@ def test_sweep_runs_then_skips_finished_runs(two_runs):
     before = {p: os.stat(p).st_mtime_ns for p in (full / "test" / "metrics.json",
                                                    variant / "test" / "metrics.json")}
     assert [s for _, s, _ in plan_sweep(sweep)] == ["done", "done"]
-    again = run_sweep(load_sweep(path, root), echo=_quiet)
+    again = run_sweep(load_sweep(path, root), echo=quiet)
     assert [o["status"] for o in again] == ["skipped", "skipped"]
     assert again[1]["test_accuracy"] == outcomes[1]["test_accuracy"]
     assert before == {p: os.stat(p).st_mtime_ns for p in before}
@@ -146,14 +137,14 @@ def test_sweep_runs_then_skips_finished_runs(two_runs):
 
 def test_missing_stage_is_completed_and_new_variant_added(two_runs):
     path, root = two_runs
-    run_sweep(load_sweep(path, root), echo=_quiet)
+    run_sweep(load_sweep(path, root), echo=quiet)
     model_sha = file_sha(root / "bnfull", "train", "model.npz")
     os.remove(root / "bnfull" / "test" / "metrics.json")
     path.write_text(path.read_text() + '[[variants]]\nname = "batch"\ntest = {stats = "batch"}\n')
     sweep = load_sweep(path, root)
     status = {spec.name: (s, changes) for spec, s, changes in plan_sweep(sweep)}
     assert status["bnfull"] == ("partial", ["test", "variant batch"])
-    run_sweep(sweep, echo=_quiet)
+    run_sweep(sweep, echo=quiet)
     assert (root / "bnfull" / "test" / "metrics.json").is_file()
     assert (root / "bnfull" / "variants" / "batch" / "test" / "metrics.json").is_file()
     assert file_sha(root / "bnfull", "train", "model.npz") == model_sha
@@ -161,18 +152,18 @@ def test_missing_stage_is_completed_and_new_variant_added(two_runs):
 
 def test_changed_specification_is_an_error_unless_forced(two_runs):
     path, root = two_runs
-    run_sweep(load_sweep(path, root), echo=_quiet)
+    run_sweep(load_sweep(path, root), echo=quiet)
     model_sha = file_sha(root / "bnfull", "train", "model.npz")
     path.write_text(path.read_text() + "[test]\nstats = 'running'\n")
     with pytest.raises(SweepConfigError, match=r"bnfull: test"):
-        run_sweep(load_sweep(path, root), echo=_quiet)
-    run_sweep(load_sweep(path, root), force=True, echo=_quiet)
+        run_sweep(load_sweep(path, root), echo=quiet)
+    run_sweep(load_sweep(path, root), force=True, echo=quiet)
     assert file_sha(root / "bnfull", "train", "model.npz") == model_sha  # not retrained
     assert '"stats": "running"' in (root / "bnfull" / "test" / "metrics.json").read_text()
     path.write_text(path.read_text().replace("epochs = 1", "epochs = 2"))
     with pytest.raises(SweepConfigError, match="train.epochs"):
         plan_sweep(load_sweep(path, root))
-    run_sweep(load_sweep(path, root), force=True, echo=_quiet)
+    run_sweep(load_sweep(path, root), force=True, echo=quiet)
     assert file_sha(root / "bnfull", "train", "model.npz") != model_sha
 
 
@@ -189,7 +180,7 @@ eval_batch_size = 29
 name = "works"
 bn = "full"
 """)
-    outcomes = run_sweep(load_sweep(path, tmp_path / "runs"), echo=_quiet)
+    outcomes = run_sweep(load_sweep(path, tmp_path / "runs"), echo=quiet)
     assert [o["status"] for o in outcomes] == ["failed", "ok"]
     assert "StageError" in outcomes[0]["error"]
     assert "FAILED" in (tmp_path / "runs" / "fails" / "sweep.log").read_text()

@@ -150,14 +150,50 @@ def test_eval_stats_batch_and_untracked_statistics_use_the_batch(rng):
         tracked.bn_layers()[0][1].eval_stats = "population"
 
 
-def test_observer_sees_the_bn_input(rng):
+def test_observing_feeds_the_bn_input_to_the_callback_only_inside(rng):
     model = build_model("mlp", hidden=(5,), dtype="float64", **SMALL)
     x, _ = _batch(rng)
     name, bn = model.bn_layers()[0]
-    bn.observer = arraybn.ExactStatistics()
-    model.forward(x, training=False)
-    mean, _ = bn.observer.result()
+    observer = arraybn.ExactStatistics()
+    with bn.observing(observer.update):
+        model.forward(x, training=False)
+    model.forward(x, training=False)                       # outside: not observed
+    mean, _ = observer.result()
+    assert observer.count == 6
     np.testing.assert_allclose(mean, (x.reshape(6, -1) @ model.parameters()[0].data.T).mean(0))
+
+
+def test_observing_stops_when_the_forward_fails(rng):
+    model = build_model("mlp", hidden=(5,), dtype="float64", **SMALL)
+    _, bn = model.bn_layers()[0]
+    seen = []
+    with pytest.raises(RuntimeError, match="stop"):
+        with bn.observing(seen.append):
+            raise RuntimeError("stop")
+    model.forward(_batch(rng)[0], training=False)
+    assert seen == []
+
+
+def test_use_statistics_normalises_an_untracked_layer_with_the_given_ones(rng):
+    x, _ = _batch(rng, n=8)
+    untracked = build_model("mlp", hidden=(5,), track_running_stats=False, dtype="float64",
+                            **SMALL)
+    _, bn = untracked.bn_layers()[0]
+    mean, var = np.linspace(-1, 1, 5), np.linspace(0.5, 2, 5)
+    bn.use_statistics(mean, var)
+    tracked = build_model("mlp", hidden=(5,), dtype="float64", **SMALL)
+    _, ref = tracked.bn_layers()[0]
+    ref.running_mean[...], ref.running_var[...] = mean, var
+    np.testing.assert_allclose(untracked.forward(x, training=False),
+                               tracked.forward(x, training=False), rtol=1e-12)
+    assert bn.eval_stats == "running" and "bn1.running_mean" in untracked.state_dict()
+
+
+def test_use_statistics_rejects_the_wrong_number_of_channels():
+    model = build_model("mlp", hidden=(5,), **SMALL)
+    _, bn = model.bn_layers()[0]
+    with pytest.raises(ValueError, match=r"bn1: .*5 channels.*\(4,\)"):
+        bn.use_statistics(np.zeros(4), np.ones(5))
 
 
 def test_non_finite_statistics_name_the_layer():

@@ -8,6 +8,10 @@ from tests.data.idx_files import write_dataset
 TINY = dict(n_train=80, n_test=30, size=12)
 
 
+def quiet(*_):
+    """An ``echo`` that prints nothing."""
+
+
 def make_dataset(directory):
     return write_dataset(directory, **TINY)
 

@@ -11,22 +11,13 @@ from arraybn.core import NonFiniteStatisticsError
 from arraybn.nn import Network
 from arraybn.stages import StageError, TrainingInterrupted, run_train
 from tests.conftest import CPU_BACKENDS
-from tests.stages.helpers import (file_sha, history_rows, make_dataset, stage_leftovers,
-                                  tiny_config, without_seconds)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data"))
-
-
-def _quiet(*_):
-    pass
+from tests.stages.helpers import (file_sha, history_rows, quiet, stage_leftovers, tiny_config,
+                                  without_seconds)
 
 
 def _train(run, data_dir, **kw):
     options = {k: kw.pop(k) for k in ("force", "resume", "on_step") if k in kw}
-    return run_train(run, tiny_config(data_dir, **kw), echo=_quiet, **options)
+    return run_train(run, tiny_config(data_dir, **kw), echo=quiet, **options)
 
 
 def test_train_writes_model_history_checkpoint_and_manifest(tmp_path, data_dir):
@@ -80,7 +71,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, data_dir, epoch
     with pytest.raises(TrainingInterrupted, match=f"epoch {epoch}, step {step}.*--resume"):
         _train(run, data_dir, on_step=_stop_at(epoch, step), **options)
     assert not (run / "train").exists() and (run / "train-checkpoint").is_dir()
-    manifest = run_train(run, None, resume=True, echo=_quiet)
+    manifest = run_train(run, None, resume=True, echo=quiet)
     assert manifest["resumed"] is True and not (run / "train-checkpoint").exists()
     assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train", "model.npz")
     assert without_seconds(history_rows(run)) == without_seconds(history_rows(tmp_path / "whole"))
@@ -96,18 +87,18 @@ def test_ctrl_c_signal_stops_at_a_step_boundary(tmp_path, data_dir):
     with pytest.raises(TrainingInterrupted, match="epoch 1, step 1"):
         _train(run, data_dir, on_step=send_sigint)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    run_train(run, {}, resume=True, echo=_quiet)
+    run_train(run, {}, resume=True, echo=quiet)
     assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train", "model.npz")
 
 
 def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path, data_dir):
     run = tmp_path / "run"
     with pytest.raises(StageError, match="nothing to resume.*arraybn train"):
-        run_train(run, None, resume=True, echo=_quiet)
+        run_train(run, None, resume=True, echo=quiet)
     with pytest.raises(TrainingInterrupted):
         _train(run, data_dir, on_step=_stop_at(1, 1))
     with pytest.raises(StageError, match=r"lr=0\.5 \(checkpoint: 0\.002\)"):
-        run_train(run, {"lr": 0.5}, resume=True, echo=_quiet)
+        run_train(run, {"lr": 0.5}, resume=True, echo=quiet)
     with pytest.raises(StageError, match="interrupted training run.*--resume"):
         _train(run, data_dir)
 
@@ -116,8 +107,8 @@ def test_resume_a_finished_run_with_more_epochs(tmp_path, data_dir):
     run = tmp_path / "run"
     _train(run, data_dir, epochs=1)
     with pytest.raises(StageError, match="already trained for 1 epochs"):
-        run_train(run, {"epochs": 1}, resume=True, echo=_quiet)
-    manifest = run_train(run, {"epochs": 2}, resume=True, echo=_quiet)
+        run_train(run, {"epochs": 1}, resume=True, echo=quiet)
+    manifest = run_train(run, {"epochs": 2}, resume=True, echo=quiet)
     assert manifest["metrics"]["epochs"] == 2 and len(history_rows(run)) == 2
 
 
@@ -127,7 +118,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path, data_dir):
         _train(run, data_dir, on_step=_stop_at(1, 1))
     (run / "train-checkpoint" / "checkpoint.npz").write_bytes(b"garbage")
     with pytest.raises(StageError, match="does not match.*--force"):
-        run_train(run, None, resume=True, echo=_quiet)
+        run_train(run, None, resume=True, echo=quiet)
 
 
 def test_existing_stage_needs_force_and_failed_retrain_keeps_it(tmp_path, data_dir):
@@ -182,5 +173,5 @@ def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data
         _train(run, data_dir, on_step=press_twice)
     checkpoint = json.loads((run / "train-checkpoint" / "checkpoint.json").read_text())
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
-    run_train(run, None, resume=True, echo=_quiet)
+    run_train(run, None, resume=True, echo=quiet)
     assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train", "model.npz")
