@@ -14,5 +14,6 @@ from arraybn.nn.optim import SGD, Adam, Optimizer
 from arraybn.nn.schedule import SCHEDULES, make_schedule
 
 __all__ = ["build_model", "Network", "MODEL_NAMES", "BN_CHOICES", "BN_POSITIONS", "BatchNorm",
-           "BN_KINDS", "Conv2d", "MaxPool2d", "Dense", "Dropout", "Flatten", "ReLU", "Layer", "Parameter",
-           "softmax_cross_entropy", "SGD", "Adam", "Optimizer", "make_schedule", "SCHEDULES"]
+           "BN_KINDS", "Conv2d", "MaxPool2d", "Dense", "Dropout", "Flatten", "ReLU", "Layer",
+           "Parameter", "softmax_cross_entropy", "SGD", "Adam", "Optimizer", "make_schedule",
+           "SCHEDULES"]
