@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 
 from arraybn.data import sha256_file
+from arraybn.errors import UserError
 
 MANIFEST = "manifest.json"
 STAGE_COMMANDS = {"train": "arraybn train {run}", "postproc": "arraybn postproc {run}",
@@ -23,7 +24,7 @@ STAGE_COMMANDS = {"train": "arraybn train {run}", "postproc": "arraybn postproc 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage cannot run: missing/corrupt/mismatched input, or output already there.
 
     The message says what is wrong and which command fixes it.
@@ -115,12 +116,30 @@ def write_json(path, data):
         f.write("\n")
 
 
+def temporary_file_name(path):
+    """The name a file is written under before it replaces ``path``: it names its writer."""
+    return f"{path}.tmp-{os.getpid()}"
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary name beside ``path``; on normal exit the file written there replaces
+    ``path`` atomically, on any failure (a full disk, Ctrl-C) it is removed."""
+    tmp = temporary_file_name(path)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 def write_json_atomic(path, data):
     """Write JSON to ``path`` via a temporary file and a rename (for files outside a stage)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    write_json(tmp, data)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        write_json(tmp, data)
 
 
 def save_npz(path, arrays):
@@ -132,11 +151,6 @@ def save_npz(path, arrays):
                 np.lib.format.write_array(f, np.asarray(value), allow_pickle=False)
 
 
-def save_npz_atomic(path, arrays):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_npz(tmp, arrays)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
 
 
 def load_npz(path, what, run_dir, stage):

@@ -6,6 +6,7 @@ While training runs, ``RUN/train-checkpoint/`` holds the checkpoint of the last 
 (or of the step where Ctrl-C stopped it); ``--resume`` continues from it exactly, and it is
 removed once the stage is complete.
 """
+import contextlib
 import csv
 import json
 import os
@@ -15,8 +16,8 @@ import time
 import arraybn
 from arraybn.data import sha256_file
 from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, output_digests,
-                                      read_manifest, save_npz, save_npz_atomic, stage_dir, staging,
-                                      verify_artifact, write_json, write_json_atomic)
+                                      read_json_if_exists, read_manifest, replacing, save_npz,
+                                      stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
 from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
@@ -93,34 +94,77 @@ def fresh_config(config):
 
 def _check_fresh(run_dir, force):
     check_can_write(run_dir, "train", force)
-    partial = os.path.join(run_dir, PARTIAL_DIR)
-    if os.path.exists(partial) and not force:
-        raise StageError(f"{partial} holds an interrupted training run; continue it with "
-                         f"`arraybn train {run_dir} --resume`, or start over with --force")
+    if _has_checkpoint(run_dir) and not force:
+        raise StageError(f"{os.path.join(run_dir, PARTIAL_DIR)} holds an interrupted training "
+                         f"run; continue it with `arraybn train {run_dir} --resume`, or start "
+                         f"over with --force")
+
+
+def _has_checkpoint(run_dir):
+    """Whether ``RUN/train-checkpoint/`` holds a checkpoint: the one test of an interrupted run
+    that both ``--resume`` and a fresh ``train`` use."""
+    return os.path.isfile(os.path.join(run_dir, PARTIAL_DIR, CHECKPOINT_JSON))
 
 
 # --- checkpoints --------------------------------------------------------------------------------
 
 class _PartialSaver:
-    """Writes the trainer's state to ``RUN/train-checkpoint/`` (each file atomically)."""
+    """Writes the trainer's state to ``RUN/train-checkpoint/``: both files are complete before
+    either replaces its predecessor, so a failed save (a full disk) keeps the previous
+    checkpoint whole, and leaves no partial file behind."""
 
     def __init__(self, run_dir, config, fingerprint, norm):
+        self.run_dir = run_dir
         self.directory = os.path.join(run_dir, PARTIAL_DIR)
         self.config, self.fingerprint, self.norm = config, fingerprint, norm
 
     def __call__(self, trainer):
-        os.makedirs(self.directory, exist_ok=True)
         arrays, info = self.checkpoint(trainer)
+        os.makedirs(self.directory, exist_ok=True)
         npz_path = os.path.join(self.directory, CHECKPOINT_NPZ)
-        save_npz_atomic(npz_path, arrays)
-        info["npz_sha256"] = sha256_file(npz_path)
-        write_json_atomic(os.path.join(self.directory, CHECKPOINT_JSON), info)
+        with _saving(npz_path, self.run_dir, trainer):
+            with replacing(npz_path) as npz_tmp, \
+                    replacing(os.path.join(self.directory, CHECKPOINT_JSON)) as json_tmp:
+                save_npz(npz_tmp, arrays)
+                info["npz_sha256"] = sha256_file(npz_tmp)
+                write_json(json_tmp, info)
 
     def checkpoint(self, trainer):
         arrays, info = trainer.state()
         info.update(config=self.config.to_dict(), dataset_fingerprint=self.fingerprint,
                     normalisation=list(self.norm), arraybn_version=arraybn.__version__)
         return arrays, info
+
+
+def _position(epoch, step):
+    """Words for a trainer position (``epoch`` finished epochs, ``step`` steps into the next)."""
+    return f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+
+
+@contextlib.contextmanager
+def _saving(path, run_dir, trainer):
+    """Turn an OSError (a full disk) while writing ``path`` into a StageError that names the
+    file, the position in training, the state the run is left in and what to do."""
+    try:
+        yield
+    except OSError as exc:
+        raise StageError(f"could not save {path} at {_position(trainer.epoch, trainer.step)}: "
+                         f"{exc.strerror or exc}; {_what_is_left(run_dir)}") from None
+
+
+def _what_is_left(run_dir):
+    """The state of an interrupted run after a failed save, and the command that goes on."""
+    partial = os.path.join(run_dir, PARTIAL_DIR)
+    info = read_json_if_exists(os.path.join(partial, CHECKPOINT_JSON))
+    if info is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(partial)             # only when empty: nothing to resume, nothing left
+        again = " --force" if os.path.isdir(stage_dir(run_dir, "train")) else ""
+        return (f"no checkpoint was kept. Free space on that disk, then start again with "
+                f"`arraybn train {run_dir}{again}`")
+    return (f"the checkpoint of {_position(info['epoch'], info['step'])} in {partial} is intact. "
+            f"Free space on that disk, then continue from it with `arraybn train {run_dir} "
+            f"--resume`, or start over with `arraybn train {run_dir} --force`")
 
 
 def _read_checkpoint(directory, run_dir):
@@ -140,13 +184,12 @@ def _read_checkpoint(directory, run_dir):
 
 def _resume_point(run_dir, requested):
     """``(arrays, info, config)`` to continue from: the interrupted run, else the finished one."""
-    partial = os.path.join(run_dir, PARTIAL_DIR)
-    if os.path.isfile(os.path.join(partial, CHECKPOINT_JSON)):
-        arrays, info = _read_checkpoint(partial, run_dir)
+    if _has_checkpoint(run_dir):
+        arrays, info = _read_checkpoint(os.path.join(run_dir, PARTIAL_DIR), run_dir)
         return arrays, info, _resume_config(info["config"], requested, run_dir)
     if not os.path.isdir(stage_dir(run_dir, "train")):
-        raise StageError(f"nothing to resume in {run_dir}: no {PARTIAL_DIR}/ and no train/; "
-                         f"start with `arraybn train {run_dir}`")
+        raise StageError(f"nothing to resume in {run_dir}: no checkpoint in {PARTIAL_DIR}/ and "
+                         f"no train/; start with `arraybn train {run_dir}`")
     manifest = read_manifest(run_dir, "train")
     for name in (CHECKPOINT_NPZ, CHECKPOINT_JSON):
         verify_artifact(run_dir, "train", name, manifest)
@@ -211,15 +254,18 @@ def _write_stage(run_dir, trainer, saver, manifest, started, force):
                            **{k: last[k] for k in ("train_loss", "train_acc", "val_loss",
                                                    "val_acc")}}
     with staging(run_dir, "train", force=force) as tmp:
-        save_npz(os.path.join(tmp, "model.npz"), trainer.model.state_dict())
-        write_history(os.path.join(tmp, "history.csv"), trainer.history)
+        def save(name, write, data):
+            with _saving(os.path.join(stage_dir(run_dir, "train"), name), run_dir, trainer):
+                write(os.path.join(tmp, name), data)
+        save("model.npz", save_npz, trainer.model.state_dict())
+        save("history.csv", write_history, trainer.history)
         arrays, info = saver.checkpoint(trainer)
-        save_npz(os.path.join(tmp, CHECKPOINT_NPZ), arrays)
+        save(CHECKPOINT_NPZ, save_npz, arrays)
         info["npz_sha256"] = sha256_file(os.path.join(tmp, CHECKPOINT_NPZ))
-        write_json(os.path.join(tmp, CHECKPOINT_JSON), info)
+        save(CHECKPOINT_JSON, write_json, info)
         manifest["outputs"] = output_digests(tmp, ["model.npz", "history.csv", CHECKPOINT_NPZ,
                                                    CHECKPOINT_JSON])
         manifest["timings"] = {"train_seconds": sum(r["seconds"] for r in trainer.history),
                                "wall_seconds": time.perf_counter() - started}
-        write_json(os.path.join(tmp, "manifest.json"), manifest)
+        save("manifest.json", write_json, manifest)
     return manifest

@@ -1,0 +1,86 @@
+"""Faults during training: a full disk while saving, and divergence."""
+import errno
+import os
+
+import numpy as np
+import pytest
+
+from arraybn.stages import StageError, run_train
+from tests.stages.helpers import file_sha, quiet, stage_leftovers, tiny_config
+
+
+def _train(run, data_dir, **kw):
+    options = {k: kw.pop(k) for k in ("force", "resume", "on_step") if k in kw}
+    return run_train(run, tiny_config(data_dir, **kw), echo=quiet, **options)
+
+
+def _disk_fills_up(monkeypatch, armed):
+    """Once ``armed`` is non-empty, every .npy written into an archive stops half-way with
+    ENOSPC, as on a full disk."""
+    real_write = np.lib.format.write_array
+
+    def write_array(f, array, *args, **kwargs):
+        if armed:
+            f.write(b"\x93NUMPY" + b"\0" * 64)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(f, array, *args, **kwargs)
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+
+
+def _arm_at(armed, epoch, step):
+    def on_step(info):
+        if (info["epoch"], info["step"]) == (epoch, step):
+            armed.append(True)
+    return on_step
+
+
+def test_disk_full_at_a_checkpoint_keeps_the_previous_one_and_says_what_to_do(
+        tmp_path, data_dir, monkeypatch):
+    _train(tmp_path / "whole", data_dir, epochs=3)
+    run, armed = tmp_path / "run", []
+    _disk_fills_up(monkeypatch, armed)
+    with pytest.raises(StageError) as error:
+        _train(run, data_dir, epochs=3, on_step=_arm_at(armed, 2, 3))     # 3 steps per epoch
+    message = str(error.value)
+    assert os.path.join(str(run), "train-checkpoint", "checkpoint.npz") in message
+    assert "end of epoch 2" in message and "No space left on device" in message
+    assert "Free space" in message and f"arraybn train {run} --resume" in message
+    assert "epoch 1" in message and "--force" in message
+    assert sorted(os.listdir(run / "train-checkpoint")) == ["checkpoint.json", "checkpoint.npz"]
+    monkeypatch.undo()
+    with pytest.raises(StageError, match="interrupted training run.*--resume"):
+        _train(run, data_dir, epochs=3)
+    run_train(run, None, resume=True, echo=quiet)
+    assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train",
+                                                           "model.npz")
+
+
+def test_disk_full_at_the_first_checkpoint_leaves_nothing_to_resume(tmp_path, data_dir,
+                                                                    monkeypatch):
+    run, armed = tmp_path / "run", []
+    _disk_fills_up(monkeypatch, armed)
+    with pytest.raises(StageError) as error:
+        _train(run, data_dir, epochs=3, on_step=_arm_at(armed, 1, 3))
+    assert "no checkpoint was kept" in str(error.value)
+    assert f"`arraybn train {run}`" in str(error.value)
+    assert os.listdir(run) == []
+    monkeypatch.undo()
+    with pytest.raises(StageError, match="nothing to resume"):
+        run_train(run, None, resume=True, echo=quiet)
+    _train(run, data_dir, epochs=1)          # plain train agrees: there is nothing to continue
+
+
+def test_disk_full_while_writing_the_stage_names_the_file_and_keeps_the_old_stage(
+        tmp_path, data_dir, monkeypatch):
+    run, armed = tmp_path / "run", []
+    _train(run, data_dir, epochs=1)
+    before = file_sha(run, "train", "model.npz")
+    _disk_fills_up(monkeypatch, armed)
+    with pytest.raises(StageError) as error:
+        _train(run, data_dir, epochs=2, seed=3, force=True, on_step=_arm_at(armed, 2, 3))
+    message = str(error.value)
+    assert "model.npz" in message and "No space left on device" in message
+    assert f"arraybn train {run} --resume" in message and "end of epoch 1" in message
+    monkeypatch.undo()
+    assert file_sha(run, "train", "model.npz") == before and stage_leftovers(run) == []
+    assert sorted(os.listdir(run / "train-checkpoint")) == ["checkpoint.json", "checkpoint.npz"]
