@@ -4,6 +4,7 @@ import pytest
 
 import arraybn
 from arraybn import NonFiniteStatisticsError
+from tests import reference as ref
 from tests.conftest import to_backend, to_host
 
 
@@ -20,9 +21,11 @@ def test_one_value_per_channel_in_training_is_a_value_error(backend, shape):
 
 
 def test_batch_of_one_works_in_inference(backend, rng):
-    rm, rv = to_backend(backend, np.zeros(4), np.ones(4))
-    y, _ = forward(backend, rng.normal(size=(1, 4)), training=False, running_mean=rm, running_var=rv)
-    assert y.shape == (1, 4)
+    x, rm0, rv0 = rng.normal(size=(1, 4)), rng.normal(size=4), rng.uniform(0.5, 2, size=4)
+    rm, rv = to_backend(backend, rm0, rv0)
+    y, _ = forward(backend, x, training=False, running_mean=rm, running_var=rv)
+    np.testing.assert_allclose(to_host(y), ref.bn_infer(x, np.ones(4), np.zeros(4), rm0, rv0, 1e-5),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_empty_spatial_axes_are_refused_in_training_and_pass_through_inference(backend):
@@ -32,7 +35,7 @@ def test_empty_spatial_axes_are_refused_in_training_and_pass_through_inference(b
     rm, rv = to_backend(backend, np.zeros(3), np.ones(3))
     y, cache = forward(backend, x, training=False, running_mean=rm, running_var=rv)
     gx, ggamma, gbeta = arraybn.batch_norm_backward(y, cache)
-    assert y.shape == gx.shape == x.shape
+    assert y.shape == gx.shape == x.shape and y.dtype == gx.dtype == x.dtype
     np.testing.assert_array_equal(to_host(ggamma), 0)
     np.testing.assert_array_equal(to_host(gbeta), 0)
 
@@ -71,10 +74,10 @@ def test_inference_without_statistics(backend):
 
 
 def test_mean_only_inference_needs_only_the_mean(backend, rng):
-    rm = to_backend(backend, np.zeros(3))
-    y, _ = forward(backend, rng.normal(size=(4, 3)), training=False, running_mean=rm,
+    x, rm0 = rng.normal(size=(4, 3)), rng.normal(size=3)
+    y, _ = forward(backend, x, training=False, running_mean=to_backend(backend, rm0),
                    variant="mean_only")
-    assert y.shape == (4, 3)
+    np.testing.assert_allclose(to_host(y), x - rm0, rtol=1e-12, atol=1e-12)
 
 
 def test_renorm_needs_running_statistics_and_the_full_variant(backend):
