@@ -1,8 +1,10 @@
 // Batch-normalization kernels of the arraybn CuPy backend.
 //
-// Compiled by NVRTC through cupy.RawModule; the template instantiations it asks for are the
-// NAME_EXPRESSIONS of arraybn/backends/cupy_backend.py, which also checks every argument
-// (dtype, C-contiguity, shape, 16-byte alignment for vector loads) before a launch.
+// Compiled by NVRTC with exactly the options of arraybn/backends/cuda_build.py (-ftz=false:
+// float32 subnormals are kept, as on the CPU) and loaded with cupy.RawModule(path=...); the
+// template instantiations it asks for are the NAME_EXPRESSIONS of
+// arraybn/backends/cupy_backend.py, which also checks every argument (dtype, C-contiguity,
+// shape, 16-byte alignment for vector loads) before a launch.
 // No #include: NVRTC compiles this file on its own.
 //
 // Data is x3 of shape (N, C, M), C-contiguous (M = product of the spatial axes, 1 for dense
@@ -335,20 +337,95 @@ bn_merge_moments(const double* __restrict__ part, long long Pt, long long P, lon
     }
 }
 
-// As bn_merge_moments, plus scale[c] = gamma / sqrt(var + eps) (gamma when center_only != 0).
-extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_merge_moments_scale(const double* __restrict__ part, long long Pt, long long P, long long G,
-                       long long S, const double* __restrict__ gamma, double eps, int center_only,
-                       double* __restrict__ mean, double* __restrict__ var,
-                       double* __restrict__ scale) {
+// ---------------------------------------------------------------------------------------------
+// The per-channel end of a training step, with no host synchronisation: the host reads status[]
+// once per training step (the backend's take_deferred_failures), not after every BN call.
+// status[slot] = 1 marks a BN call whose statistics are unusable; the host then checks that
+// call's statistics itself and raises the error that names them.
+
+__device__ __forceinline__ bool bn_finite(double v) {
+    return v - v == 0.0;            // false for NaN and +-inf; no math header under NVRTC
+}
+
+// If mean and var are finite: inv_std[c] = 1 / sqrt(var + eps) and the running buffers that
+// `update` names (bit 0: mean, bit 1: var) become (1 - momentum) * r + momentum * batch, with
+// the unbiased var * unbias for running_var, in double and rounded once. Otherwise the channel's
+// buffers keep their values, inv_std[c] is NaN and status[slot] is set.
+template <typename RM, typename RV>
+__device__ __forceinline__ void finish_channel(long long c, double mu, double v, double eps,
+                                               double momentum, double unbias, int update,
+                                               RM* __restrict__ running_mean,
+                                               RV* __restrict__ running_var,
+                                               double* __restrict__ inv_std,
+                                               int* __restrict__ status, int slot) {
+    if (!(bn_finite(mu) && bn_finite(v))) {
+        inv_std[c] = v - v;         // NaN
+        status[slot] = 1;           // every writer stores the same value: no atomic needed
+        return;
+    }
+    inv_std[c] = 1.0 / sqrt(v + eps);
+    const double keep = 1.0 - momentum;
+    if (update & 1) running_mean[c] = static_cast<RM>(keep * static_cast<double>(running_mean[c])
+                                                      + momentum * mu);
+    if (update & 2) running_var[c] = static_cast<RV>(keep * static_cast<double>(running_var[c])
+                                                     + momentum * v * unbias);
+}
+
+// As bn_merge_moments, then finish_channel, and scale[c] = gamma * inv_std (gamma when
+// center_only != 0): the whole per-channel part of a training forward in one launch.
+template <typename RM, typename RV>
+__global__ void __launch_bounds__(BN_MAX_THREADS)
+bn_merge_train(const double* __restrict__ part, long long Pt, long long P, long long G, long long S,
+               const double* __restrict__ gamma, double eps, int center_only, double momentum,
+               double unbias, int update, RM* __restrict__ running_mean,
+               RV* __restrict__ running_var, double* __restrict__ mean, double* __restrict__ var,
+               double* __restrict__ inv_std, double* __restrict__ scale, int* __restrict__ status,
+               int slot) {
     const Moments total = channel_moments(part, Pt, P, G, S);
     if (threadIdx.x == 0) {
         const long long c = blockIdx.x;
         const double v = total.m2 / total.n;
         mean[c] = total.mean;
         var[c] = v;
-        scale[c] = center_only ? gamma[c] : gamma[c] / sqrt(v + eps);
+        finish_channel(c, total.mean, v, eps, momentum, unbias, update, running_mean, running_var,
+                       inv_std, status, slot);
+        scale[c] = center_only ? gamma[c] : gamma[c] * inv_std[c];
     }
+}
+
+// finish_channel for given statistics (batch renormalization, a group's merged statistics):
+// one thread per channel.
+template <typename RM, typename RV>
+__global__ void __launch_bounds__(BN_MAX_THREADS)
+bn_finish_statistics(const double* __restrict__ mean, const double* __restrict__ var, long long C,
+                     double eps, double momentum, double unbias, int update,
+                     RM* __restrict__ running_mean, RV* __restrict__ running_var,
+                     double* __restrict__ inv_std, int* __restrict__ status, int slot) {
+    const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < C) finish_channel(c, mean[c], var[c], eps, momentum, unbias, update, running_mean,
+                              running_var, inv_std, status, slot);
+}
+
+// Inference with the running statistics: mean[c] = running_mean, scale[c] = 1 / sqrt(running_var
+// + eps) (1 when center_only != 0; running_var unread), a = gamma * scale, b = beta - mean * a.
+// status[slot] is set when a statistic is NaN/inf or running_var is negative.
+template <typename RM, typename RV>
+__global__ void __launch_bounds__(BN_MAX_THREADS)
+bn_inference_coefficients(const double* __restrict__ gamma, const double* __restrict__ beta,
+                          const RM* __restrict__ running_mean, const RV* __restrict__ running_var,
+                          long long C, double eps, int center_only, double* __restrict__ a,
+                          double* __restrict__ b, double* __restrict__ mean,
+                          double* __restrict__ scale, int* __restrict__ status, int slot) {
+    const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    const double mu = static_cast<double>(running_mean[c]);
+    const double v = center_only ? 1.0 : static_cast<double>(running_var[c]);
+    if (!(bn_finite(mu) && bn_finite(v) && v >= 0.0)) status[slot] = 1;
+    const double s = center_only ? 1.0 : 1.0 / sqrt(v + eps);
+    mean[c] = mu;
+    scale[c] = s;
+    a[c] = gamma[c] * s;
+    b[c] = beta[c] - mu * a[c];
 }
 
 // sum_gy[c], sum_gy_xc[c] and the gx coefficients k_gy = sum_gy / count,
@@ -405,9 +482,11 @@ struct ElemWalk {
 };
 
 // y = a[c] * (x - shift[c]) + b[c] when CENTRED, else y = a[c] * x + b[c] (shift unread).
-// At most 32 (float) or 40 (double) registers: 8 or 6 blocks per SM keep enough loads in flight.
+// At most 40 registers (6 blocks of 256 threads per SM keep enough loads in flight). A cap of 32
+// (8 blocks) made CUDA 12.9's ptxas spill 76 bytes in bn_affine<float,4,false> for sm_90 with
+// -ftz=true; test_cupy_build.py fails on any spill.
 template <typename T, int VEC, bool CENTRED>
-__global__ void __launch_bounds__(BN_MAX_THREADS, sizeof(T) == 4 ? 8 : 6)
+__global__ void __launch_bounds__(BN_MAX_THREADS, 6)
 bn_affine(const T* __restrict__ x, long long nv, long long Mv, long long C,
           const double* __restrict__ a, const double* __restrict__ shift,
           const double* __restrict__ b, T* __restrict__ y) {

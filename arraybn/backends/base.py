@@ -34,6 +34,13 @@ cost more than the kernels):
   with ``count = N * M``; ``inv_std`` is None when the statistics are not finite. One call per
   training step, as in cuDNN's forward-training call (the numba backend makes it one kernel).
 
+A GPU backend does not stop the device to look at a flag after every BN call: its
+``finish_statistics`` returns ``(None, inv_std)`` and updates only the channels whose statistics
+are finite, ``forward_train_finish`` never returns ``inv_std=None``, and the failures come
+later from ``take_deferred_failures`` (the trainer asks once per step through
+``arraybn.core.deferred.raise_deferred_errors``). Also defaults: ``owns``,
+``inference_coefficients``, ``take_deferred_failures``, ``labelled`` (see each).
+
 Under a communicator (``arraybn.distributed``) the statistics and the backward's sums are the whole
 group's, so the fused calls come apart into steps with the group's numbers in between:
 forward ``moments`` -> merge across ranks -> ``finish_statistics`` (group count) ->
@@ -50,8 +57,12 @@ them:
 
 
 import abc
+import contextlib
+from dataclasses import dataclass
 
 import numpy as np
+
+from arraybn.errors import UserError
 
 
 def _col(v):
@@ -65,8 +76,18 @@ def _store(value, like, out):
     return out
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """A backend was asked for that cannot run here; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DeferredFailure:
+    """A BN call whose statistics a GPU backend found unusable in a kernel (see
+    ``Backend.take_deferred_failures``): ``what`` is "batch statistics" or "running statistics",
+    ``arrays`` the (mean, var) it used (var None for mean_only), ``label`` the layer, if known."""
+    label: object
+    what: str
+    arrays: tuple
 
 
 class Backend(abc.ABC):
@@ -137,6 +158,40 @@ class Backend(abc.ABC):
         ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``).
         """
         return None
+
+    # -- arrays, inference coefficients and checks a GPU backend defers ------------------------
+
+    foreign_array_hint = "use backend='cupy' or move it to the host with x.get()"
+
+    def owns(self, x):
+        """Whether this backend's array module owns ``x``. CPU backends: anything but a CuPy
+        array (recognised by its type's module name, without importing CuPy)."""
+        return type(x).__module__.split(".")[0] != "cupy"
+
+    def inference_coefficients(self, gamma, beta, running_mean, running_var, eps, check):
+        """(a, b, mean, scale): ``y = a[c] * x + b[c]`` normalizes with the running statistics;
+        ``mean`` is running_mean in float64, ``scale = 1 / sqrt(running_var + eps)`` (ones when
+        ``running_var`` is None: mean_only). ``check(xp, running_mean, running_var)`` raises
+        when the statistics cannot normalize; here it runs first (one host sync). A GPU backend
+        validates in its kernel instead and reports through ``take_deferred_failures``."""
+        xp = self.xp
+        check(xp, running_mean, running_var)
+        mean = running_mean.astype(xp.float64)
+        if running_var is None:
+            scale = xp.ones_like(mean)
+        else:
+            scale = 1.0 / xp.sqrt(running_var.astype(xp.float64) + eps)
+        a = gamma * scale
+        return a, beta - mean * a, mean, scale
+
+    def take_deferred_failures(self):
+        """[DeferredFailure] of the BN calls since the last call whose statistics were unusable,
+        and forget them. CPU backends check at the call (the core raises there): always []."""
+        return []
+
+    def labelled(self, label):
+        """Context in which the BN calls' deferred failures carry ``label`` (the layer name)."""
+        return contextlib.nullcontext()
 
     def __repr__(self):
         return f"<arraybn backend {self.name!r}>"

@@ -10,27 +10,38 @@ channel (Chan's parallel merge of count/mean/M2, or plain sums for backward). Th
 uses one of two memory layouts (see the .cu file): 'rows' when a channel's rows of M values are
 at least 128 bytes long (conv layers), 'cols' otherwise (dense layers: consecutive threads read
 consecutive channels).
+
+The kernels are compiled by NVRTC with arraybn's own options (``cuda_build``: no ``-ftz=true``
+from CuPy), once per architecture and cached on disk, in :func:`create`, so that a toolkit that
+cannot compile them makes the backend unavailable instead of failing at the first BN call.
+
+No host synchronisation in a BN call: the finite check of the batch statistics and the running
+buffers' update happen in the merge kernel, the running statistics of inference are checked in
+the kernel that makes the inference coefficients, and a failure sets a flag in device memory.
+Where it surfaces: ``take_deferred_failures`` (one device-to-host copy), which the trainer calls
+once per training step (``arraybn.core.deferred.raise_deferred_errors``); until then a NaN batch
+leaves its channels' running buffers alone (other channels are updated) and gives NaN outputs,
+and so do non-finite or negative running statistics in inference (its outputs are NaN).
 """
-import functools
+import contextlib
+import importlib
 import importlib.resources
-from dataclasses import dataclass
 
 import numpy as np
 
+from arraybn.backends import cuda_build
 from arraybn.backends.base import Backend, BackendUnavailableError
+from arraybn.backends.cupy_deferred import SINK, DeferredChecks
+from arraybn.backends.cupy_geometry import (MAX_THREADS, VECTOR_BYTES, ceil_div, elementwise_vec,
+                                            reduction_layout, reduction_plan)
 
 KERNEL_FILE = "bn_kernels.cu"
-COMPILE_OPTIONS = ("--std=c++17",)
 INSTALL_HINT = ("pip install 'arraybn[gpu]' (installs cupy-cuda12x; needs an NVIDIA GPU and a "
                 "driver for CUDA 12)")
-BATCH = 8                 # BN_BATCH in the .cu: values a thread reduces per Chan merge
-MAX_THREADS = 256         # BN_MAX_THREADS in the .cu
-COLS_BELOW_BYTES = 128    # rows of M values shorter than this use the 'cols' layout
-MIN_VALUES_PER_BLOCK = 2048
-VECTOR_BYTES = 16         # float4 / double2 loads
 INDEX_LIMIT = 2**30       # C and M are 32-bit in the kernels' index walks
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-EXTERN_C_KERNELS = ("bn_merge_moments", "bn_merge_moments_scale", "bn_merge_backward")
+EXTERN_C_KERNELS = ("bn_merge_moments", "bn_merge_backward")
+PER_CHANNEL_KERNELS = ("bn_merge_train", "bn_finish_statistics", "bn_inference_coefficients")
 
 
 def _name_expressions():
@@ -41,6 +52,8 @@ def _name_expressions():
                       f"bn_affine<{ctype},{vec},true>", f"bn_affine<{ctype},{vec},false>",
                       f"bn_grad_input<{ctype},{vec}>"]
         names += [f"bn_moments_cols<{ctype}>", f"bn_backward_cols<{ctype}>"]
+    for kernel in PER_CHANNEL_KERNELS:     # templated on the running buffers' types
+        names += [f"{kernel}<{rm},{rv}>" for rm in C_TYPES.values() for rv in C_TYPES.values()]
     return tuple(names)
 
 
@@ -50,94 +63,6 @@ NAME_EXPRESSIONS = _name_expressions()
 def kernel_source():
     """The CUDA C source shipped in the package ``arraybn.cuda``."""
     return importlib.resources.files("arraybn.cuda").joinpath(KERNEL_FILE).read_text()
-
-
-def _ceil_div(a, b):
-    return -(-a // b)
-
-
-def _round_up(a, b):
-    return _ceil_div(a, b) * b
-
-
-# ----------------------------------------------------------------------------------------------
-# Launch geometry: pure functions of the shape and the device size, memoized.
-
-@dataclass(frozen=True)
-class ReductionPlan:
-    """How a partial kernel splits (N, C, M) and where the merge kernel finds each channel's parts.
-
-    ``sizes`` are the layout's integer kernel arguments after the data pointers: rows:
-    (N, C, M, chunk_len, chunks); cols: (N, K, M, TX, TY, rows_per_chunk). Channel c's parts are
-    ``(p // group) * stride + c * group + p % group`` for p < ``parts_per_channel``, in arrays of
-    ``parts`` entries per field.
-    """
-    layout: str
-    vec: int
-    grid: tuple
-    block: tuple
-    sizes: tuple
-    parts: int
-    parts_per_channel: int
-    group: int
-    stride: int
-
-    @property
-    def merge_block(self):
-        return (min(MAX_THREADS, _round_up(self.parts_per_channel, 32)),)
-
-
-def reduction_layout(m, itemsize, aligned):
-    """('rows', values per load) for rows of at least 128 bytes, else ('cols', 1)."""
-    if m * itemsize < COLS_BELOW_BYTES:
-        return "cols", 1
-    return "rows", elementwise_vec(m, itemsize, aligned)
-
-
-@functools.lru_cache(maxsize=512)
-def reduction_plan(n, c, m, itemsize, aligned, resident_blocks):
-    """The partial-reduction geometry for x3 of shape (n, c, m); ``aligned``: 16-byte pointers.
-
-    The grid is at most one wave of ``resident_blocks`` (blocks the device runs at once) where
-    the shape allows: every block of a rows-layout reduction has the same work, so a second,
-    partial wave would leave most of the GPU idle.
-    """
-    layout, vec = reduction_layout(m, itemsize, aligned)
-    if layout == "cols":
-        return _cols_plan(n, c, m, resident_blocks)
-    return _rows_plan(n, c, m, vec, resident_blocks)
-
-
-def _rows_plan(n, c, m, vec, resident_blocks):
-    per_channel = n * m
-    chunks = max(1, min(resident_blocks // c, _ceil_div(per_channel, MIN_VALUES_PER_BLOCK)))
-    chunk_len = _round_up(_ceil_div(per_channel, chunks), vec)
-    chunks = _ceil_div(per_channel, chunk_len)
-    threads = min(MAX_THREADS, _round_up(_ceil_div(chunk_len, BATCH), 32))
-    return ReductionPlan("rows", vec, (c * chunks,), (threads,), (n, c, m, chunk_len, chunks),
-                         parts=c * chunks, parts_per_channel=chunks, group=chunks,
-                         stride=c * chunks)
-
-
-def _cols_plan(n, c, m, resident_blocks):
-    k = c * m
-    if k <= MAX_THREADS:
-        tx = k
-    else:
-        tx = _round_up(_ceil_div(k, _ceil_div(k, MAX_THREADS)), 32)
-    ty = max(1, MAX_THREADS // tx)
-    tiles = _ceil_div(k, tx)
-    chunks = max(1, min(resident_blocks // tiles, _ceil_div(n, ty * BATCH), 65535))
-    rows_per_chunk = _ceil_div(n, chunks)
-    chunks = _ceil_div(n, rows_per_chunk)
-    return ReductionPlan("cols", 1, (tiles, chunks), (tx * ty,), (n, k, m, tx, ty, rows_per_chunk),
-                         parts=chunks * k, parts_per_channel=chunks * m, group=m, stride=k)
-
-
-def elementwise_vec(m, itemsize, aligned):
-    """Values per load in the element-wise kernels: a 16-byte vector when rows allow it."""
-    vec = VECTOR_BYTES // itemsize
-    return vec if aligned and m % vec == 0 else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,16 +75,29 @@ def _i32(v):
     return np.int32(v)
 
 
+def _unbias(count):
+    """count / (count - 1): biased -> unbiased variance (0 for a single value: never used)."""
+    return count / (count - 1) if count > 1 else 0.0
+
+
+def _channel_grid(channels):
+    return (ceil_div(channels, MAX_THREADS),)
+
+
 class CupyBackend(Backend):
     """BN kernels on the current CUDA device; arrays are ``cupy.ndarray``."""
     name = "cupy"
 
-    def __init__(self, cupy):
+    def __init__(self, cupy, nvrtc, cache_dir=None):
+        """Compiles (or loads from the disk cache) the kernels for the current device now."""
         self.xp = cupy
-        self._module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS,
-                                      name_expressions=NAME_EXPRESSIONS)
-        self._kernels = {}        # (device id, name) -> RawKernel; CuPy compiles once per device
+        self._nvrtc, self._cache_dir = nvrtc, cache_dir
+        self._modules = {}        # device id -> (RawModule of the cached binary, lowered names)
+        self._kernels = {}        # (device id, name) -> RawKernel
         self._resident = {}       # (device id, name) -> blocks of MAX_THREADS resident at once
+        self._checks = {}         # device id -> DeferredChecks
+        self._label = None
+        self._module(cupy.cuda.runtime.getDevice())
 
     # -- the four kernels of the contract ---------------------------------------------------
 
@@ -172,17 +110,112 @@ class CupyBackend(Backend):
         return stats[0], stats[1]
 
     def forward_train(self, x3, gamma, beta, eps, center_only=False, out=None):
+        y, mean, var, _ = self._forward(x3, gamma, beta, eps, center_only, 0.0, None, None, out,
+                                        checked=False)
+        return y, mean, var
+
+    def forward_train_finish(self, x3, gamma, beta, eps, center_only=False, momentum=0.1,
+                             running_mean=None, running_var=None, out=None):
+        """forward_train and finish_statistics in one merge kernel; inv_std is never None here:
+        non-finite statistics are reported by take_deferred_failures."""
+        return self._forward(x3, gamma, beta, eps, center_only, momentum, running_mean,
+                             running_var, out, checked=True)
+
+    def _forward(self, x3, gamma, beta, eps, center_only, momentum, running_mean, running_var,
+                 out, checked):
         n, c, m = self._check_data(x3, "x3")
         self._check_channel(gamma, "gamma", c)
         self._check_channel(beta, "beta", c)
         y = self._output(out, x3, (x3,))
-        stats = self.xp.empty((3, c), dtype=np.float64)      # mean, var, scale
+        stats = self.xp.empty((4, c), dtype=np.float64)      # mean, var, inv_std, scale
+        buffers, update = self._running_buffers(running_mean, running_var, c, stats[0])
+        slot = self._slot("batch statistics", (stats[0], stats[1]), checked)
         plan, part = self._partial_moments(x3)
-        self._launch("bn_merge_moments_scale", (c,), plan.merge_block,
-                     self._part_args(plan, part) + (gamma, np.float64(eps), _i32(bool(center_only)),
-                                                    stats[0], stats[1], stats[2]))
-        self._elementwise("bn_affine", ",true", x3, y, (x3,), (stats[2], stats[0], beta))
-        return y, stats[0], stats[1]
+        self._launch(self._name_for("bn_merge_train", *buffers), (c,), plan.merge_block,
+                     self._part_args(plan, part)
+                     + (gamma, np.float64(eps), _i32(bool(center_only)), np.float64(momentum),
+                        np.float64(_unbias(n * m)), _i32(update)) + buffers
+                     + (stats[0], stats[1], stats[2], stats[3]) + slot)
+        self._elementwise("bn_affine", ",true", x3, y, (x3,), (stats[3], stats[0], beta))
+        return y, stats[0], stats[1], stats[2]
+
+    def finish_statistics(self, mean, var, eps, momentum, count, running_mean=None,
+                          running_var=None):
+        """(None, inv_std): finiteness is known later, from take_deferred_failures."""
+        c = mean.shape[0]
+        for arr, what in ((mean, "mean"), (var, "var")):
+            self._check_channel(arr, what, c)
+        inv_std = self.xp.empty(c, dtype=np.float64)
+        buffers, update = self._running_buffers(running_mean, running_var, c, inv_std)
+        self._launch(self._name_for("bn_finish_statistics", *buffers), _channel_grid(c),
+                     (MAX_THREADS,),
+                     (mean, var, _i64(c), np.float64(eps), np.float64(momentum),
+                      np.float64(_unbias(count)), _i32(update)) + buffers + (inv_std,)
+                     + self._slot("batch statistics", (mean, var), True))
+        return None, inv_std
+
+    def inference_coefficients(self, gamma, beta, running_mean, running_var, eps, check):
+        """As Backend's, validated in the kernel (``check`` is not called here): unusable
+        statistics give NaN outputs and a failure in take_deferred_failures."""
+        c = gamma.shape[0]
+        self._check_channel(gamma, "gamma", c)
+        self._check_channel(beta, "beta", c)
+        coef = self.xp.empty((4, c), dtype=np.float64)       # a, b, mean, scale
+        buffers, _ = self._running_buffers(running_mean, running_var, c, coef[0])
+        self._launch(self._name_for("bn_inference_coefficients", *buffers), _channel_grid(c),
+                     (MAX_THREADS,),
+                     (gamma, beta) + buffers + (_i64(c), np.float64(eps),
+                                                _i32(running_var is None))
+                     + (coef[0], coef[1], coef[2], coef[3])
+                     + self._slot("running statistics", (running_mean, running_var), True))
+        return coef[0], coef[1], coef[2], coef[3]
+
+    # -- deferred checks ----------------------------------------------------------------------
+
+    def owns(self, x):
+        return type(x).__module__.split(".")[0] == "cupy"
+
+    foreign_array_hint = "move it with cupy.asarray(x)"
+
+    def take_deferred_failures(self):
+        """[DeferredFailure] of every device's BN calls since the last call (one copy each)."""
+        return [failure for checks in self._checks.values() for failure in checks.take()]
+
+    @contextlib.contextmanager
+    def labelled(self, label):
+        outer, self._label = self._label, label
+        try:
+            yield self
+        finally:
+            self._label = outer
+
+    def _slot(self, what, arrays, checked):
+        """(status array, slot) kernel arguments for one BN call's validity flag."""
+        device = self.xp.cuda.runtime.getDevice()
+        checks = self._checks.get(device)
+        if checks is None:
+            checks = self._checks[device] = DeferredChecks(self.xp)
+        slot = checks.slot(self._label, what, arrays) if checked else SINK
+        return checks.status, _i32(slot)
+
+    def _running_buffers(self, running_mean, running_var, channels, placeholder):
+        """((mean buffer, var buffer), update bits); ``placeholder`` (float64, unread) stands
+        in for an absent buffer, so that the kernel's pointer types are fixed."""
+        update = 0
+        buffers = []
+        for bit, (buf, what) in enumerate(((running_mean, "running_mean"),
+                                           (running_var, "running_var"))):
+            if buf is None:
+                buffers.append(placeholder)
+                continue
+            self._check_buffer(buf, what, channels)
+            buffers.append(buf)
+            update |= 1 << bit
+        return tuple(buffers), update
+
+    @staticmethod
+    def _name_for(kernel, running_mean, running_var):
+        return f"{kernel}<{C_TYPES[running_mean.dtype]},{C_TYPES[running_var.dtype]}>"
 
     def affine(self, x3, a, b, out=None):
         n, c, m = self._check_data(x3, "x3")
@@ -258,7 +291,7 @@ class CupyBackend(Backend):
         vec = elementwise_vec(m, x3.dtype.itemsize, _aligned(inputs + (out,)))
         name = f"{base}<{C_TYPES[x3.dtype]},{vec}{template_tail}>"
         vectors = n * c * m // vec
-        blocks = max(1, min(_ceil_div(vectors, MAX_THREADS), self._resident_blocks(name)))
+        blocks = max(1, min(ceil_div(vectors, MAX_THREADS), self._resident_blocks(name)))
         self._launch(name, (blocks,), (MAX_THREADS,),
                      inputs + (_i64(vectors), _i64(m // vec), _i64(c)) + coefficients + (out,))
 
@@ -266,11 +299,25 @@ class CupyBackend(Backend):
         self._kernel(name)(grid, block, args)
 
     def _kernel(self, name):
-        key = (self.xp.cuda.runtime.getDevice(), name)
-        kernel = self._kernels.get(key)
+        device = self.xp.cuda.runtime.getDevice()
+        kernel = self._kernels.get((device, name))
         if kernel is None:
-            kernel = self._kernels[key] = self._module.get_function(name)
+            module, lowered = self._module(device)
+            kernel = self._kernels[device, name] = module.get_function(lowered.get(name, name))
         return kernel
+
+    def _module(self, device):
+        """(RawModule, lowered names) for ``device``: built once per device and process."""
+        found = self._modules.get(device)
+        if found is None:
+            arch = self.xp.cuda.Device(device).compute_capability
+            path, image = cuda_build.build(self._nvrtc, kernel_source(), NAME_EXPRESSIONS, arch,
+                                           self._cache_dir)
+            module = self.xp.RawModule(path=str(path))
+            for name in NAME_EXPRESSIONS + EXTERN_C_KERNELS:     # loads it: fails here, not later
+                module.get_function(image.lowered.get(name, name))
+            found = self._modules[device] = (module, image.lowered)
+        return found
 
     def _resident_blocks(self, name):
         """Blocks of MAX_THREADS threads of kernel ``name`` that the device runs at once."""
@@ -315,6 +362,15 @@ class CupyBackend(Backend):
         if arr.shape != (channels,) or not arr.flags.c_contiguous:
             raise ValueError(f"{what} must be a contiguous array of shape ({channels},), got shape "
                              f"{arr.shape} with strides {arr.strides}")
+        self._check_device(arr, what)
+
+    def _check_buffer(self, arr, what, channels):
+        if (not isinstance(arr, self.xp.ndarray) or arr.dtype not in C_TYPES
+                or arr.shape != (channels,) or not arr.flags.c_contiguous):
+            raise ValueError(f"{what} must be a contiguous float32 or float64 cupy.ndarray of "
+                             f"shape ({channels},), got {type(arr).__name__} "
+                             f"{getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}; pass "
+                             f"cupy.ascontiguousarray({what}) and copy the result back")
         self._check_device(arr, what)
 
     def _check_device(self, arr, what):
@@ -371,8 +427,26 @@ def _check_cuda(cupy):
                                       "the driver and that NVRTC for CUDA 12 is installed") from exc
 
 
-def create():
-    """The cupy backend, or BackendUnavailableError saying why this machine cannot run it."""
+def _import_nvrtc():
+    """CuPy's NVRTC bindings (the functions cuda_build calls)."""
+    try:
+        return importlib.import_module("cupy_backends.cuda.libs.nvrtc")
+    except ImportError as exc:
+        raise BackendUnavailableError(f"CuPy's NVRTC bindings failed to import ({exc}); "
+                                      f"reinstall CuPy: {INSTALL_HINT}") from exc
+
+
+def create(cache_dir=None):
+    """The cupy backend with its kernels compiled for the current device, or
+    BackendUnavailableError saying why this machine cannot run it (no CuPy, no device, a driver
+    or NVRTC that fails, kernels that do not compile or load)."""
     cupy = _import_cupy()
     _check_cuda(cupy)
-    return CupyBackend(cupy)
+    nvrtc = _import_nvrtc()
+    try:
+        return CupyBackend(cupy, nvrtc, cache_dir)
+    except (cuda_build.KernelBuildError, RuntimeError, OSError) as exc:
+        raise BackendUnavailableError(f"the CUDA kernels of {KERNEL_FILE} could not be built or "
+                                      f"loaded: {exc}; check that NVRTC (CUDA 12) matches the "
+                                      f"driver, or remove the kernel cache "
+                                      f"({cuda_build.default_cache_dir()})") from exc

@@ -9,7 +9,6 @@ GPU-side (``gpu`` marker, skipped without CUDA): the four kernels against float6
 import ctypes
 import importlib.resources
 import importlib.util
-import math
 import re
 import shutil
 import subprocess
@@ -23,8 +22,10 @@ import pytest
 import arraybn
 from arraybn import backends
 from arraybn.backends import BackendUnavailableError
+from arraybn.backends import cuda_build
 from arraybn.backends import cupy_backend as cb
 from tests.conftest import CUPY_SKIP
+from tests.reference import moments as _ref_moments
 
 DTYPES = [np.float32, np.float64]
 
@@ -45,21 +46,44 @@ def test_kernel_source_ships_in_the_package():
 
 
 def test_name_expressions_cover_every_dtype_vector_and_layout():
-    assert len(set(cb.NAME_EXPRESSIONS)) == len(cb.NAME_EXPRESSIONS) == 24
+    assert len(set(cb.NAME_EXPRESSIONS)) == len(cb.NAME_EXPRESSIONS) == 36
     assert "bn_moments_rows<float,4>" in cb.NAME_EXPRESSIONS
     assert "bn_affine<double,2,false>" in cb.NAME_EXPRESSIONS
     assert "bn_backward_cols<double>" in cb.NAME_EXPRESSIONS
 
 
+def spills(ptxas_log):
+    """{kernel: (spill store bytes, spill load bytes)} for every kernel that spills, from the
+    output of ``ptxas -v`` (nvcc -Xptxas -v, or NVRTC --ptxas-options=-v)."""
+    found = {}
+    for name, stores, loads in re.findall(
+            r"Function properties for (\S+)\s*\n(?:ptxas\s+\.\s+)?\s*\d+ bytes stack frame, "
+            r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log):
+        if int(stores) or int(loads):
+            found[name] = (int(stores), int(loads))
+    return found
+
+
+def test_spill_parser_reads_nvcc_and_nvrtc_logs():
+    nvcc = ("ptxas info    : Function properties for _Z9bn_affineIfLi4ELb0EEvPKT_xxxPKdS4_S4_PS0_\n"
+            "    40 bytes stack frame, 76 bytes spill stores, 100 bytes spill loads\n"
+            "ptxas info    : Function properties for bn_merge_moments\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    nvrtc = ("ptxas info    : Function properties for _Z9bn_affineIfLi4ELb0EE\n"
+             "ptxas         .     0 bytes stack frame, 8 bytes spill stores, 0 bytes spill loads\n")
+    assert spills(nvcc) == {"_Z9bn_affineIfLi4ELb0EEvPKT_xxxPKdS4_S4_PS0_": (76, 100)}
+    assert spills(nvrtc) == {"_Z9bn_affineIfLi4ELb0EE": (8, 0)}
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
-def test_kernels_compile_for_sm90_with_the_backend_instantiations(tmp_path):
+def test_kernels_compile_for_sm90_with_the_backend_instantiations_and_do_not_spill(tmp_path):
     with importlib.resources.as_file(
             importlib.resources.files("arraybn.cuda").joinpath(cb.KERNEL_FILE)) as source:
         table = ",\n".join(f"  (void*)&{name}" for name in cb.NAME_EXPRESSIONS + cb.EXTERN_C_KERNELS)
         wrapper = tmp_path / "instantiate.cu"
         wrapper.write_text(f'#include "{source}"\nvoid* arraybn_kernels[] = {{\n{table}\n}};\n')
         result = subprocess.run(
-            ["nvcc", "-arch=sm_90", "-cubin", *cb.COMPILE_OPTIONS, "-Xptxas", "-v",
+            ["nvcc", "-arch=sm_90", "-cubin", *cuda_build.OPTIONS, "-Xptxas", "-v",
              "-o", str(tmp_path / "bn.cubin"), str(wrapper)],
             capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
@@ -72,6 +96,7 @@ def test_kernels_compile_for_sm90_with_the_backend_instantiations(tmp_path):
     for base in {_kernel_base(n) for n in cb.NAME_EXPRESSIONS}:
         wanted = sum(_kernel_base(n) == base for n in cb.NAME_EXPRESSIONS)
         assert sum(f"{len(base)}{base}I" in c for c in compiled) == wanted, base
+    assert spills(log) == {}, log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +195,9 @@ class _FakeArray:
     def __getitem__(self, index):
         return _FakeArray(self.a[index])
 
+    def fill(self, value):
+        self.a.fill(value)
+
     def get(self):
         return self.a
 
@@ -187,38 +215,93 @@ class _FakeKernel:
             self.emulator.launch(self.name, grid, block, args)
 
 
-def _fake_gpu_module(launches, emulator=None):
-    def raw_module(code, options, name_expressions):
-        assert code == cb.kernel_source() and options == cb.COMPILE_OPTIONS
-        known = set(name_expressions) | set(cb.EXTERN_C_KERNELS)
+class _FakeNVRTC:
+    """NVRTC as cuda_build calls it; checks the options and 'compiles' a placeholder binary."""
+    CUBIN = b"fake cubin"
 
-        def get_function(name):
-            assert name in known, f"{name} is not compiled"
+    def __init__(self):
+        self.compiled = 0
+
+    def getVersion(self):
+        return (12, 9)
+
+    def getSupportedArchs(self):
+        return (80, 90)
+
+    def createProgram(self, source, name, headers, include_names):
+        assert source == cb.kernel_source()
+        return 1
+
+    def addNameExpression(self, prog, name):
+        assert name in cb.NAME_EXPRESSIONS
+
+    def compileProgram(self, prog, options):
+        assert tuple(options) == cuda_build.OPTIONS + ("-arch=sm_90",)
+        self.compiled += 1
+
+    def getLoweredName(self, prog, name):
+        return "lowered:" + name
+
+    def getCUBIN(self, prog):
+        return self.CUBIN
+
+    def getProgramLog(self, prog):
+        return ""
+
+    def destroyProgram(self, prog):
+        pass
+
+
+def _fake_gpu_module(launches, emulator=None):
+    def raw_module(path):
+        assert Path(path).read_bytes() == _FakeNVRTC.CUBIN
+
+        def get_function(symbol):
+            name = symbol.removeprefix("lowered:")
+            assert symbol.startswith("lowered:") == (name in cb.NAME_EXPRESSIONS), symbol
+            assert name in cb.NAME_EXPRESSIONS + cb.EXTERN_C_KERNELS, f"{name} is not compiled"
             return _FakeKernel(name, launches, emulator)
         return types.SimpleNamespace(get_function=get_function)
 
     runtime = types.SimpleNamespace(getDevice=lambda: 0, getDeviceProperties=lambda d: {
         "multiProcessorCount": 4})
     driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=lambda f, t, s: 6)
+    device = lambda d: types.SimpleNamespace(compute_capability="90")
     return types.SimpleNamespace(
-        ndarray=_FakeArray, RawModule=raw_module, cuda=types.SimpleNamespace(runtime=runtime,
-                                                                             driver=driver),
+        ndarray=_FakeArray, RawModule=raw_module,
+        cuda=types.SimpleNamespace(runtime=runtime, driver=driver, Device=device),
         empty=lambda shape, dtype: _FakeArray(np.empty(shape, dtype)),
+        zeros=lambda shape, dtype: _FakeArray(np.zeros(shape, dtype)),
         empty_like=lambda x: _FakeArray(np.empty_like(x.a)),
         may_share_memory=lambda a, b: np.may_share_memory(a.a, b.a))
 
 
+def _fake_backend(tmp_path, launches, emulator=None):
+    return cb.CupyBackend(_fake_gpu_module(launches, emulator), _FakeNVRTC(), cache_dir=tmp_path)
+
+
+_POINTER_TYPES = {"float": np.float32, "double": np.float64, "int": np.int32}
+
+
 def _kernel_params(source, name):
-    """[(kind, dtype)] of kernel ``name``'s parameters: kind 'pointer' or 'scalar'."""
+    """[(kind, dtype)] of kernel ``name``'s parameters: kind 'pointer' or 'scalar'; a pointer to
+    a template type parameter (T, RM, RV) takes the type that ``name`` instantiates it with."""
     base, _, template = name.partition("<")
-    params = re.search(rf"\b{base}\(([^)]*)\)\s*{{", source).group(1)
-    data_type = {"float": np.float32, "double": np.float64}.get(template.split(",")[0].rstrip(">"))
+    found = re.search(rf'(?:template <([^>]*)>\s*)?(?:extern "C" )?__global__ void '
+                      rf'__launch_bounds__\([^)]*\)\s*{base}\(([^)]*)\)\s*{{', source)
+    declared, params = found.group(1), found.group(2)
+    type_of = dict(_POINTER_TYPES)
+    if declared:
+        for param, arg in zip(declared.split(","), template.rstrip(">").split(",")):
+            kind, param_name = param.split()
+            if kind == "typename":
+                type_of[param_name] = _POINTER_TYPES[arg.strip()]
     scalars = {"long long": np.int64, "int": np.int32, "double": np.float64}
     kinds = []
     for param in params.split(","):
         words = param.replace("*", " * ").replace("const", "").replace("__restrict__", "").split()
         if "*" in words:
-            kinds.append(("pointer", data_type if words[0] == "T" else np.float64))
+            kinds.append(("pointer", type_of[words[0]]))
         else:
             kinds.append(("scalar", scalars[" ".join(words[:-1])]))
     return kinds
@@ -250,11 +333,18 @@ def _run_all_kernels(backend, rng, shape, dtype, misaligned):
     backend.forward_train(x, ch, ch, 1e-5, center_only=True, out=out)
     backend.affine(x, ch, ch)
     backend.backward(gy, x, ch, ch, ch, centered=False)
+    for rm_dtype in DTYPES:
+        for rv_dtype in DTYPES:
+            rm, rv = _FakeArray(np.zeros(c, rm_dtype)), _FakeArray(np.ones(c, rv_dtype))
+            backend.forward_train_finish(x, ch, ch, 1e-5, False, 0.1, rm, rv)
+            backend.finish_statistics(ch, ch, 1e-5, 0.1, 10, rm, rv)
+            backend.inference_coefficients(ch, ch, rm, rv, 1e-5, None)
+    backend.forward_train_finish(x, ch, ch, 1e-5, True, 0.1, _FakeArray(np.zeros(c)), None)
 
 
-def test_every_launch_matches_its_kernel_signature(monkeypatch, rng):
+def test_every_launch_matches_its_kernel_signature(tmp_path, rng):
     launches = []
-    backend = cb.CupyBackend(_fake_gpu_module(launches))
+    backend = _fake_backend(tmp_path, launches)
     source = cb.kernel_source()
     for shape in [(16, 6, 676), (5, 3, 121), (256, 7, 1), (3, 5, 7), (2, 1, 1), (4, 2, 64)]:
         for dtype in DTYPES:
@@ -367,7 +457,8 @@ class _Emulator:
         args = []
         for k, (kind, dtype) in enumerate(self.params[name]):
             if kind == "pointer":
-                args.append(f"*({'float' if dtype == np.float32 else 'double'}**)a[{k}]")
+                ctype = {np.float32: "float", np.float64: "double", np.int32: "int"}[dtype]
+                args.append(f"*({ctype}**)a[{k}]")
             else:
                 args.append(f"*({_C_TYPES[dtype]}*)a[{k}]")
         return (f'extern "C" void run_{index}(unsigned gx, unsigned gy, unsigned bx, void** a) '
@@ -388,7 +479,7 @@ def emulated(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("g++ is not installed")
     emulator = _Emulator(tmp_path_factory.mktemp("cuda_emulator"))
-    return cb.CupyBackend(_fake_gpu_module([], emulator))
+    return _fake_backend(tmp_path_factory.mktemp("kernel_cache"), [], emulator)
 
 
 EMULATED_SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (3, 5, 7), (2, 1, 1), (40, 2, 64),
@@ -438,15 +529,6 @@ SHAPES = [(16, 6, 676), (5, 3, 121), (256, 7, 1), (4096, 3, 1), (3, 5, 7), (64, 
 @pytest.fixture
 def gpu():
     return arraybn.get_backend("cupy")
-
-
-def _ref_moments(x):
-    """Per-channel mean and biased variance with correctly rounded sums (math.fsum)."""
-    channels = np.moveaxis(x.astype(np.float64), 1, 0).reshape(x.shape[1], -1)
-    mean = np.array([math.fsum(values) / values.size for values in channels])
-    var = np.array([math.fsum((values - mu) ** 2) / values.size
-                    for values, mu in zip(channels, mean)])
-    return mean, var
 
 
 def _close(actual, expected, dtype, scale=1.0):
