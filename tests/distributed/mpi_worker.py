@@ -1,10 +1,11 @@
 """Run by ``test_mpi.py`` under ``mpiexec -n K python -m tests.distributed.mpi_worker MODE``.
 
 check SIZES: rank r takes SIZES[r] consecutive rows of a batch (e.g. ``4,0,6``: uneven, one
-    rank empty) and runs BN forward and backward with the MPI world as ``comm``, for every variant, CPU backend and layout; each
-    rank compares its rows with the one-process result (computed locally on the whole batch),
-    the summed ggamma/gbeta with the one-process gradients, and checks that its running buffers
-    are bit-identical to every other rank's. Prints one ``ok`` line per rank.
+    rank empty) and runs BN forward and backward with the MPI world as ``comm``, for every
+    variant, CPU backend and layout; each rank compares its rows with the one-process result
+    (computed locally on the whole batch), the summed ggamma/gbeta with the one-process
+    gradients, and checks that its running buffers are bit-identical to every other rank's.
+    Prints one ``ok`` line per rank.
 fail: rank 1 raises while the others wait in a collective; ``abort_on_error`` must end the job.
 """
 import sys
