@@ -1,4 +1,4 @@
-"""Shared fixtures: the backends to parametrise over, and GPU skipping that never fails on a CPU box.
+"""Shared fixtures: the backends to parametrise over, GPU skipping that never fails on a CPU box.
 
 A test that takes the ``backend`` or ``cpu_backend`` fixture must run its BN calls on that backend:
 an autouse spy records the backend every core call resolves and fails the test otherwise (a

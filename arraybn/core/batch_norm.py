@@ -93,7 +93,8 @@ def batch_norm_forward(x, gamma, beta, *, training=True, running_mean=None, runn
     gamma/beta may be None (no affine transform); their gradients are then None.
     y has x's dtype and shape, C-contiguous; ``out``, a C-contiguous array of that shape and
     dtype, receives y instead of a new array (reusing buffers saves the page faults of a fresh
-    allocation on large inputs).
+    allocation on large inputs). ``out`` must not overlap x, which the cache keeps.
+    An empty batch (N = 0) gives an empty y and leaves the running buffers alone, as in PyTorch.
     comm: an ``arraybn.distributed`` communicator. In training (full, mean_only, renorm) the
         statistics are those of the whole group's batch (every rank's x together, merged as
         count/mean/M2 with Chan's formula in rank order), the running buffers get the group's
@@ -290,8 +291,9 @@ def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
 def batch_norm_backward(gy, cache, *, out=None):
     """Gradients ``(gx, ggamma, gbeta)`` of the loss, given ``gy = dL/dy`` and the forward cache.
 
-    gx has the input's shape and dtype (written into ``out`` when given, as in the forward);
-    ggamma/gbeta have gamma's/beta's dtype (None when the forward got None).
+    gx has the input's shape and dtype (written into ``out`` when given, as in the forward; it
+    must not overlap gy or x); ggamma/gbeta have gamma's/beta's dtype (None when the forward got
+    None), zeros for an empty batch.
     """
     if not isinstance(cache, BNCache):
         raise TypeError("cache must be the second value returned by batch_norm_forward")

@@ -132,7 +132,10 @@ ESTIMATORS = {"exact": ExactStatistics, "average": AverageStatistics, "ema": EMA
 
 
 def make_estimator(method="exact", **options):
-    """An estimator by name: 'exact', 'average' or 'ema' (options: decay, stat, init_mean, init_scale)."""
+    """An estimator by name: 'exact', 'average' or 'ema'.
+
+    Options (ema only): decay, stat, init_mean, init_scale; any estimator takes backend.
+    """
     try:
         cls = ESTIMATORS[method]
     except KeyError:

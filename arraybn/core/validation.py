@@ -29,7 +29,8 @@ def as_nc_m(x, xp):
     N may be 0 (an empty batch), C may not.
     """
     if x.ndim < 2:
-        raise ValueError(f"x must have shape (N, C) or (N, C, *spatial); got shape {tuple(x.shape)}. "
+        raise ValueError(f"x must have shape (N, C) or (N, C, *spatial); got shape "
+                         f"{tuple(x.shape)}. "
                          "Add a batch axis, e.g. x[None] for a single sample.")
     if np.dtype(x.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"x must be float32 or float64, got {x.dtype}; convert it first, "
@@ -44,8 +45,9 @@ def check_variant(variant):
     try:
         return VARIANTS[variant]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown variant {variant!r}; choose 'full' or 'mean_only' (ghost batches, "
-                         "batch renormalization and frozen statistics are keyword options)") from None
+        raise ValueError(f"unknown variant {variant!r}; choose 'full' or 'mean_only' (ghost "
+                         "batches, batch renormalization and frozen statistics are keyword "
+                         "options)") from None
 
 
 def channel_param(value, name, channels, xp, default, copy=True):

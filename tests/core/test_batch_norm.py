@@ -27,7 +27,8 @@ def make(rng, shape, dtype, offset=0.0, scale=1.0):
 
 def channels_last(x):
     """The same values as x, stored NHWC and viewed as NCHW (a strided, non-contiguous array)."""
-    return np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+    nhwc = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    return nhwc.transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
 
 
 @pytest.mark.parametrize("shape", SHAPES)

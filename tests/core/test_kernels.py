@@ -83,7 +83,8 @@ def assert_rounded_once(out, ref, magnitude, dtype):
         allowed = allowed + 2 * np.spacing(np.abs(ref).astype(np.float32)).astype(np.float64)
     err = np.abs(out.astype(np.float64) - ref)
     worst = tuple(int(i) for i in np.unravel_index(np.argmax(err - allowed), err.shape))
-    assert np.all(err <= allowed), f"error {err[worst]:.3g} > allowed {allowed[worst]:.3g} at {worst}"
+    assert np.all(err <= allowed), (f"error {err[worst]:.3g} > allowed {allowed[worst]:.3g} "
+                                    f"at {worst}")
 
 
 def assert_stat(value, ref, magnitude):
