@@ -14,7 +14,9 @@ from arraybn_cli.cmd_train import train_command
 
 @click.group()
 @click.version_option(arraybn.__version__, prog_name="arraybn")
-def cli():
+@click.option("--debug", is_flag=True,
+              help="Show the traceback of every error, also of the one-line ones.")
+def cli(debug):
     """arraybn: train, post-process and test networks with Batch Normalization."""
 
 

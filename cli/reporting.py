@@ -2,16 +2,12 @@
 import contextlib
 import json
 import sys
+import traceback
 
 import click
 
-from arraybn.backends import BackendUnavailableError
-from arraybn.core import NonFiniteStatisticsError
-from arraybn.data import DatasetNotFoundError, IDXFormatError
-from arraybn.stages import StageError, TrainingInterrupted
-
-EXPECTED_ERRORS = (StageError, DatasetNotFoundError, IDXFormatError, NonFiniteStatisticsError,
-                   FloatingPointError, BackendUnavailableError, ValueError, OSError)
+from arraybn.errors import UserError
+from arraybn.stages import TrainingInterrupted
 
 
 class Reporter:
@@ -60,14 +56,23 @@ class EpochProgress:
             self._bar = None
 
 
+def debugging():
+    """Whether the group's ``--debug`` flag is set (False for a command run on its own)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.find_root().params.get("debug"))
+
+
 @contextlib.contextmanager
 def friendly_errors():
-    """Turn the errors a user can fix into ClickExceptions (a message, no traceback)."""
+    """Turn the errors a user can fix (``arraybn.errors.UserError``, Ctrl-C in training) into
+    ClickExceptions: one line, no traceback; ``--debug`` prints the traceback first. Any other
+    exception is a bug and passes through with its traceback."""
     try:
         yield
-    except TrainingInterrupted as exc:
+    except (UserError, TrainingInterrupted) as exc:
+        if debugging():
+            click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
         error = click.ClickException(str(exc))
-        error.exit_code = 130
+        if isinstance(exc, TrainingInterrupted):
+            error.exit_code = 130
         raise error from None
-    except EXPECTED_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None

@@ -7,6 +7,7 @@ import importlib
 import os
 
 from arraybn.backends.base import Backend, BackendUnavailableError
+from arraybn.errors import ConfigError
 
 _MODULES = {
     "numpy": "arraybn.backends.numpy_backend",
@@ -77,7 +78,7 @@ def get_backend(name="auto"):
                 continue
         raise BackendUnavailableError("no backend works here; is NumPy installed?")
     if not isinstance(name, str) or name.lower() not in _MODULES:
-        raise ValueError(f"unknown backend {name!r}; choose one of "
+        raise ConfigError(f"unknown backend {name!r}; choose one of "
                          f"{', '.join(BACKEND_NAMES)} or 'auto'")
     return _load(name.lower())
 

@@ -1,7 +1,8 @@
 """Errors raised by the BN core."""
+from arraybn.errors import UserError
 
 
-class NonFiniteStatisticsError(FloatingPointError):
+class NonFiniteStatisticsError(UserError, FloatingPointError):
     """Batch or running statistics contain NaN or infinity.
 
     ``where`` names the layer (and, in the trainer, epoch and step) once a caller adds it.

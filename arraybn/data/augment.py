@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from arraybn.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -24,9 +26,9 @@ class AugmentConfig:
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not value >= 0:
-                raise ValueError(f"augmentation range {name} must be >= 0, got {value}")
+                raise ConfigError(f"augmentation range {name} must be >= 0, got {value}")
         if self.zoom >= 1:
-            raise ValueError(f"augmentation zoom must be < 1 (scale 1 +- zoom), got {self.zoom}")
+            raise ConfigError(f"augmentation zoom must be < 1 (scale 1 +- zoom), got {self.zoom}")
 
 
 def random_affine(n, height, width, rng, config=AugmentConfig()):

@@ -5,6 +5,8 @@ in the middle of an epoch sees exactly the batches it would have seen without th
 """
 import numpy as np
 
+from arraybn.errors import ConfigError
+
 
 def epoch_order(n, seed, epoch, shuffle=True):
     """The sample order of ``epoch``: a permutation of ``range(n)`` (identity without shuffle)."""
@@ -16,7 +18,7 @@ def epoch_order(n, seed, epoch, shuffle=True):
 def num_batches(n, batch_size, drop_last):
     """How many batches ``batch_indices`` yields for ``n`` samples."""
     if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
@@ -28,7 +30,7 @@ def batch_indices(n, batch_size, *, seed=0, epoch=0, shuffle=True, drop_last=Fal
     """
     count = num_batches(n, batch_size, drop_last)
     if count == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {n} samples available; "
+        raise ConfigError(f"batch size {batch_size} is larger than the {n} samples available; "
                          "use a smaller --batch-size")
     order = epoch_order(n, seed, epoch, shuffle)
     for b in range(start, count):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from arraybn.data.idx import IDXFormatError, read_images, read_labels
+from arraybn.errors import ConfigError, UserError
 
 ENV_VAR = "ARRAYBN_DATA"
 FILES = {
@@ -29,7 +30,7 @@ CLASS_NAMES = {
 }
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """The dataset files are not where we looked; the message says how to get them."""
 
 
@@ -58,7 +59,7 @@ class Split:
 
 def check_dataset_name(name):
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return name
 
 
@@ -152,10 +153,10 @@ def load_dataset(name="fashion-mnist", data_dir=None):
 def split_indices(n, val_split, seed):
     """Seeded ``(train_idx, val_idx)``; ``val_split`` is the validation fraction in [0, 1)."""
     if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"val_split must be a fraction in [0, 1), got {val_split}")
+        raise ConfigError(f"val_split must be a fraction in [0, 1), got {val_split}")
     n_val = int(round(n * val_split))
     if n - n_val < 2:
-        raise ValueError(f"val_split={val_split} leaves {n - n_val} of {n} images for training")
+        raise ConfigError(f"val_split={val_split} leaves {n - n_val} of {n} images for training")
     order = np.random.default_rng([seed, 1]).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 

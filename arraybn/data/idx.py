@@ -10,6 +10,8 @@ import zlib
 
 import numpy as np
 
+from arraybn.errors import UserError
+
 GZIP_MAGIC = b"\x1f\x8b"
 IDX_TYPES = {
     0x08: np.dtype(np.uint8),
@@ -21,7 +23,7 @@ IDX_TYPES = {
 }
 
 
-class IDXFormatError(ValueError):
+class IDXFormatError(UserError, ValueError):
     """An IDX file is truncated, corrupt or not what was expected; the message names the file."""
 
 

@@ -8,13 +8,14 @@ import csv
 import math
 import os
 
+from arraybn.errors import ConfigError, UserError
 from arraybn.experiments.report import collect_rows
 
 KINDS = ("curves", "batch-size", "postproc-batches", "timing")
 DPI = 100
 
 
-class PlotUnavailable(RuntimeError):
+class PlotUnavailable(UserError, RuntimeError):
     """matplotlib is not installed."""
 
 
@@ -48,7 +49,7 @@ def plot_curves(figure, rows):
     runs = [row for row in rows if row.get("history") and os.path.isfile(row["history"])
             and "variant" not in row]
     if not runs:
-        raise ValueError("none of the runs has a train/history.csv to plot")
+        raise ConfigError("none of the runs has a train/history.csv to plot")
     for index, row in enumerate(runs):
         history = read_history(row["history"])
         colour = f"C{index % 10}"
@@ -78,7 +79,7 @@ def plot_batch_size(figure, rows):
     runs = [r for r in rows if "variant" not in r and r.get("test_acc") is not None
             and r.get("batch_size")]
     if not runs:
-        raise ValueError("none of the runs has test metrics to plot against the batch size")
+        raise ConfigError("none of the runs has test metrics to plot against the batch size")
     for bn, group in sorted(_by(runs, "bn").items(), key=lambda item: str(item[0])):
         group = sorted(group, key=lambda r: r["batch_size"])
         sizes = [r["batch_size"] for r in group]
@@ -134,7 +135,7 @@ def plot_postproc_batches(figure, rows):
             ax.axhline(100 * main["test_acc"], linestyle="--", color=line.get_color(),
                        linewidth=1, label=f"{run_name}: {main.get('stats')}")
     if not drawn:
-        raise ValueError("no post-processing variants to plot (see [[variants]] in the sweep "
+        raise ConfigError("no post-processing variants to plot (see [[variants]] in the sweep "
                          "file documentation)")
     ax.set_xscale("log")
     ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
@@ -148,7 +149,7 @@ def plot_timing(figure, rows):
     epoch_ax, test_ax = figure.subplots(1, 2)
     runs = [r for r in rows if "variant" not in r and r.get("seconds_per_epoch") is not None]
     if not runs:
-        raise ValueError("none of the runs has training timings")
+        raise ConfigError("none of the runs has training timings")
     groups = {}
     for row in runs:
         config = _run_label(row)
@@ -182,12 +183,12 @@ def make_plot(patterns, kind, out, *, size=(1000, 450), title=None):
     """Draw ``kind`` for the runs matched by ``patterns`` into the PNG ``out``.
 
     size: (width, height) in pixels; the PNG has exactly this size. Returns ``out``.
-    Raises PlotUnavailable without matplotlib, ValueError for an unknown kind or no data.
+    Raises PlotUnavailable without matplotlib, ConfigError for an unknown kind or no data.
     """
     if kind not in PLOTTERS:
-        raise ValueError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(f"unknown plot kind {kind!r}; choose one of {', '.join(KINDS)}")
     if min(size) < 100:
-        raise ValueError(f"the figure size must be at least 100x100 pixels, got {size}")
+        raise ConfigError(f"the figure size must be at least 100x100 pixels, got {size}")
     figure = _figure(size)
     rows = collect_rows(patterns)
     default_title = PLOTTERS[kind](figure, rows)

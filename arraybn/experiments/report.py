@@ -10,8 +10,9 @@ import io
 import os
 import re
 
-from arraybn.stages.artifacts import StageError, read_json_if_exists, stage_dir
+from arraybn.errors import UserError
 from arraybn.experiments.sweep_config import VARIANTS_DIR
+from arraybn.stages.artifacts import StageError, read_json_if_exists, stage_dir
 
 COLUMNS = (  # (key, header)
     ("name", "run"), ("model", "model"), ("bn", "BN"), ("bn_position", "BN position"),
@@ -22,6 +23,10 @@ COLUMNS = (  # (key, header)
     ("note", "note"))
 PERCENT_KEYS = ("train_acc", "val_acc", "test_acc")
 STAGE_MARKERS = ("train", "test", "sweep-run.json", "train-checkpoint")
+
+
+class NoRunsFound(UserError, FileNotFoundError):
+    """No run directory matches what the user asked to report."""
 
 
 def is_run_dir(path):
@@ -37,7 +42,7 @@ def find_runs(patterns):
     for pattern in patterns:
         matches = sorted(glob.glob(os.fspath(pattern))) or []
         if not matches:
-            raise FileNotFoundError(f"no run directory matches {os.fspath(pattern)!r}")
+            raise NoRunsFound(f"no run directory matches {os.fspath(pattern)!r}")
         for path in matches:
             if is_run_dir(path):
                 runs.append(path)
@@ -46,7 +51,7 @@ def find_runs(patterns):
                                    if is_run_dir(os.path.join(path, name))))
     unique = list(dict.fromkeys(os.path.normpath(r) for r in runs))
     if not unique:
-        raise FileNotFoundError(f"no run directories (with train/ or test/) in "
+        raise NoRunsFound(f"no run directories (with train/ or test/) in "
                                 f"{', '.join(map(os.fspath, patterns))}")
     return unique
 

@@ -50,6 +50,7 @@ import types
 
 from arraybn.backends import BackendUnavailableError, get_backend
 from arraybn.data import DatasetNotFoundError, find_dataset
+from arraybn.errors import ConfigError
 from arraybn.stages.artifacts import StageError
 from arraybn.stages.config import PostprocConfig, TestConfig, TrainConfig
 
@@ -63,7 +64,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]*$")
 MAX_LISTED_ERRORS = 12
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(ConfigError):
     """The sweep file is unusable; the message lists every problem found."""
 
 

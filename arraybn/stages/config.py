@@ -10,6 +10,7 @@ these dataclasses.
 from dataclasses import asdict, dataclass, fields
 
 from arraybn.data import DATASETS, AugmentConfig
+from arraybn.errors import ConfigError
 from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES, defaults
 from arraybn.stages.artifacts import StageError
 
@@ -67,26 +68,26 @@ class TrainConfig:
                    "stats": TRAIN_STATS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}; "
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, key)!r}")
         for key in ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size"):
             if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
-                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.train_subset is not None and not (int(self.train_subset) == self.train_subset
                                                   and self.train_subset >= 2):
-            raise ValueError(f"train_subset must be an integer >= 2 or None, "
+            raise ConfigError(f"train_subset must be an integer >= 2 or None, "
                              f"got {self.train_subset!r}")
         if self.batch_size < 2 and self.bn != "none":
-            raise ValueError("batch_size must be >= 2 to train with batch normalization "
+            raise ConfigError("batch_size must be >= 2 to train with batch normalization "
                              "(a batch of one has no variance)")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.bn == "renorm" and self.stats == "none":
-            raise ValueError("--bn renorm needs running statistics; use --stats running")
+            raise ConfigError("--bn renorm needs running statistics; use --stats running")
         self.augment_config()
 
     def augment_config(self):
@@ -112,7 +113,7 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown training options {', '.join(unknown)}; this run was made "
+            raise ConfigError(f"unknown training options {', '.join(unknown)}; this run was made "
                              "by a different arraybn version")
         return cls(**data)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from arraybn.core import NonFiniteStatisticsError
 from arraybn.data import augment_batch, batch_indices, num_batches, step_rng
+from arraybn.errors import ConfigError, UserError
 from arraybn.nn import SGD, Adam, make_schedule, softmax_cross_entropy
 from arraybn.stages.common import evaluate, to_host
 
@@ -26,6 +27,10 @@ def make_optimizer(config, model):
         return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     return SGD(model.parameters(), config.lr, momentum=config.momentum,
                weight_decay=config.weight_decay)
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The training loss became NaN or infinite; the message says where and what to change."""
 
 
 class ForcedInterrupt(KeyboardInterrupt):
@@ -72,7 +77,7 @@ class Trainer:
         self.optimizer = make_optimizer(config, model)
         self.steps_per_epoch = num_batches(len(splits["train"]), config.batch_size, drop_last=True)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {config.batch_size} is larger than the "
+            raise ConfigError(f"--batch-size {config.batch_size} is larger than the "
                              f"{len(splits['train'])} training images; use a smaller batch size")
         self.schedule = make_schedule(config.schedule, config.lr,
                                       config.epochs * self.steps_per_epoch)
@@ -161,7 +166,7 @@ class Trainer:
             raise exc.located(where) from None
         loss, g_logits = softmax_cross_entropy(logits, xp.asarray(labels))
         if not math.isfinite(loss):
-            raise FloatingPointError(f"{where}: the training loss is {loss}; training diverged. "
+            raise TrainingDiverged(f"{where}: the training loss is {loss}; training diverged. "
                                      "Lower --lr or change the schedule.")
         model.backward(g_logits)
         self.optimizer.step()
