@@ -12,3 +12,5 @@ RENORM_RMAX = 3.0            # batch renormalization clips (kind 'renorm')
 RENORM_DMAX = 5.0
 DROPOUT = 0.0
 MLP_HIDDEN = (256, 128)      # hidden widths of the 'mlp' model
+DEPTH = 20                   # convolutions of "plain"; 6n + 2 layers of "resnet"
+WIDTH = 16                   # first-stage channels of "plain" and "resnet" (doubled per stage)

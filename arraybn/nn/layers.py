@@ -44,6 +44,10 @@ class Layer(abc.ABC):
     def parameters(self):
         return []
 
+    def sublayers(self):
+        """The layers a composite layer runs inside itself (e.g. a residual block); [] here."""
+        return []
+
     @abc.abstractmethod
     def forward(self, x, training):
         """y for input x; keeps in ``self._cache`` what backward needs."""

@@ -1,4 +1,5 @@
-"""The model family: LeNet-5 with BN (the seed text's network) and MLPs, built by ``build_model``.
+"""The model family: LeNet-5 with BN (the seed text's network) and MLPs, built by ``build_model``,
+which also builds the deeper vgg8, plain and resnet of ``arraybn.nn.deep_models``.
 
 A ``Network`` is a list of layers run in order; ``backward`` runs them in reverse and fills every
 parameter's ``.grad``. Parameter and buffer names follow the equivalent PyTorch module's
@@ -10,15 +11,23 @@ from arraybn.backends import get_backend
 from arraybn.nn import defaults
 from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
+from arraybn.nn.deep_models import DEEP_MODEL_NAMES, build_deep, check_config
+from arraybn.nn.groupnorm import GroupNorm
 from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
 
-MODEL_NAMES = ("lenet5", "mlp")
-BN_CHOICES = ("none",) + BN_KINDS
+MODEL_NAMES = ("lenet5", "mlp") + DEEP_MODEL_NAMES
+BN_CHOICES = ("none",) + BN_KINDS + ("group",)      # 'group': GroupNorm in place of BN
 BN_POSITIONS = ("before", "after")
 
 
 def _host(a):
     return a.get() if hasattr(a, "get") else np.array(a, copy=True)
+
+
+def _leaf_layers(layers):
+    """The layers in order, each composite layer replaced by its sub-layers (recursively)."""
+    for layer in layers:
+        yield from _leaf_layers(layer.sublayers()) if layer.sublayers() else (layer,)
 
 
 class Network:
@@ -57,12 +66,13 @@ class Network:
         return [p for layer in self.layers for p in layer.parameters()]
 
     def bn_layers(self):
-        return [(layer.name, layer) for layer in self.layers if isinstance(layer, BatchNorm)]
+        return [(layer.name, layer) for layer in _leaf_layers(self.layers)
+                if isinstance(layer, BatchNorm)]
 
     def state_dict(self):
         """Host copies in PyTorch ``state_dict`` order, names and layouts."""
         state = {}
-        for layer in self.layers:
+        for layer in _leaf_layers(self.layers):
             for p in layer.parameters():
                 state[p.name] = _host(p.data)
             if isinstance(layer, BatchNorm):
@@ -104,15 +114,24 @@ class Network:
 class _Builder:
     """Appends layers with PyTorch names; knows where BN goes and whether a bias is needed."""
 
-    def __init__(self, cfg, backend, dtype, init_rng, dropout_rng):
+    def __init__(self, cfg, backend, dtype, init_rng, dropout_rng, prefix=""):
         self.cfg, self.backend, self.dtype = cfg, backend, dtype
         self.init_rng, self.dropout_rng = init_rng, dropout_rng
-        self.layers, self.bn_count = [], 0
+        self.layers, self.bn_count, self.prefix = [], 0, prefix
+
+    def nested(self, prefix):
+        """A builder for a sub-module (names start with this one's prefix + ``prefix``)."""
+        return _Builder(self.cfg, self.backend, self.dtype, self.init_rng, self.dropout_rng,
+                        self.prefix + prefix)
 
     def _bn(self, channels):
         cfg = self.cfg
         self.bn_count += 1
-        return BatchNorm(f"bn{self.bn_count}", channels, kind=cfg["bn"], backend=self.backend,
+        name = f"{self.prefix}bn{self.bn_count}"
+        if cfg["bn"] == "group":
+            return GroupNorm(name, channels, eps=cfg["bn_eps"], backend=self.backend,
+                             dtype=self.dtype)
+        return BatchNorm(name, channels, kind=cfg["bn"], backend=self.backend,
                          dtype=self.dtype, momentum=cfg["bn_momentum"], eps=cfg["bn_eps"],
                          ghost_batch_size=cfg["ghost_batch_size"], rmax=cfg["renorm_rmax"],
                          dmax=cfg["renorm_dmax"], track_running_stats=cfg["track_running_stats"])
@@ -130,12 +149,20 @@ class _Builder:
         if dropout and self.cfg["dropout"] > 0:
             self.layers.append(Dropout(self.cfg["dropout"], self.dropout_rng, self.backend.xp))
 
-    def conv(self, name, cin, cout, k):
-        return lambda bias: Conv2d(name, cin, cout, k, bias=bias, rng=self.init_rng,
+    def linear_norm(self, make_layer, channels):
+        """make_layer(bias) and its BN, no ReLU (a residual branch's last layer, a projection)."""
+        use_bn = self.cfg["bn"] != "none"
+        self.layers.append(make_layer(not use_bn))
+        if use_bn:
+            self.layers.append(self._bn(channels))
+
+    def conv(self, name, cin, cout, k, stride=1, padding=0):
+        return lambda bias: Conv2d(self.prefix + name, cin, cout, k, stride=stride,
+                                   padding=padding, bias=bias, rng=self.init_rng,
                                    backend=self.backend, dtype=self.dtype)
 
     def dense(self, name, fin, fout):
-        return lambda bias: Dense(name, fin, fout, bias=bias, rng=self.init_rng,
+        return lambda bias: Dense(self.prefix + name, fin, fout, bias=bias, rng=self.init_rng,
                                   xp=self.backend.xp, dtype=self.dtype)
 
 
@@ -176,6 +203,7 @@ def _check_config(cfg):
         raise ValueError(f"num_classes must be >= 2, got {cfg['num_classes']}")
     if not cfg["hidden"] or min(cfg["hidden"]) < 1:
         raise ValueError(f"hidden must list one or more positive widths, got {cfg['hidden']}")
+    check_config(cfg)
 
 
 def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backend=None, seed=0,
@@ -183,13 +211,17 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
                 ghost_batch_size=defaults.GHOST_BATCH_SIZE, bn_momentum=defaults.BN_MOMENTUM,
                 bn_eps=defaults.BN_EPS, renorm_rmax=defaults.RENORM_RMAX,
                 renorm_dmax=defaults.RENORM_DMAX, track_running_stats=True,
-                hidden=defaults.MLP_HIDDEN, dtype="float32"):
-    """Build 'lenet5' or 'mlp', PyTorch-default init from a numpy Generator seeded by ``seed``.
+                hidden=defaults.MLP_HIDDEN, depth=defaults.DEPTH, width=defaults.WIDTH,
+                dtype="float32"):
+    """Build a model of MODEL_NAMES; PyTorch-default init from a Generator seeded by ``seed``.
 
     lenet5 (seed text): conv1 6@3x3, BN, ReLU, maxpool 2 -> conv2 16@3x3, BN, ReLU, maxpool 2 ->
     flatten -> fc1 120, BN, ReLU -> fc2 84, BN, ReLU -> fc3 num_classes (logits).
     mlp: flatten -> for each width in ``hidden``: fc, BN, ReLU -> fc num_classes.
-    bn: 'none' | 'full' | 'mean-only' | 'ghost' | 'renorm'; bn_position 'before'/'after' the ReLU
+    vgg8, plain (``depth`` convolutions, ``width``), resnet (``depth`` 6n+2, ``width``): see
+    ``arraybn.nn.deep_models``; ``hidden``, ``depth`` and ``width`` apply where they are named.
+    bn: 'none' | 'full' | 'mean-only' | 'ghost' | 'renorm' | 'group' (GroupNorm, see
+    ``arraybn.nn.groupnorm``); bn_position 'before'/'after' the ReLU
     (a layer followed directly by BN has no bias). Dropout follows each hidden dense block.
     ``model.config`` records every argument except the backend.
     """
@@ -199,7 +231,8 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
                   bn_momentum=None if bn_momentum is None else float(bn_momentum),
                   bn_eps=float(bn_eps), renorm_rmax=float(renorm_rmax),
                   renorm_dmax=float(renorm_dmax), track_running_stats=bool(track_running_stats),
-                  hidden=[int(h) for h in hidden], dtype=np.dtype(dtype).name)
+                  hidden=[int(h) for h in hidden], depth=int(depth), width=int(width),
+                  dtype=np.dtype(dtype).name)
     _check_config(config)
     be = get_backend(backend)
     seeds = np.random.SeedSequence(config["seed"]).spawn(2)
@@ -207,6 +240,9 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
                        np.random.default_rng(seeds[1]))
     if name == "lenet5":
         _lenet5(builder, tuple(config["in_shape"]), config["num_classes"])
-    else:
+    elif name == "mlp":
         _mlp(builder, tuple(config["in_shape"]), config["num_classes"], config["hidden"])
+    else:
+        build_deep(builder, name, tuple(config["in_shape"]), config["num_classes"],
+                   config["depth"], config["width"])
     return Network(builder.layers, config, be, dtype, builder.dropout_rng)

@@ -204,7 +204,7 @@ def test_non_finite_statistics_name_the_layer():
 
 
 @pytest.mark.parametrize("options,match", [
-    (dict(name="resnet"), "name"), (dict(name="lenet5", bn="batch"), "bn"),
+    (dict(name="alexnet"), "name"), (dict(name="lenet5", bn="batch"), "bn"),
     (dict(name="lenet5", bn_position="middle"), "bn_position"),
     (dict(name="lenet5", in_shape=(1, 8, 8)), "10x10"),
     (dict(name="lenet5", bn="ghost", bn_momentum=None), "ghost"),
