@@ -1,6 +1,8 @@
 """The artifact store: a run is a directory, each stage an atomically written subdirectory.
 
-A stage writes everything into a temporary sibling directory (``RUN/.train.tmp-XXXX``), fsyncs
+A stage writes everything into a temporary sibling directory (``RUN/.train.tmp-HOST-PID``: its
+name says who writes it, see ``arraybn.stages.run_lock`` for who removes it when that writer
+was killed), fsyncs
 the files and the directory, and only then renames it to ``RUN/train``. An existing stage is
 never overwritten without ``force``; with ``force`` it is moved aside only once the new one is
 complete, and deleted after the swap. A failed or interrupted stage leaves no trace but the
@@ -10,7 +12,7 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
+import socket
 import zipfile
 
 import numpy as np
@@ -48,6 +50,18 @@ def check_can_write(run_dir, stage, force):
                          f"(the old results are kept until the new ones are complete)")
 
 
+def temporary_tag(kind):
+    """``.KIND-HOST-PID``: the suffix of a temporary name, naming the process that writes it."""
+    return f".{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _fresh_directory(path):
+    """Make the directory ``path``; one of that name is this process's own leftover."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.mkdir(path)
+    return path
+
+
 def _fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -72,7 +86,7 @@ def commit_directory(tmp, target, force):
     if os.path.exists(target):
         if not force:
             raise StageError(f"{target} appeared while this stage ran; pass --force to replace it")
-        old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+        old = _fresh_directory(os.path.join(parent, f".{name}{temporary_tag('old')}"))
         os.rename(target, os.path.join(old, name))
     os.rename(tmp, target)
     _fsync_path(parent)
@@ -89,8 +103,7 @@ def staging(run_dir, stage, force=False):
     """
     check_can_write(run_dir, stage, force)
     os.makedirs(run_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{stage}.tmp-", dir=run_dir)
-    os.chmod(tmp, 0o755)          # mkdtemp's 0o700 would make the finished stage private
+    tmp = _fresh_directory(os.path.join(run_dir, f".{stage}{temporary_tag('tmp')}"))
     try:
         yield tmp
         commit_directory(tmp, stage_dir(run_dir, stage), force)
@@ -116,16 +129,11 @@ def write_json(path, data):
         f.write("\n")
 
 
-def temporary_file_name(path):
-    """The name a file is written under before it replaces ``path``: it names its writer."""
-    return f"{path}.tmp-{os.getpid()}"
-
-
 @contextlib.contextmanager
 def replacing(path):
     """Yield a temporary name beside ``path``; on normal exit the file written there replaces
     ``path`` atomically, on any failure (a full disk, Ctrl-C) it is removed."""
-    tmp = temporary_file_name(path)
+    tmp = path + temporary_tag("tmp")
     try:
         yield tmp
         _fsync_path(tmp)

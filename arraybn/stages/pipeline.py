@@ -4,6 +4,7 @@ import os
 from arraybn.stages.artifacts import read_manifest
 from arraybn.stages.config import PostprocConfig, TestConfig
 from arraybn.stages.postproc import run_postproc
+from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.testing import run_test
 from arraybn.stages.train import PARTIAL_DIR, fresh_config, run_train
 
@@ -16,6 +17,7 @@ def stage_done(run_dir, stage):
     return os.path.isfile(os.path.join(run_dir, stage, STAGE_OUTPUTS[stage]))
 
 
+@holding_run_lock()
 def run_pipeline(run_dir, config=None, postproc=PostprocConfig(), test=TestConfig(), *,
                  force=False, resume=False, keep_done=False, redo=(), echo=print, on_step=None):
     """Train, post-process and test one run; returns ``{stage: manifest or metrics}``, None for

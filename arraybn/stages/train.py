@@ -20,6 +20,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
                                       stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
+from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
 
 PARTIAL_DIR = "train-checkpoint"
@@ -30,6 +31,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after saving a checkpoint; the message says how to resume."""
 
 
+@holding_run_lock()
 def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on_step=None):
     """Train a model and store ``RUN/train/``; returns the manifest dict.
 
