@@ -44,12 +44,10 @@ class BNCache:
 
 
 def _check_array_module(x, be):
-    on_gpu = is_cupy_array(x)
-    if on_gpu != (be.name == "cupy"):
-        where = "a CuPy (GPU) array" if on_gpu else "a NumPy (CPU) array"
-        fix = ("move it with cupy.asarray(x)" if be.name == "cupy"
-               else "use backend='cupy' or move it with x.get()")
-        raise TypeError(f"x is {where} but backend {be.name!r} was asked for; {fix}")
+    if not be.owns(x):
+        where = "a CuPy (GPU) array" if is_cupy_array(x) else "a NumPy (CPU) array"
+        raise TypeError(f"x is {where} but backend {be.name!r} was asked for; "
+                        f"{be.foreign_array_hint}")
 
 
 def _groups(n, ghost_batch_size):
@@ -185,13 +183,11 @@ def _require_running(rm, rv, center_only, what):
 
 
 def _forward_fixed(be, x3, y3, g, b, rm, rv, eps, center_only):
-    xp = be.xp
-    mean = rm.astype(np.float64)
-    v.check_running_statistics(xp, mean, None if center_only else rv)
-    scale = xp.ones_like(mean) if center_only else 1.0 / xp.sqrt(rv.astype(np.float64) + eps)
-    a = g * scale
-    be.affine(x3, a, b - mean * a, out=y3)
-    return [mean], [scale], [None], [xp.zeros_like(mean)]
+    # checked here on the CPU; a GPU backend checks in its kernel (arraybn.core.deferred)
+    a, shift, mean, scale = be.inference_coefficients(g, b, rm, None if center_only else rv, eps,
+                                                      v.check_running_statistics)
+    be.affine(x3, a, shift, out=y3)
+    return [mean], [scale], [None], [be.xp.zeros_like(mean)]
 
 
 def _forward_batches(be, x3, y3, g, b, rm, rv, groups, momentum, eps, center_only, renorm,

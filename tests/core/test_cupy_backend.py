@@ -199,7 +199,7 @@ class _FakeArray:
         self.a.fill(value)
 
     def get(self):
-        return self.a
+        return self.a.copy()                # a copy on the host, as cupy.ndarray.get()
 
 
 class _FakeKernel:

@@ -1,0 +1,203 @@
+"""Checks a GPU backend makes in its kernels and reports later, and the Backend methods behind them.
+
+The cupy backend is driven through the CPU emulator of its kernels (``emulated``, from
+test_cupy_backend): the merge kernel updates the running buffers and flags non-finite batch
+statistics, the inference-coefficient kernel flags unusable running statistics, nothing is read
+back until ``take_deferred_failures``, and ``raise_deferred_errors`` raises the error a CPU
+backend raises at the call, named after the layer.
+"""
+import numpy as np
+import pytest
+
+import arraybn
+from arraybn import NonFiniteStatisticsError
+from arraybn.backends import cupy_backend as cb
+from arraybn.backends.base import DeferredFailure
+from arraybn.backends.cupy_deferred import DeferredChecks
+from arraybn.backends.numpy_backend import NumpyBackend
+from arraybn.core.deferred import raise_deferred_errors
+from arraybn.core.validation import check_running_statistics
+from tests.core.test_cupy_backend import _FakeArray, emulated  # noqa: F401 (fixture)
+
+
+class _CupyLike:
+    """An array whose type lives in a module called cupy (how arraybn recognises CuPy arrays)."""
+
+
+_CupyLike.__module__ = "cupy._core.core"
+
+
+# ---------------------------------------------------------------------------------------------
+# owns() and the core's array-module check
+
+def test_owns_tells_host_arrays_from_cupy_arrays_by_module_name():
+    numpy_backend = arraybn.get_backend("numpy")
+    assert numpy_backend.owns(np.ones(3)) and not numpy_backend.owns(_CupyLike())
+    assert cb.CupyBackend.owns(None, _CupyLike()) and not cb.CupyBackend.owns(None, np.ones(3))
+
+
+class _RefusingBackend(NumpyBackend):
+    name = "refusing"
+    foreign_array_hint = "hand it over some other way"
+
+    def owns(self, x):
+        return False
+
+
+def test_the_core_asks_the_backend_whether_it_owns_x():
+    x = np.ones((4, 3))
+    with pytest.raises(TypeError, match="backend 'refusing' was asked for; hand it over"):
+        arraybn.batch_norm_forward(x, None, None, backend=_RefusingBackend())
+
+
+# ---------------------------------------------------------------------------------------------
+# inference_coefficients, CPU default
+
+def test_cpu_inference_coefficients_check_the_statistics_first(rng):
+    be = arraybn.get_backend("numpy")
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    rm, rv = rng.standard_normal(3).astype(np.float32), rng.uniform(0.5, 2, 3).astype(np.float32)
+    a, b, mean, scale = be.inference_coefficients(gamma, beta, rm, rv, 1e-5,
+                                                  check_running_statistics)
+    expected_scale = 1 / np.sqrt(rv.astype(np.float64) + 1e-5)
+    np.testing.assert_allclose(scale, expected_scale, rtol=1e-15)
+    np.testing.assert_allclose(a, gamma * expected_scale, rtol=1e-15)
+    np.testing.assert_allclose(b, beta - rm * gamma * expected_scale, rtol=1e-14)
+    assert mean.dtype == np.float64
+    rv[1] = -1.0
+    with pytest.raises(ValueError, match=r"negative values in channels \[1\]"):
+        be.inference_coefficients(gamma, beta, rm, rv, 1e-5, check_running_statistics)
+    assert be.take_deferred_failures() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# raise_deferred_errors
+
+class _Reporting:
+    """A backend stand-in that reports given failures once."""
+    xp = np
+
+    def __init__(self, failures):
+        self.failures = failures
+
+    def take_deferred_failures(self):
+        failures, self.failures = self.failures, []
+        return failures
+
+
+def test_deferred_non_finite_batch_statistics_raise_naming_layer_and_channel():
+    mean, var = np.array([0.0, np.nan, 1.0]), np.ones(3)
+    backend = _Reporting([DeferredFailure("bn2", "batch statistics", (mean, var))])
+    with pytest.raises(NonFiniteStatisticsError, match=r"^bn2: non-finite batch statistics in "
+                                                       r"channel\(s\) 1") as info:
+        raise_deferred_errors(backend)
+    assert info.value.channels == (1,)
+    raise_deferred_errors(backend)                   # taken: nothing left to raise
+
+
+def test_deferred_negative_running_var_is_a_value_error_naming_the_layer():
+    failure = DeferredFailure("bn1", "running statistics", (np.zeros(2), np.array([1.0, -2.0])))
+    with pytest.raises(ValueError, match=r"^bn1: running_var has negative values in channels \[1\]"):
+        raise_deferred_errors(_Reporting([failure]))
+
+
+def test_a_flagged_call_whose_values_changed_since_still_raises():
+    failure = DeferredFailure(None, "batch statistics", (np.zeros(2), np.ones(2)))
+    with pytest.raises(NonFiniteStatisticsError, match="have changed since"):
+        raise_deferred_errors(_Reporting([failure]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The cupy backend's kernels, emulated on the CPU
+
+def _fake(a):
+    return _FakeArray(np.ascontiguousarray(a))
+
+
+@pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
+def test_training_merge_kernel_updates_finite_channels_and_flags_the_rest(emulated, rng,
+                                                                         buffer_dtype):
+    x = rng.standard_normal((8, 3, 5)) + 2.0
+    x[3, 1, 2] = np.nan
+    rm0, rv0 = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    rm, rv = _fake(rm0.astype(buffer_dtype)), _fake(rv0.astype(buffer_dtype))
+    ones, zeros = _fake(np.ones(3)), _fake(np.zeros(3))
+    with emulated.labelled("bn7"):
+        y, mean, var, inv_std = emulated.forward_train_finish(_fake(x), ones, zeros, 1e-5, False,
+                                                              0.25, rm, rv)
+    np.testing.assert_allclose(mean.get()[[0, 2]], x.mean(axis=(0, 2))[[0, 2]], rtol=1e-15)
+    np.testing.assert_allclose(var.get()[[0, 2]], x.var(axis=(0, 2))[[0, 2]], rtol=1e-13)
+    ref_mean, ref_var = mean.get(), var.get()      # the update from the kernel's own statistics
+    for c in (0, 2):
+        start_mean, start_var = (float(r.astype(buffer_dtype)[c]) for r in (rm0, rv0))
+        expected_mean = 0.75 * start_mean + 0.25 * ref_mean[c]      # float64, rounded once
+        expected_var = 0.75 * start_var + 0.25 * ref_var[c] * 40 / 39
+        np.testing.assert_allclose(rm.a[c], expected_mean, rtol=2 * np.finfo(buffer_dtype).eps)
+        np.testing.assert_allclose(rv.a[c], expected_var, rtol=2 * np.finfo(buffer_dtype).eps)
+        np.testing.assert_allclose(inv_std.get()[c], 1 / np.sqrt(ref_var[c] + 1e-5), rtol=1e-12)
+    assert rm.a[1] == rm0.astype(buffer_dtype)[1] and rv.a[1] == rv0.astype(buffer_dtype)[1]
+    assert np.isnan(inv_std.get()[1])
+    failures = emulated.take_deferred_failures()
+    assert [(f.label, f.what) for f in failures] == [("bn7", "batch statistics")]
+    with pytest.raises(NonFiniteStatisticsError, match=r"bn7: non-finite batch statistics in "
+                                                       r"channel\(s\) 1"):
+        raise_deferred_errors(_replay(failures))
+    assert emulated.take_deferred_failures() == []   # the flags were cleared
+
+
+def _replay(failures):
+    """The failures with NumPy views of their (fake CuPy) arrays, from a NumPy backend stand-in."""
+    hosted = [DeferredFailure(f.label, f.what, tuple(None if a is None else a.get()
+                                                     for a in f.arrays)) for f in failures]
+    return _Reporting(hosted)
+
+
+def test_finish_statistics_kernel_matches_the_cpu_backend(emulated, rng):
+    mean, var = rng.standard_normal(300), rng.uniform(0.1, 3, 300)
+    rm0, rv0 = rng.standard_normal(300), rng.uniform(0.5, 2, 300)
+    cpu = arraybn.get_backend("numpy")
+    rm_cpu, rv_cpu = rm0.copy(), rv0.copy()
+    _, cpu_inv_std = cpu.finish_statistics(mean, var, 1e-5, 0.1, 17, rm_cpu, rv_cpu)
+    rm, rv = _fake(rm0), _fake(rv0)
+    finite, inv_std = emulated.finish_statistics(_fake(mean), _fake(var), 1e-5, 0.1, 17, rm, rv)
+    assert finite is None                            # known later, not now
+    np.testing.assert_allclose(inv_std.get(), cpu_inv_std, rtol=1e-15)
+    np.testing.assert_allclose(rm.a, rm_cpu, rtol=1e-15)
+    np.testing.assert_allclose(rv.a, rv_cpu, rtol=1e-15)
+    assert emulated.take_deferred_failures() == []
+
+
+@pytest.mark.parametrize("center_only", [False, True])
+def test_inference_coefficient_kernel_computes_and_flags_running_statistics(emulated, rng,
+                                                                           center_only):
+    gamma, beta = rng.uniform(0.5, 2, 5), rng.standard_normal(5)
+    rm, rv = rng.standard_normal(5).astype(np.float32), rng.uniform(0.5, 2, 5)
+    cpu = arraybn.get_backend("numpy").inference_coefficients(
+        gamma, beta, rm, None if center_only else rv, 1e-5, check_running_statistics)
+    gpu = emulated.inference_coefficients(_fake(gamma), _fake(beta), _fake(rm),
+                                          None if center_only else _fake(rv), 1e-5, None)
+    for ours, theirs in zip(gpu, cpu):
+        np.testing.assert_allclose(ours.get(), theirs, rtol=1e-15)
+    assert emulated.take_deferred_failures() == []
+    rv[3] = -0.5
+    emulated.inference_coefficients(_fake(gamma), _fake(beta), _fake(rm),
+                                    None if center_only else _fake(rv), 1e-5, None)
+    failures = emulated.take_deferred_failures()
+    assert len(failures) == (0 if center_only else 1)   # mean_only never reads running_var
+
+
+def test_flags_are_read_early_when_every_slot_is_taken():
+    checks = DeferredChecks(_Xp, capacity=3)
+    first = checks.slot("a", "batch statistics", ())
+    checks.status.a[first] = 1
+    checks.slot("b", "batch statistics", ())
+    checks.slot("c", "batch statistics", ())        # full: the flags so far are read now
+    assert checks.status.a.tolist() == [0, 0, 0]
+    assert [f.label for f in checks.take()] == ["a"]
+    assert checks.take() == []
+
+
+class _Xp:
+    @staticmethod
+    def zeros(shape, dtype):
+        return _FakeArray(np.zeros(shape, dtype))
