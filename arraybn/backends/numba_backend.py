@@ -228,24 +228,35 @@ def _split_kernels():
     return numba_split_kernels
 
 
-def _passive_openmp_workers():
-    """Let Numba's OpenMP workers sleep between parallel regions unless the user chose otherwise.
+def _start_threads_with_passive_openmp_workers(numba):
+    """Start Numba's threading layer with OpenMP workers that sleep between parallel regions,
+    unless the user set ``OMP_WAIT_POLICY`` (then that applies).
 
     Spinning workers compete with OpenBLAS's threads for the cores: LeNet-5 training on 2 threads
-    measured 27.6 ms/step spinning vs 10.6 ms/step passive. OpenMP reads the variable once, when
-    its runtime loads, so this must run before Numba's first parallel call; an OpenMP runtime that
-    another library loaded earlier (PyTorch ships its own) keeps its setting.
+    measured 27.6 ms/step spinning vs 10.6 ms/step passive (62-190 vs 11-26 ms on a loaded VM).
+    libgomp reads the variable once, when it loads, and Numba loads it when its threading layer
+    starts (``numba.get_num_threads()`` starts it). So the variable is set only around that start
+    and removed again: other libraries' OpenMP runtimes and child processes never see it. A
+    threading layer that was started before (or an OpenMP runtime loaded earlier) keeps its
+    setting.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" in os.environ:
+        numba.get_num_threads()
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        numba.get_num_threads()
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def create():
     """The numba backend, or ``BackendUnavailableError`` saying how to install Numba."""
-    _passive_openmp_workers()
     try:
         import numba
     except ImportError as exc:
         raise BackendUnavailableError(f"the numba backend needs Numba, which cannot be imported "
                                       f"({exc}); {_INSTALL_HINT}") from None
+    _start_threads_with_passive_openmp_workers(numba)
     from arraybn.backends import numba_kernels
     return NumbaBackend(numba_kernels, numba)
