@@ -122,9 +122,10 @@ class BatchNorm(Layer):
         if self._observer is not None:
             self._observer(x)
         try:
-            y, self._cache = batch_norm_forward(x, self.weight.data, self.bias.data,
-                                                backend=self.backend,
-                                                **self._core_options(training))
+            with self.backend.labelled(self.name):    # names a GPU backend's deferred failures
+                y, self._cache = batch_norm_forward(x, self.weight.data, self.bias.data,
+                                                    backend=self.backend,
+                                                    **self._core_options(training))
         except NonFiniteStatisticsError as exc:
             raise exc.located(self.name) from None
         except ValueError as exc:

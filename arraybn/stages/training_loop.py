@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from arraybn.core import NonFiniteStatisticsError
+from arraybn.core.deferred import raise_deferred_errors
 from arraybn.data import augment_batch, batch_indices, num_batches, step_rng
 from arraybn.errors import ConfigError, UserError
 from arraybn.nn import SGD, Adam, make_schedule, softmax_cross_entropy
@@ -162,6 +163,7 @@ class Trainer:
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         try:
             logits = model.forward(xp.asarray(images), training=True)
+            raise_deferred_errors(model.backend)       # a GPU backend's BN checks: one read
         except NonFiniteStatisticsError as exc:
             raise exc.located(where) from None
         loss, g_logits = softmax_cross_entropy(logits, xp.asarray(labels))

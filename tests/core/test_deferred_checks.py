@@ -6,6 +6,8 @@ statistics, the inference-coefficient kernel flags unusable running statistics, 
 back until ``take_deferred_failures``, and ``raise_deferred_errors`` raises the error a CPU
 backend raises at the call, named after the layer.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -201,3 +203,45 @@ class _Xp:
     @staticmethod
     def zeros(shape, dtype):
         return _FakeArray(np.zeros(shape, dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer names its deferred failures
+
+class _DeferringBackend(NumpyBackend):
+    """A CPU backend that defers like the cupy one: NaN statistics are reported later."""
+    name = "deferring"
+
+    def __init__(self):
+        self.label, self.failures = None, []
+
+    def forward_train_finish(self, x3, gamma, beta, eps, center_only=False, momentum=0.1,
+                             running_mean=None, running_var=None, out=None):
+        y, mean, var = self.forward_train(x3, gamma, beta, eps, center_only, out=out)
+        if not np.isfinite(mean).all() or not np.isfinite(var).all():
+            self.failures.append(DeferredFailure(self.label, "batch statistics", (mean, var)))
+        return y, mean, var, 1 / np.sqrt(var + eps)
+
+    def take_deferred_failures(self):
+        failures, self.failures = self.failures, []
+        return failures
+
+    @contextlib.contextmanager
+    def labelled(self, label):
+        self.label = label
+        try:
+            yield self
+        finally:
+            self.label = None
+
+
+def test_batchnorm_layer_labels_its_calls_so_a_deferred_failure_names_it(rng):
+    from arraybn.nn.batchnorm import BatchNorm
+    backend = _DeferringBackend()
+    layer = BatchNorm("bn3", 4, backend=backend)
+    x = rng.standard_normal((8, 4)).astype(np.float32)
+    x[2, 3] = np.nan
+    layer.forward(x, training=True)                  # no error yet: the backend defers
+    with pytest.raises(NonFiniteStatisticsError, match=r"^bn3: non-finite batch statistics in "
+                                                       r"channel\(s\) 3"):
+        raise_deferred_errors(backend)
