@@ -7,7 +7,7 @@ import traceback
 import click
 
 from arraybn.errors import UserError
-from arraybn.stages import TrainingInterrupted
+from arraybn.stages import StageInterrupted
 
 
 class Reporter:
@@ -64,15 +64,15 @@ def debugging():
 
 @contextlib.contextmanager
 def friendly_errors():
-    """Turn the errors a user can fix (``arraybn.errors.UserError``, Ctrl-C in training) into
-    ClickExceptions: one line, no traceback; ``--debug`` prints the traceback first. Any other
+    """Turn the errors a user can fix (``arraybn.errors.UserError``, a stage stopped by Ctrl-C or
+    SIGTERM: exit status 130 or 143) into ClickExceptions: one line, no traceback; ``--debug`` prints the traceback first. Any other
     exception is a bug and passes through with its traceback."""
     try:
         yield
-    except (UserError, TrainingInterrupted) as exc:
+    except (UserError, StageInterrupted) as exc:
         if debugging():
             click.echo("".join(traceback.format_exception(exc)).rstrip(), err=True)
         error = click.ClickException(str(exc))
-        if isinstance(exc, TrainingInterrupted):
-            error.exit_code = 130
+        if isinstance(exc, StageInterrupted):
+            error.exit_code = exc.exit_code
         raise error from None

@@ -16,6 +16,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, output_digest
                                       staging, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats, to_host
 from arraybn.stages.config import PostprocConfig
+from arraybn.stages.interrupts import interruptible_stage
 from arraybn.stages.run_lock import holding_run_lock
 
 POSTPROC_SEED_STREAM = 5
@@ -63,6 +64,7 @@ def collect_statistics(model, split, observers, batch_size, limit, seed):
 
 
 @holding_run_lock(create=False)
+@interruptible_stage("postproc")
 def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=False, echo=print,
                  **options):
     """Estimate population BN statistics for the trained model; writes ``RUN/postproc/``.

@@ -15,6 +15,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, rea
                                       stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, evaluate, set_eval_stats
 from arraybn.stages.config import TestConfig
+from arraybn.stages.interrupts import interruptible_stage
 from arraybn.stages.run_lock import holding_run_lock
 
 
@@ -86,6 +87,7 @@ def classification_metrics(labels, predictions, num_classes, names):
 
 
 @holding_run_lock(create=False)
+@interruptible_stage("test")
 def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, **options):
     """Evaluate on the test split and write ``RUN/test/metrics.json``; returns the metrics dict.
 

@@ -20,6 +20,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
                                       stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
+from arraybn.stages.interrupts import SIGNAL_NAMES, StageInterrupted, interruptible_stage
 from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
 
@@ -27,11 +28,13 @@ PARTIAL_DIR = "train-checkpoint"
 CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"
 
 
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C after saving a checkpoint; the message says how to resume."""
+class TrainingInterrupted(StageInterrupted):
+    """Training stopped by Ctrl-C or SIGTERM after saving a checkpoint (or, on a second signal,
+    at once); the message says how to resume."""
 
 
 @holding_run_lock()
+@interruptible_stage("train")
 def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on_step=None):
     """Train a model and store ``RUN/train/``; returns the manifest dict.
 
@@ -69,14 +72,17 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
         trainer.fit()
     except ForcedInterrupt:
         last = ("the checkpoint of the last finished epoch is in " + saver.directory
-                if os.path.isdir(saver.directory) else "no checkpoint was saved")
-        raise TrainingInterrupted(f"training aborted by a second Ctrl-C; {last}. Resume with "
-                                  f"`arraybn train {run_dir} --resume`") from None
+                if _has_checkpoint(run_dir) else "no checkpoint was saved")
+        raise TrainingInterrupted(f"training aborted by a second "
+                                  f"{SIGNAL_NAMES[trainer.stopped_by]}; {last}. "
+                                  f"Resume with `arraybn train {run_dir} --resume`",
+                                  trainer.stopped_by) from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(
-            f"training interrupted at epoch {trainer.epoch + 1}, step {trainer.step}; checkpoint "
-            f"saved in {saver.directory}. Continue exactly where it stopped with "
-            f"`arraybn train {run_dir} --resume`") from None
+            f"training interrupted by {SIGNAL_NAMES[trainer.stopped_by]} at epoch "
+            f"{trainer.epoch + 1}, step {trainer.step}; checkpoint saved in {saver.directory}. "
+            f"Continue exactly where it stopped with `arraybn train {run_dir} --resume`",
+            trainer.stopped_by) from None
     manifest = base_manifest("train", config, backend)
     manifest.update(dataset=dataset_record(raw, splits, norm), resumed=bool(resume),
                     inputs={os.path.basename(p): sha256_file(p) for p in raw.files.values()})

@@ -1,4 +1,5 @@
-"""The training loop: seeded, resumable at any step boundary, and interruptible with Ctrl-C.
+"""The training loop: seeded, resumable at any step boundary, and interruptible with Ctrl-C or
+SIGTERM (see ``arraybn.stages.interrupts``).
 
 Every random choice is a pure function of the seed and the position in training (batch order:
 ``(seed, epoch)``; augmentation: ``(seed, epoch, step)``), except dropout masks, which come from
@@ -8,17 +9,18 @@ epoch sums and the history.
 """
 import math
 import signal
-import threading
 import time
 
 import numpy as np
 
 from arraybn.core import NonFiniteStatisticsError
 from arraybn.core.deferred import raise_deferred_errors
-from arraybn.data import augment_batch, batch_indices, num_batches, step_rng
+from arraybn.data import batch_indices, num_batches, step_rng
 from arraybn.errors import ConfigError, UserError
-from arraybn.nn import SGD, Adam, make_schedule, softmax_cross_entropy
+from arraybn.nn import SGD, Adam, make_schedule
 from arraybn.stages.common import evaluate, to_host
+from arraybn.stages.interrupts import handling, signal_of
+from arraybn.stages.parallel import SingleProcess, loss_share
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
@@ -35,32 +37,37 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 
 class ForcedInterrupt(KeyboardInterrupt):
-    """A second Ctrl-C: stop at once, without a checkpoint (the state may be half-updated)."""
+    """A second Ctrl-C or SIGTERM: stop at once, without a checkpoint (the state may be
+    half-updated)."""
 
 
 class _DeferredInterrupt:
-    """While active (main thread only), Ctrl-C sets a flag that the loop checks between steps,
-    so a checkpoint is never taken half-way through an update. A second Ctrl-C stops at once
-    (ForcedInterrupt) and leaves the last checkpoint as it was.
+    """While active (main thread only), Ctrl-C and SIGTERM set a flag that the loop checks
+    between steps, so a checkpoint is never taken half-way through an update. A second signal
+    stops at once (ForcedInterrupt) and leaves the last checkpoint as it was. A signal ignored
+    on entry stays ignored (``interrupts.handling``).
     """
 
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.signum = None                  # the signal that asked to stop
+        self._handling = handling({signal.SIGINT: self._handle, signal.SIGTERM: self._handle})
+
+    @property
+    def requested(self):
+        return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        stop_at_once = self.requested
+        self.signum = signum
+        if stop_at_once:
             raise ForcedInterrupt
-        self.requested = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._handling.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._handling.__exit__(*exc)
 
 
 class Trainer:
@@ -85,6 +92,8 @@ class Trainer:
         self.on_step, self.on_epoch = on_step, on_epoch
         self.save_checkpoint = save_checkpoint
         self.epoch, self.step = 0, 0            # position of the next step
+        self.stopped_by = None                  # the signal that interrupted fit()
+        self.parallel = SingleProcess()         # run_train sets a DataParallel under MPI
         self.sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
         self.history = []
 
@@ -127,10 +136,9 @@ class Trainer:
             try:
                 while not self.finished:
                     self._run_epoch(interrupt)
-            except ForcedInterrupt:
-                raise
-            except KeyboardInterrupt:
-                if self.save_checkpoint:
+            except KeyboardInterrupt as exc:
+                self.stopped_by = interrupt.signum or signal_of(exc)
+                if self.save_checkpoint and not isinstance(exc, ForcedInterrupt):
                     self.save_checkpoint(self)
                 raise
         return self.history
@@ -142,23 +150,29 @@ class Trainer:
                                 drop_last=True, start=self.step)
         try:
             for index in batches:
-                loss, correct = self._train_step(train.images[index], train.labels[index])
-                self.sums["loss"] += loss * len(index)
+                loss_sum, correct, stop = self._train_step(train, index, interrupt.requested)
+                self.sums["loss"] += loss_sum
                 self.sums["correct"] += correct
                 self.sums["count"] += len(index)
                 self.step += 1
-                self._report_step(loss, correct / len(index))
-                if interrupt.requested:
+                self._report_step(loss_sum / len(index), correct / len(index))
+                # under MPI only the flag agreed in the step's all-reduce: all stop together
+                if stop or (self.parallel.size == 1 and interrupt.requested):
                     raise KeyboardInterrupt
         finally:
             self.sums["seconds"] += time.perf_counter() - started
         self._end_epoch()
 
-    def _train_step(self, images, labels):
+    def _train_step(self, train, index, interrupt):
+        """One step on the global batch ``index`` (this process's rows of it under MPI); returns
+        the global ``(loss sum, correct, stop)``, stop: an interrupt on any process."""
         config, model, xp = self.config, self.model, self.model.backend.xp
+        rows = self.parallel.rows(index)
+        images, labels = train.images[rows], train.labels[rows]
         if config.augment:
             rng = step_rng(config.seed, self.epoch, self.step)
-            images = augment_batch(images, rng, config.augment_config(), self.fill)
+            images = self.parallel.augment(images, rng, config.augment_config(), self.fill,
+                                           len(index))
         self.optimizer.lr = self.schedule(self.global_step)
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         try:
@@ -166,14 +180,16 @@ class Trainer:
             raise_deferred_errors(model.backend)       # a GPU backend's BN checks: one read
         except NonFiniteStatisticsError as exc:
             raise exc.located(where) from None
-        loss, g_logits = softmax_cross_entropy(logits, xp.asarray(labels))
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"{where}: the training loss is {loss}; training diverged. "
-                                     "Lower --lr or change the schedule.")
+        loss_sum, g_logits = loss_share(logits, xp.asarray(labels), len(index))
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"{where}: the training loss is {loss_sum}; training "
+                                   "diverged. Lower --lr or change the schedule.")
         model.backward(g_logits)
-        self.optimizer.step()
         correct = int((to_host(logits.argmax(axis=1)) == labels).sum())
-        return loss, correct
+        loss_sum, correct, _, stop = self.parallel.reduce_step(model, loss_sum, correct,
+                                                               len(rows), interrupt)
+        self.optimizer.step()
+        return loss_sum, correct, stop
 
     def _report_step(self, loss, acc):
         if self.on_step:

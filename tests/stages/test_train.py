@@ -77,7 +77,16 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, data_dir, epoch
     assert without_seconds(history_rows(run)) == without_seconds(history_rows(tmp_path / "whole"))
 
 
-def test_ctrl_c_signal_stops_at_a_step_boundary(tmp_path, data_dir):
+@pytest.fixture
+def ctrl_c_raises():
+    """Ctrl-C raises KeyboardInterrupt during the test, as in a terminal, also when pytest was
+    started in the background (``nohup pytest &``), where SIGINT starts out ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_signal_stops_at_a_step_boundary(tmp_path, data_dir, ctrl_c_raises):
     _train(tmp_path / "whole", data_dir)
     run = tmp_path / "cut"
 
@@ -161,7 +170,8 @@ def test_train_subset_is_a_seeded_sample(tmp_path, data_dir):
                                                                       "model.npz")
 
 
-def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data_dir):
+def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data_dir,
+                                                                  ctrl_c_raises):
     _train(tmp_path / "whole", data_dir)
     run = tmp_path / "cut"
 
@@ -169,7 +179,7 @@ def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data
         if (info["epoch"], info["step"]) == (2, 1):
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match="second Ctrl-C; the checkpoint of the last"):
+    with pytest.raises(TrainingInterrupted, match=r"second Ctrl-C \(SIGINT\); the checkpoint of the last"):
         _train(run, data_dir, on_step=press_twice)
     checkpoint = json.loads((run / "train-checkpoint" / "checkpoint.json").read_text())
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
