@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from arraybn.backends import BACKEND_NAMES
 from arraybn.data import DATASETS
 from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES
-from arraybn.stages.config import (EMA_STATS, OPTIMIZERS, POSTPROC_METHODS, TEST_STATS,
+from arraybn.stages.config import (DTYPES, EMA_STATS, OPTIMIZERS, POSTPROC_METHODS, TEST_STATS,
                                    TRAIN_STATS, PostprocConfig, TestConfig, TrainConfig)
 
 DEFAULTS = TrainConfig()
@@ -109,6 +109,12 @@ train_options = stack(
     click.option("--eval-batch-size", type=click.IntRange(1), default=DEFAULTS.eval_batch_size,
                  show_default=True, help="Batch size for validation and testing."),
     click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
+    click.option("--dtype", type=click.Choice(DTYPES), default=DEFAULTS.dtype, show_default=True,
+                 help="Floating-point type of the network (float64: exact comparisons)."),
+    click.option("--bn-sync", default=DEFAULTS.bn_sync, show_default=True,
+                 help="Under mpiexec/srun: BN statistics over the global batch ('all'), each "
+                      "process's slice ('local', = ghost batches of B/K) or groups of G "
+                      "consecutive processes (an integer G)."),
     click.option("--resume", is_flag=True,
                  help="Continue an interrupted run exactly, or a finished one with more --epochs."),
 )

@@ -38,7 +38,7 @@ class BatchNorm(Layer):
     def __init__(self, name, num_features, *, kind=defaults.BN, backend, dtype=np.float32,
                  momentum=defaults.BN_MOMENTUM, eps=defaults.BN_EPS,
                  ghost_batch_size=defaults.GHOST_BATCH_SIZE, rmax=defaults.RENORM_RMAX,
-                 dmax=defaults.RENORM_DMAX, track_running_stats=True):
+                 dmax=defaults.RENORM_DMAX, track_running_stats=True, comm=None):
         if kind not in BN_KINDS:
             raise ValueError(f"{name}: unknown BN kind {kind!r}; "
                              f"choose one of {', '.join(BN_KINDS)}")
@@ -65,6 +65,18 @@ class BatchNorm(Layer):
         self.num_batches_tracked = 0
         self._eval_stats = "running"
         self._observer = None
+        self.comm = None
+        self.set_communicator(comm)
+
+    def set_communicator(self, comm):
+        """Compute batch statistics over the group of processes of ``comm`` (an
+        ``arraybn.distributed`` communicator; None: this process's batch alone). Applies to
+        training and to inference with ``eval_stats='batch'``; ghost batches are local by
+        definition and refuse a communicator."""
+        if comm is not None and self.kind == "ghost":
+            raise ValueError(f"{self.name}: ghost batches are local by definition and cannot "
+                             "take a communicator; use comm=None (each rank's ghost batches)")
+        self.comm = comm
 
     @property
     def num_features(self):
@@ -140,12 +152,14 @@ class BatchNorm(Layer):
             use_running = self.track_running_stats and self._eval_stats == "running"
             return dict(training=not use_running, variant=variant, eps=self.eps,
                         running_mean=self.running_mean if use_running else None,
-                        running_var=self.running_var if use_running else None)
+                        running_var=self.running_var if use_running else None,
+                        comm=None if use_running else self.comm)
         momentum = self.momentum
         if momentum is None:
             momentum = 1.0 / (self.num_batches_tracked + 1)
         options = dict(training=True, variant=variant, eps=self.eps, momentum=momentum,
-                       running_mean=self.running_mean, running_var=self.running_var)
+                       running_mean=self.running_mean, running_var=self.running_var,
+                       comm=self.comm)
         if self.kind == "ghost":
             options["ghost_batch_size"] = self.ghost_batch_size
         elif self.kind == "renorm":

@@ -87,7 +87,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, col2im_fn=None, workspace=None)
     """
     cols, x_shape, weight, stride, pad, has_bias = cache
     o, _, kh, kw = weight.shape
-    gy3 = gy.reshape(gy.shape[0], o, -1)                      # (N, O, P)
+    gy3 = gy.reshape(gy.shape[0], o, gy.shape[2] * gy.shape[3])   # (N, O, P)
     # batched GEMMs then a sum: BLAS reads cols transposed in place (tensordot would copy it)
     gweight = xp.matmul(gy3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
     gbias = gy3.sum(axis=(0, 2)) if has_bias else None

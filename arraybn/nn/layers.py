@@ -147,7 +147,7 @@ class Flatten(Layer):
 
     def forward(self, x, training):
         self._cache = x.shape
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))     # -1 fails for N = 0
 
     def backward(self, gy):
         return gy.reshape(self._take_cache())
@@ -155,20 +155,25 @@ class Flatten(Layer):
 
 # --- Dropout ------------------------------------------------------------------------------------
 
-def dropout_forward(x, p, rng, xp):
+def dropout_forward(x, p, rng, xp, shard=None):
     """Inverted dropout: zero each value with probability p, scale the rest by 1/(1-p).
 
     The mask is drawn on the host from the numpy Generator ``rng`` (reproducible on every
     backend), then moved to ``xp``. Returns (y, scaled_mask).
+    shard ``(start, total)``: x is rows start.. of a batch of ``total`` rows (data-parallel
+    training); the mask is drawn for the whole batch and x gets its rows, so every rank's
+    generator stays in step and the masks are those one process draws.
     """
-    keep = rng.random(x.shape, dtype=np.float32) >= p
+    start, total = (0, x.shape[0]) if shard is None else shard
+    keep = rng.random((total,) + x.shape[1:], dtype=np.float32)[start:start + x.shape[0]] >= p
     mask = xp.asarray(keep.astype(x.dtype) * np.asarray(1.0 / (1.0 - p), dtype=x.dtype))
     return x * mask, mask
 
 
 class Dropout(Layer):
     """Dropout with probability ``p`` in training; identity in evaluation. ``rng``: numpy Generator
-    owned by the model, so a seed fixes every mask."""
+    owned by the model, so a seed fixes every mask. ``shard``: see ``dropout_forward``."""
+    shard = None
 
     def __init__(self, p, rng, xp):
         if not 0.0 <= p < 1.0:
@@ -179,7 +184,7 @@ class Dropout(Layer):
         if not training or self.p == 0.0:
             self._cache = False
             return x
-        y, self._cache = dropout_forward(x, self.p, self.rng, self.xp)
+        y, self._cache = dropout_forward(x, self.p, self.rng, self.xp, self.shard)
         return y
 
     def backward(self, gy):

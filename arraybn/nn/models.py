@@ -47,10 +47,12 @@ class Network:
             layers[self._backward_from].need_input_grad = False
 
     def forward(self, x, training=True):
-        """x: (N, *in_shape) on ``backend.xp`` (host arrays are moved) -> logits (N, classes)."""
-        if tuple(x.shape[1:]) != self.in_shape or x.shape[0] < 1:
-            raise ValueError(f"input must have shape (N, {', '.join(map(str, self.in_shape))}) "
-                             f"with N >= 1; got {tuple(x.shape)}")
+        """x: (N, *in_shape) on ``backend.xp`` (host arrays are moved) -> logits (N, classes).
+
+        N = 0 is allowed: a rank with an empty shard still takes part in synchronised BN."""
+        if tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(f"input must have shape (N, {', '.join(map(str, self.in_shape))}); "
+                             f"got {tuple(x.shape)}")
         x = self.backend.xp.asarray(x, dtype=self.dtype)
         for layer in self.layers:
             x = layer.forward(x, training)

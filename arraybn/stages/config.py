@@ -19,6 +19,8 @@ TRAIN_STATS = ("running", "none")
 POSTPROC_METHODS = ("exact", "average", "ema")
 EMA_STATS = ("var", "std")
 TEST_STATS = ("postproc", "running", "batch")
+DTYPES = ("float32", "float64")
+BN_SYNC_WORDS = ("all", "local")
 # Keys that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = ("epochs", "backend", "data_dir")
 
@@ -57,15 +59,18 @@ class TrainConfig:
     eval_batch_size: int = 1000
     backend: str = "auto"
     seed: int = 0
+    dtype: str = "float32"
+    bn_sync: str = "all"
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
+        self.bn_sync = str(self.bn_sync)
         self.validate()
 
     def validate(self):
         choices = {"dataset": DATASETS, "model": MODEL_NAMES, "bn": BN_CHOICES,
                    "bn_position": BN_POSITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "stats": TRAIN_STATS}
+                   "stats": TRAIN_STATS, "dtype": DTYPES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
@@ -88,6 +93,7 @@ class TrainConfig:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.bn == "renorm" and self.stats == "none":
             raise ConfigError("--bn renorm needs running statistics; use --stats running")
+        check_bn_sync(self.bn_sync)
         self.augment_config()
 
     def augment_config(self):
@@ -100,7 +106,7 @@ class TrainConfig:
                     ghost_batch_size=self.ghost_batch_size, bn_momentum=self.bn_momentum,
                     bn_eps=self.bn_eps, renorm_rmax=self.renorm_rmax,
                     renorm_dmax=self.renorm_dmax, track_running_stats=self.stats == "running",
-                    hidden=self.hidden)
+                    hidden=self.hidden, dtype=self.dtype)
 
     def to_dict(self):
         data = asdict(self)
@@ -121,6 +127,15 @@ class TrainConfig:
         """Keys whose values differ from ``other``'s (besides ``ignore``), sorted."""
         mine, theirs = self.to_dict(), other.to_dict()
         return sorted(k for k in mine if k not in ignore and mine[k] != theirs[k])
+
+
+def check_bn_sync(value):
+    """``value`` ('all', 'local' or a positive group size as text) or a ConfigError."""
+    if value not in BN_SYNC_WORDS and not (value.isdigit() and int(value) >= 1):
+        raise ConfigError(f"bn_sync (--bn-sync) must be 'all' (statistics over the global "
+                          f"batch), 'local' (each process's slice) or a group size G >= 1; "
+                          f"got {value!r}")
+    return value
 
 
 def _is_int(value):
