@@ -155,7 +155,9 @@ class Backend(abc.ABC):
 
         An object with ``col2im(gcols, x_shape, kh, kw, stride, pad) -> gx``,
         ``maxpool2d_forward(x, k) -> (y, argmax)`` and
-        ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``).
+        ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``); it may
+        add ``bn_pool_forward``/``bn_pool_backward``, the fused BN-ReLU-pool kernels that
+        ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``).
         """
         return None
 

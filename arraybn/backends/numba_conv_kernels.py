@@ -12,6 +12,7 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_fused_kernels import bn_pool_backward, bn_pool_forward  # noqa: F401
 
 
 @jit()

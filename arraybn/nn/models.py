@@ -12,6 +12,7 @@ from arraybn.nn import defaults
 from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
 from arraybn.nn.deep_models import DEEP_MODEL_NAMES, build_deep, check_config
+from arraybn.nn.fused import fuse_bn_blocks
 from arraybn.nn.groupnorm import GroupNorm
 from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
 
@@ -34,7 +35,7 @@ class Network:
     """Layers in forward order; see ``build_model`` for how to make one."""
 
     def __init__(self, layers, config, backend, dtype, rng):
-        self.layers = layers
+        self.layers = layers = fuse_bn_blocks(layers, backend)   # where the backend has kernels
         self.config = config
         self.backend = backend
         self.dtype = np.dtype(dtype)

@@ -1,0 +1,163 @@
+"""Fused conv blocks: a conv layer's BN, its ReLU (before or after the BN) and max pooling as one
+layer, on backends whose ``conv_ops()`` offers ``bn_pool_forward``/``bn_pool_backward``.
+
+``fuse_bn_blocks(layers, backend)`` replaces every run ``Conv2d, [ReLU], BatchNorm, [ReLU],
+[MaxPool2d]`` (one ReLU at most) by the Conv2d and a ``FusedBNBlock`` holding the run's layers,
+which stay the reference: the block runs them one by one (the unfused path) whenever the fused
+kernels do not cover the call, and ``unfused = True`` forces that. What the fused path covers:
+BN kinds "full" and "mean-only", training (batch statistics, running buffers updated exactly as
+the core does: same statistics kernel, same update kernel) and inference (running or batch
+statistics), with or without running buffers. Anything else (ghost batches, renorm, an
+observer, a communicator, one value per channel) goes the unfused way.
+
+Forward: the backend's statistics pass, then one kernel that normalises, applies the ReLU and
+pools, writing only the pooled output and the argmax. Backward: the BN sums over the pooled
+positions only, then one pass that writes the input gradient (see ``numba_fused_kernels``).
+"""
+import numpy as np
+
+from arraybn.core import validation as v
+from arraybn.nn.batchnorm import BatchNorm
+from arraybn.nn.conv import Conv2d, MaxPool2d
+from arraybn.nn.layers import Layer, ReLU
+
+FUSED_KINDS = ("full", "mean-only")
+_FUSED_OPTIONS = {"training", "variant", "eps", "momentum", "running_mean", "running_var"}
+
+
+def _fused_ops(backend):
+    ops = backend.conv_ops()
+    if ops is None or not hasattr(ops, "bn_pool_forward"):
+        return None
+    return ops
+
+
+def fuse_bn_blocks(layers, backend):
+    """``layers`` with each fusable BN run after a Conv2d replaced by a ``FusedBNBlock``."""
+    ops = _fused_ops(backend)
+    if ops is None:
+        return list(layers)
+    out, i = [], 0
+    while i < len(layers):
+        run = _fusable_run(layers, i) if isinstance(layers[i - 1] if i else None, Conv2d) else None
+        if run is None:
+            out.append(layers[i])
+            i += 1
+        else:
+            out.append(FusedBNBlock(run, ops))
+            i += len(run)
+    return out
+
+
+def _fusable_run(layers, start):
+    """The layers [ReLU], BatchNorm, [ReLU], [MaxPool2d] from ``start``, or None."""
+    j = start
+    relu_before = j < len(layers) and _is_inplace_relu(layers[j])
+    j += relu_before
+    if not (j < len(layers) and isinstance(layers[j], BatchNorm)
+            and layers[j].kind in FUSED_KINDS):
+        return None
+    j += 1
+    if not relu_before and j < len(layers) and _is_inplace_relu(layers[j]):
+        j += 1
+    if j < len(layers) and isinstance(layers[j], MaxPool2d):
+        j += 1
+    return layers[start:j]
+
+
+def _is_inplace_relu(layer):
+    return type(layer) is ReLU and layer.inplace
+
+
+class FusedBNBlock(Layer):
+    """[ReLU], BatchNorm, [ReLU], [MaxPool2d] of a conv block as one layer (see the module)."""
+
+    def __init__(self, layers, ops):
+        self.layers, self._ops = list(layers), ops
+        kinds = [type(layer) for layer in self.layers]
+        self.bn = next(layer for layer in self.layers if isinstance(layer, BatchNorm))
+        self.name = self.bn.name
+        at = self.layers.index(self.bn)
+        self.relu_before = ReLU in kinds[:at]
+        self.relu_after = ReLU in kinds[at + 1:]
+        self.k = self.layers[-1].k if kinds[-1] is MaxPool2d else 1
+        self.unfused = False            # True: always run the layers one by one (the reference)
+
+    def sublayers(self):
+        return list(self.layers)
+
+    def parameters(self):
+        return self.bn.parameters()
+
+    def forward(self, x, training):
+        options = None if self.unfused else self._fusable_options(x, training)
+        if options is None:
+            self._cache = ("unfused",)
+            for layer in self.layers:
+                x = layer.forward(x, training)
+            return x
+        if self.relu_before:
+            x = np.maximum(x, 0, out=x)              # in place, as the unfused ReLU(inplace=True)
+        center, a, b, cache = self._coefficients(x, options)
+        y, argmax = self._ops.bn_pool_forward(x, center, a, b, self.relu_after, self.k)
+        self._cache = ("fused", x, argmax) + cache
+        return y
+
+    def backward(self, gy):
+        cache = self._take_cache()
+        if cache[0] == "unfused":
+            for layer in reversed(self.layers):
+                gy = layer.backward(gy)
+            return gy
+        _, x, argmax, mean, scale, w, xhat_scale, centered = cache
+        bn = self.bn
+        gx, sum_gy, sum_gy_xc = self._ops.bn_pool_backward(
+            gy, x, argmax, mean, scale, w, centered, self.relu_before, self.k)
+        dtype = bn.weight.data.dtype
+        bn.weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
+        bn.bias.grad = sum_gy.astype(dtype, copy=False)
+        return gx
+
+    # --- the BN's statistics and coefficients -----------------------------------------------
+
+    def _fusable_options(self, x, training):
+        """The BN core options of this call when the fused kernels cover it, else None."""
+        bn = self.bn
+        if (bn._observer is not None or not isinstance(x, np.ndarray) or x.ndim != 4
+                or x.shape[0] == 0 or not x.flags.c_contiguous):
+            return None
+        options = bn._core_options(training)
+        if options.pop("comm", None) is not None or set(options) - _FUSED_OPTIONS:
+            return None
+        if options["training"] and x.shape[0] * x.shape[2] * x.shape[3] < 2:
+            return None                      # the core's error for one value per channel
+        return options
+
+    def _coefficients(self, x, options):
+        """(center, a, b, backward cache) of ``y = (x - center) * a + b``, running buffers
+        updated in training, exactly as ``batch_norm_forward`` on this backend does."""
+        bn = self.bn
+        gamma = bn.weight.data.astype(np.float64)
+        beta = bn.bias.data.astype(np.float64)
+        center_only = options["variant"] == "mean_only"
+        eps, rm, rv = options["eps"], options["running_mean"], options["running_var"]
+        be = bn.backend
+        if not options["training"]:
+            a, shift, mean, scale = be.inference_coefficients(
+                gamma, beta, rm, None if center_only else rv, eps, v.check_running_statistics)
+            cache = (mean, gamma * scale, np.zeros_like(mean), scale, False)
+            return np.zeros_like(mean), a, shift, cache
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        mean, var = be.moments(x3)
+        _, inv_std = be.finish_statistics(mean, var, eps, options.get("momentum", 0.0),
+                                          x3.shape[0] * x3.shape[2], rm,
+                                          None if center_only else rv)
+        if inv_std is None:
+            raise v.non_finite_error(np, [mean, var], "batch statistics").located(bn.name)
+        if bn.track_running_stats and rm is not None:
+            bn.num_batches_tracked += 1
+        if center_only:
+            ones = np.ones_like(mean)
+            return mean, gamma, beta, (mean, gamma, np.zeros_like(mean), ones, True)
+        a = gamma / np.sqrt(var + eps)
+        return mean, a, beta, (mean, gamma * inv_std, inv_std * inv_std, inv_std, True)

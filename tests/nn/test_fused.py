@@ -1,0 +1,179 @@
+"""The fused conv-block layer (numba backend) against the same layers run one by one.
+
+The statistics, running buffers and forward outputs are bit-identical to the unfused path (same
+statistics and update kernels, same element-wise formula, rounded once); the backward sums run in
+another order, so gradients agree to a few float32 ulp / 1e-12 in float64.
+"""
+import numpy as np
+import pytest
+
+from arraybn.backends import available_backends, get_backend
+from arraybn.nn import build_model
+from arraybn.nn.batchnorm import BatchNorm
+from arraybn.nn.conv import MaxPool2d
+from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
+from arraybn.nn.layers import ReLU
+from arraybn.nn.models import Network
+
+pytestmark = pytest.mark.skipif("numba" not in available_backends(), reason="needs numba")
+
+TOL = {np.float32: dict(rtol=1e-6, atol=1e-7), np.float64: dict(rtol=1e-12, atol=1e-14)}
+
+
+def _run(position, pool, dtype, channels=5, **bn_options):
+    be = get_backend("numba")
+    bn = BatchNorm("bn1", channels, backend=be, dtype=dtype, **bn_options)
+    rng = np.random.default_rng(1)
+    bn.weight.data[...] = rng.uniform(0.5, 1.5, channels)
+    bn.bias.data[...] = rng.uniform(-0.5, 0.5, channels)
+    relu = ReLU(np, inplace=True)
+    run = [bn, relu] if position == "before" else [relu, bn]
+    return run + ([MaxPool2d(2, be)] if pool else [])
+
+
+def _pair(position, pool, dtype, **bn_options):
+    ops = get_backend("numba").conv_ops()
+    fused = FusedBNBlock(_run(position, pool, dtype, **bn_options), ops)
+    reference = FusedBNBlock(_run(position, pool, dtype, **bn_options), ops)
+    reference.unfused = True
+    return fused, reference
+
+
+def _data(dtype, shape=(6, 5, 9, 11), offset=0.3):
+    rng = np.random.default_rng(2)
+    return (rng.standard_normal(shape) + offset).astype(dtype)
+
+
+def _step(block, x, gy, training):
+    y = block.forward(x.copy(), training)
+    return y, block.backward(gy.copy())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("bn_options", [
+    {}, {"kind": "mean-only"}, {"momentum": None}, {"track_running_stats": False}],
+    ids=["full", "mean-only", "cumulative", "no-running"])
+def test_training_steps_match_the_unfused_layers(dtype, position, pool, bn_options):
+    fused, reference = _pair(position, pool, dtype, **bn_options)
+    x = _data(dtype)
+    for step in range(3):
+        y_f = fused.forward(x * (step + 1), True)
+        assert fused._cache[0] == "fused"
+        gx_f = fused.backward(_gy(fused, x))
+        y_r, gx_r = _step(reference, x * (step + 1), _gy(fused, x), True)
+        np.testing.assert_array_equal(y_f, y_r)
+        assert y_f.dtype == y_r.dtype == dtype and gx_f.dtype == dtype
+        np.testing.assert_allclose(gx_f, gx_r, **TOL[dtype])
+        for p_f, p_r in zip(fused.parameters(), reference.parameters()):
+            assert p_f.grad.dtype == p_r.grad.dtype
+            np.testing.assert_allclose(p_f.grad, p_r.grad, **TOL[dtype])
+        _assert_same_buffers(fused.bn, reference.bn)
+
+
+def _gy(block, x):
+    shape = x.shape[:2] + tuple(s // block.k for s in x.shape[2:])
+    return np.random.default_rng(3).standard_normal(shape).astype(x.dtype)
+
+
+def _assert_same_buffers(bn_f, bn_r):
+    assert bn_f.num_batches_tracked == bn_r.num_batches_tracked
+    for (key, a), (_, b) in zip(bn_f.buffers(), bn_r.buffers()):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("pool", [True, False])
+@pytest.mark.parametrize("kind", ["full", "mean-only"])
+@pytest.mark.parametrize("eval_stats", ["running", "batch"])
+def test_inference_matches_the_unfused_layers(dtype, position, pool, kind, eval_stats):
+    fused, reference = _pair(position, pool, dtype, kind=kind)
+    for block in (fused, reference):
+        block.bn.use_statistics(np.linspace(-0.2, 0.3, 5), np.linspace(0.5, 2.0, 5))
+        block.bn.eval_stats = eval_stats
+    x = _data(dtype)
+    y_f, gx_f = _step(fused, x, _gy(fused, x), False)
+    y_r, gx_r = _step(reference, x, _gy(fused, x), False)
+    np.testing.assert_array_equal(y_f, y_r)
+    np.testing.assert_allclose(gx_f, gx_r, **TOL[dtype])
+    _assert_same_buffers(fused.bn, reference.bn)
+
+
+def test_offset_float32_data_keeps_its_digits():
+    """Statistics of 1e4 + N(0, 1) in float32: the fused forward still normalises correctly."""
+    fused, reference = _pair("before", True, np.float32)
+    x = _data(np.float32, offset=1e4)
+    np.testing.assert_array_equal(fused.forward(x.copy(), True), reference.forward(x.copy(), True))
+    xhat = (x - x.mean(axis=(0, 2, 3), dtype=np.float64)[:, None, None]) \
+        / x.std(axis=(0, 2, 3), dtype=np.float64)[:, None, None]
+    assert np.isfinite(fused.bn.running_var).all() and abs(xhat.std() - 1) < 1e-3
+
+
+def test_non_finite_statistics_name_the_layer_and_change_nothing():
+    fused, _ = _pair("before", True, np.float32)
+    x = _data(np.float32)
+    x[0, 2, 0, 0] = np.nan
+    before = fused.bn.running_mean.copy()
+    with pytest.raises(Exception, match=r"bn1: non-finite batch statistics in channel\(s\) 2"):
+        fused.forward(x, True)
+    np.testing.assert_array_equal(fused.bn.running_mean, before)
+    assert fused.bn.num_batches_tracked == 0
+
+
+@pytest.mark.parametrize("kind", ["ghost", "renorm"])
+def test_other_bn_kinds_stay_unfused(kind):
+    model = build_model("lenet5", backend="numba", bn=kind, ghost_batch_size=4)
+    assert not any(isinstance(layer, FusedBNBlock) for layer in model.layers)
+
+
+def test_an_observer_runs_the_unfused_path():
+    fused, reference = _pair("before", True, np.float32)
+    seen = []
+    x = _data(np.float32)
+    with fused.bn.observing(seen.append):
+        y = fused.forward(x.copy(), False)
+    assert len(seen) == 1 and fused._cache[0] == "unfused"
+    np.testing.assert_array_equal(y, reference.forward(x.copy(), False))
+
+
+def test_numpy_backend_is_not_fused():
+    assert not any(isinstance(layer, FusedBNBlock)
+                   for layer in build_model("lenet5", backend="numpy").layers)
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_lenet5_logits_and_gradients_match_the_unfused_model(position, dtype):
+    fused = build_model("lenet5", backend="numba", bn_position=position, dropout=0.0, dtype=dtype)
+    reference = build_model("lenet5", backend="numba", bn_position=position, dropout=0.0,
+                            dtype=dtype)
+    blocks = [layer for layer in reference.layers if isinstance(layer, FusedBNBlock)]
+    assert len(blocks) == 2
+    for block in blocks:
+        block.unfused = True
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 1, 28, 28)).astype(dtype)
+    g_logits = rng.standard_normal((16, 10)).astype(dtype)
+    for training in (True, False):
+        logits_f, logits_r = fused.forward(x, training), reference.forward(x, training)
+        np.testing.assert_array_equal(logits_f, logits_r)
+        fused.backward(g_logits)
+        reference.backward(g_logits)
+        for p_f, p_r in zip(fused.parameters(), reference.parameters()):
+            assert p_f.name == p_r.name
+            tol = TOL[np.dtype(dtype).type]
+            np.testing.assert_allclose(p_f.grad, p_r.grad, rtol=tol["rtol"] * 10,
+                                       atol=tol["atol"] * 10, err_msg=p_f.name)
+    assert list(fused.state_dict()) == list(reference.state_dict())
+
+
+def test_a_network_without_pooling_fuses_bn_and_relu():
+    be = get_backend("numba")
+    model = build_model("lenet5", backend="numba")
+    conv, block = model.layers[0], model.layers[1]
+    layers = fuse_bn_blocks([conv] + block.layers[:2], be)
+    assert isinstance(layers[1], FusedBNBlock) and layers[1].k == 1
+    assert isinstance(Network(layers, {"in_shape": [1, 28, 28]}, be, np.float32,
+                              np.random.default_rng(0)).layers[1], FusedBNBlock)
