@@ -35,10 +35,15 @@ resnet (``depth`` = 6n + 2: 8, 14, 20, 32, ...; He et al. 2016's CIFAR ResNet, 1
       shortcut = identity, or where the shape changes option B of He et al.: a 1x1 convolution
       with stride 2 and its BN, named shortcut.conv1 and shortcut.bn1.
 
+GroupNorm directly before the global average pool (plain, bn='group' after the ReLU) must not
+have one channel per group: each channel's average would be 0 before the affine map, so the
+output would not depend on the input; ``build_model`` refuses that (width <= 8).
+
 Dropout (``dropout`` > 0) follows the hidden dense block as in LeNet-5; only vgg8 has one, so
 plain and resnet refuse a non-zero dropout rather than ignore it.
 """
 from arraybn.nn.conv import MaxPool2d
+from arraybn.nn.groupnorm import default_groups
 from arraybn.nn.layers import Flatten
 from arraybn.nn.residual import GlobalAvgPool2d, ResidualBlock
 
@@ -62,6 +67,13 @@ def check_config(cfg):
     if cfg["dropout"] > 0:
         raise ValueError(f"{name} has no hidden dense layer for dropout; use dropout=0 "
                          "(vgg8, lenet5 and mlp take dropout)")
+    last = 4 * width
+    if (name == "plain" and cfg["bn"] == "group" and cfg["bn_position"] == "after"
+            and default_groups(last) == last):
+        raise ValueError(f"plain with bn='group' after the ReLU: the last GroupNorm has one of "
+                         f"its {last} channels per group, and the global average of a channel "
+                         "normalized over its own positions is beta for every input; use "
+                         "bn_position='before' or width >= 9")
 
 
 def build_deep(b, name, in_shape, num_classes, depth, width):
