@@ -11,8 +11,8 @@ limited by the CPU (Python, launches, host syncs) is timed as such.
 Columns, float32, training mode with running buffers updated:
 - ``arraybn``: ``arraybn.batch_norm_forward`` (backend 'cupy'), and forward followed by
   ``arraybn.batch_norm_backward``: the public API, Python overhead and host syncs included.
-- ``kernels``: the backend's ``forward_train`` and ``forward_train`` + ``backward`` alone
-  (what the CUDA kernels cost, without the BN core around them).
+- ``kernels``: the backend's ``forward_train_finish`` (with the running update) and that +
+  ``backward`` alone (what the CUDA kernels cost, without the BN core around them).
 - ``cuDNN``: ``torch.nn.functional.batch_norm`` on CUDA with ``torch.backends.cudnn.enabled``,
   and its autograd backward (``torch.autograd.grad`` for x, weight and bias).
 - ``vs cuDNN``: arraybn time / cuDNN time (below 1 is faster).
@@ -146,13 +146,13 @@ def kernel_calls(cp, x, gy, gamma, beta):
     n, c = x.shape[:2]
     x3, gy3 = x.reshape(n, c, -1), gy.reshape(n, c, -1)
     g64, b64 = gamma.astype(cp.float64), beta.astype(cp.float64)
+    running = [cp.zeros(c, cp.float32), cp.ones(c, cp.float32)]
 
-    def forward():
-        return backend.forward_train(x3, g64, b64, EPS)
+    def forward():       # the training step: statistics, running update, y (no host sync)
+        return backend.forward_train_finish(x3, g64, b64, EPS, False, MOMENTUM, *running)
 
     def forward_backward():
-        _, mean, var = forward()
-        inv_std = 1.0 / cp.sqrt(var + EPS)
+        _, mean, _, inv_std = forward()
         return backend.backward(gy3, x3, mean, g64 * inv_std, inv_std * inv_std)
     return forward, forward_backward
 

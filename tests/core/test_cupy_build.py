@@ -19,7 +19,8 @@ from arraybn.backends import BackendUnavailableError
 from arraybn.backends import cuda_build
 from arraybn.backends import cupy_backend as cb
 from tests.core import nvrtc_ctypes
-from tests.core.test_cupy_backend import _FakeNVRTC, _fake_gpu_module, spills
+from tests.core.cuda_fakes import _FakeNVRTC, _fake_gpu_module
+from tests.core.test_cupy_backend import spills
 
 NVRTC = nvrtc_ctypes.load()
 needs_nvrtc = pytest.mark.skipif(NVRTC is None, reason="libnvrtc is not installed (pip install "

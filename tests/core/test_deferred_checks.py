@@ -19,7 +19,8 @@ from arraybn.backends.cupy_deferred import DeferredChecks
 from arraybn.backends.numpy_backend import NumpyBackend
 from arraybn.core.deferred import raise_deferred_errors
 from arraybn.core.validation import check_running_statistics
-from tests.core.test_cupy_backend import _FakeArray, emulated  # noqa: F401 (fixture)
+from tests.core.cuda_fakes import _FakeArray
+from tests.core.test_cupy_backend import emulated  # noqa: F401 (fixture)
 
 
 class _CupyLike:
