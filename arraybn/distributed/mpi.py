@@ -55,6 +55,10 @@ class MPICommunicator(Communicator):
     def barrier(self):
         self._comm.Barrier()
 
+    def library_version(self):
+        """The MPI library's version line, e.g. ``Open MPI v4.1.6, package: ...``."""
+        return self._mpi.Get_library_version().replace("\x00", "").strip().splitlines()[0]
+
     def abort(self, message, errorcode=1):
         """Print ``message`` as this rank's and end every rank of the job (``MPI_Abort``)."""
         sys.stderr.write(f"arraybn: rank {self.rank} of {self.size} failed: {message}\n")

@@ -28,6 +28,7 @@ from arraybn.distributed import check_group_size
 from arraybn.errors import ConfigError
 from arraybn.nn import softmax_cross_entropy
 from arraybn.nn.layers import Dropout
+from arraybn.stages.artifacts import StageError
 
 STEP_TOTALS = 4            # loss sum, correct, count, interrupt flag
 
@@ -145,3 +146,22 @@ def _host64(a):
 def _like(values, like, xp):
     """``values`` (host float64) in the shape and dtype of ``like``, on ``xp``."""
     return xp.asarray(values.reshape(like.shape).astype(like.dtype))
+
+
+def parallel_record(comm, bn_sync):
+    """The manifest's record of how many processes trained and how BN was synchronised."""
+    if comm is None:
+        return {"world_size": 1, "bn_sync": bn_sync, "mpi_library": None}
+    library = getattr(comm, "library_version", None)
+    return {"world_size": comm.size, "bn_sync": bn_sync,
+            "mpi_library": library() if library else type(comm).__name__}
+
+
+def check_resume_world(info, comm, run_dir):
+    """A StageError unless this job has as many processes as the checkpoint's run had."""
+    stored, size = int(info.get("world_size", 1)), 1 if comm is None else comm.size
+    if stored != size:
+        launch = f"mpiexec -n {stored} " if stored > 1 else ""
+        raise StageError(f"the checkpoint in {run_dir} was trained by {stored} process(es) and "
+                         f"this job has {size}; resume with the same number: `{launch}arraybn "
+                         f"train {run_dir} --resume` (or start over with --force)")

@@ -66,6 +66,9 @@ def holding_run_lock(create=True):
     def decorate(stage):
         @functools.wraps(stage)
         def locked(run_dir, *args, **kwargs):
+            comm = kwargs.get("comm")
+            if comm is not None and comm.rank != 0:    # under MPI, rank 0 holds it for all
+                return stage(run_dir, *args, **kwargs)
             with run_lock(run_dir, create):
                 return stage(run_dir, *args, **kwargs)
         return locked

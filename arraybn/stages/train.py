@@ -21,6 +21,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
 from arraybn.stages.interrupts import SIGNAL_NAMES, StageInterrupted, interruptible_stage
+from arraybn.stages.parallel import DataParallel, check_resume_world, parallel_record
 from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
 
@@ -35,7 +36,8 @@ class TrainingInterrupted(StageInterrupted):
 
 @holding_run_lock()
 @interruptible_stage("train")
-def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on_step=None):
+def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on_step=None,
+              comm=None):
     """Train a model and store ``RUN/train/``; returns the manifest dict.
 
     config: a TrainConfig, a dict of TrainConfig fields, or None (defaults). With ``resume``,
@@ -46,11 +48,17 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
         to an uninterrupted run) or from ``RUN/train/`` with more epochs (the learning-rate
         schedule then spans the new total, so this is not the same as training that long).
     echo: prints one line per epoch. on_step: called after every step (see ``Trainer``).
+    comm: an ``arraybn.distributed`` communicator (``world()`` under mpiexec or srun): train
+        data-parallel over its ranks (``arraybn.stages.parallel``); rank 0 holds the run lock,
+        writes and echoes, the other ranks write and print nothing.
     Raises StageError (with the command that fixes it), TrainingInterrupted on Ctrl-C.
     """
     run_dir = os.fspath(run_dir)
+    writer = comm is None or comm.rank == 0
+    echo = echo if writer else _silent
     if resume:
         arrays, info, config = _resume_point(run_dir, config)
+        check_resume_world(info, comm, run_dir)
     else:
         config, arrays, info = fresh_config(config), None, None
         _check_fresh(run_dir, force)
@@ -63,9 +71,12 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
                          f"`arraybn train {run_dir} --force`")
     model = make_model(config, raw.train_images.shape[1:], backend)
     saver = _PartialSaver(run_dir, config, raw.fingerprint, norm)
+    saver.world_size = 1 if comm is None else comm.size
     trainer = Trainer(model, config, splits, fill=-norm[0] / norm[1], on_step=on_step,
                       on_epoch=lambda row: echo(format_history_row(row, config.epochs)),
-                      save_checkpoint=saver)
+                      save_checkpoint=saver if writer else None)
+    if comm is not None:
+        trainer.parallel = DataParallel(comm, model, config.bn_sync)
     if arrays is not None:
         _restore(trainer, arrays, info, run_dir)
     try:
@@ -85,10 +96,20 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
             trainer.stopped_by) from None
     manifest = base_manifest("train", config, backend)
     manifest.update(dataset=dataset_record(raw, splits, norm), resumed=bool(resume),
-                    inputs={os.path.basename(p): sha256_file(p) for p in raw.files.values()})
-    manifest = _write_stage(run_dir, trainer, saver, manifest, started, force or resume)
-    shutil.rmtree(saver.directory, ignore_errors=True)
+                    inputs={os.path.basename(p): sha256_file(p) for p in raw.files.values()},
+                    parallel=parallel_record(comm, config.bn_sync))
+    if comm is not None:
+        comm.barrier()              # every rank finished: a rank that failed aborted the job
+    if writer:
+        manifest = _write_stage(run_dir, trainer, saver, manifest, started, force or resume)
+        shutil.rmtree(saver.directory, ignore_errors=True)
+    if comm is not None:
+        comm.barrier()              # every rank returns once rank 0 has written the stage
     return manifest
+
+
+def _silent(*_):
+    """The echo of the ranks other than 0."""
 
 
 def fresh_config(config):
@@ -137,9 +158,12 @@ class _PartialSaver:
                 info["npz_sha256"] = sha256_file(npz_tmp)
                 write_json(json_tmp, info)
 
+    world_size = 1                  # processes that train together (data-parallel under MPI)
+
     def checkpoint(self, trainer):
         arrays, info = trainer.state()
         info.update(config=self.config.to_dict(), dataset_fingerprint=self.fingerprint,
+                    world_size=self.world_size,
                     normalisation=list(self.norm), arraybn_version=arraybn.__version__)
         return arrays, info
 
