@@ -1,8 +1,14 @@
-"""Seeded random affine augmentation (rotation, shear, zoom, shift) in NumPy.
+"""Seeded random augmentation in NumPy: affine maps (rotation, shear, zoom, shift) and random
+crops.
 
 Each image gets one affine map drawn at random; the batch is warped in one vectorised pass with
 bilinear sampling. Pixels that map outside the source image take ``fill`` (the normalised
-background value).
+background value). Then, with ``crop`` > 0, each image is padded by ``crop`` pixels of ``fill``
+(zero padding of the raw image) and a random window of the original size is cut out: the
+content moves by a whole number of pixels in [-crop, crop] along each axis, as in the random
+cropping of the second seed text and He et al. 2016 (pad 4 on CIFAR's 32x32). For 28x28 images
+we suggest ``crop=2``: pad 4 on 32 pixels is 1/8 of the width (3.5 pixels of 28), and
+Fashion-MNIST's objects fill the frame more closely than CIFAR's, so 2 keeps them inside.
 """
 from dataclasses import asdict, dataclass
 
@@ -16,17 +22,21 @@ class AugmentConfig:
     """Ranges of the random transform: each parameter is drawn uniformly from +-range.
 
     rotation: degrees; shear: shear factor (x shifted by shear * y); zoom: relative scale
-    change (0.1 -> scale in [0.9, 1.1]); shift: fraction of the image height/width.
+    change (0.1 -> scale in [0.9, 1.1]); shift: fraction of the image height/width;
+    crop: random-crop padding in whole pixels (0: off), applied after the affine map.
     """
     rotation: float = 10.0
     shear: float = 0.1
     zoom: float = 0.1
     shift: float = 0.1
+    crop: int = 0
 
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not value >= 0:
                 raise ConfigError(f"augmentation range {name} must be >= 0, got {value}")
+        if int(self.crop) != self.crop:
+            raise ConfigError(f"augmentation crop is a padding in whole pixels, got {self.crop}")
         if self.zoom >= 1:
             raise ConfigError(f"augmentation zoom must be < 1 (scale 1 +- zoom), got {self.zoom}")
 
@@ -78,8 +88,30 @@ def warp_affine(images, inverse, offset, fill=0.0):
     return out.reshape(images.shape)
 
 
+def random_crop(images, pad, rng, fill=0.0):
+    """Pad ``images`` (N, C, H, W) by ``pad`` pixels of ``fill``, cut a random H x W window from
+    each (one offset per image, uniform in [0, 2 pad] per axis); returns (crops, offsets (N, 2)).
+
+    Crop n shows the image shifted by ``pad - offsets[n]`` pixels (rows, columns).
+    """
+    n, channels, height, width = images.shape
+    pad = int(pad)
+    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
+    padded = np.full((n, channels, height + 2 * pad, width + 2 * pad), fill, dtype=images.dtype)
+    padded[:, :, pad:pad + height, pad:pad + width] = images
+    rows = offsets[:, 0, None] + np.arange(height)                 # (N, H)
+    cols = offsets[:, 1, None] + np.arange(width)                  # (N, W)
+    crops = padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
+    return crops, offsets
+
+
 def augment_batch(images, rng, config=AugmentConfig(), fill=0.0):
-    """A randomly transformed copy of ``images`` (N, C, H, W), one transform per image."""
+    """A randomly transformed copy of ``images`` (N, C, H, W), one transform per image: the
+    affine map, then (when ``config.crop`` > 0) the random crop."""
     n, _, height, width = images.shape
     inverse, offset = random_affine(n, height, width, rng, config)
-    return warp_affine(images, inverse, offset, fill)
+    out = warp_affine(images, inverse, offset, fill)
+    if config.crop:
+        out, _ = random_crop(out, config.crop, rng, fill)
+    return out
