@@ -2,6 +2,7 @@
 import click
 
 from arraybn.stages import run_postproc
+from arraybn_cli.mpi_job import ending_every_rank, mpi_world
 from arraybn_cli.options import (common_options, make_postproc_config, postproc_batch_size_option,
                                  postproc_method_options, run_dir_argument)
 from arraybn_cli.reporting import Reporter, friendly_errors
@@ -19,8 +20,11 @@ def postproc_command(**params):
     accumulates its input's mean and variance. Stores RUN/postproc/bn_stats.npz.
     """
     reporter = Reporter(params["as_json"])
-    with friendly_errors():
+    comm = mpi_world()
+    with ending_every_rank(comm), friendly_errors():
         manifest = run_postproc(params["run_dir"], make_postproc_config(params),
                                 backend=params["backend"], data_dir=params["data_dir"],
-                                force=params["force"], echo=reporter.echo)
+                                force=params["force"], echo=reporter.echo, comm=comm)
+    if comm is not None and comm.rank != 0:
+        return
     reporter.result(manifest, f"saved {params['run_dir']}/postproc/")

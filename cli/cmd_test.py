@@ -2,6 +2,7 @@
 import click
 
 from arraybn.stages import run_test
+from arraybn_cli.mpi_job import ending_every_rank, mpi_world
 from arraybn_cli.options import (common_options, make_test_config, run_dir_argument,
                                  test_stats_option)
 from arraybn_cli.reporting import Reporter, friendly_errors
@@ -26,8 +27,11 @@ def test_command(**params):
     --stats batch normalises with each test batch's own statistics.
     """
     reporter = Reporter(params["as_json"])
-    with friendly_errors():
+    comm = mpi_world()
+    with ending_every_rank(comm), friendly_errors():
         metrics = run_test(params["run_dir"], make_test_config(params, params["batch_size"]),
                            data_dir=params["data_dir"], force=params["force"],
-                           echo=reporter.echo)
+                           echo=reporter.echo, comm=comm)
+    if comm is not None and comm.rank != 0:
+        return
     reporter.result(metrics, per_class_table(metrics))

@@ -15,6 +15,8 @@ is: after one batch of n values per channel, ``var = x.var() * n / (n - 1)``.
 
 An empty batch (N = 0) changes nothing; a batch must keep the channel count of the first one.
 """
+import numpy as np
+
 from arraybn.backends import backend_for
 from arraybn.core import validation as v
 from arraybn.core.moments import chan_merge
@@ -70,6 +72,14 @@ class ExactStatistics(PopulationStatistics):
             self._mean, self._m2 = mean, m2
             return
         _, self._mean, self._m2 = chan_merge(self.count, self._mean, self._m2, n, mean, m2)
+
+    def moments(self):
+        """``(count, mean, M2)`` so far, host float64 (zeros before any value): what
+        ``arraybn.core.moments.group_moments`` merges over a communicator's ranks."""
+        if self._mean is None:
+            return 0, np.zeros(self.channels or 0), np.zeros(self.channels or 0)
+        host = [a.get() if hasattr(a, "get") else a for a in (self._mean, self._m2)]
+        return self.count, *(np.asarray(a, dtype=np.float64) for a in host)
 
     def _result(self):
         if self.count < 2:

@@ -25,6 +25,7 @@ import numpy as np
 
 from arraybn.data import augment_batch, random_affine, warp_affine
 from arraybn.distributed import check_group_size
+from arraybn.core.moments import group_moments
 from arraybn.errors import ConfigError
 from arraybn.nn import softmax_cross_entropy
 from arraybn.nn.layers import Dropout
@@ -165,3 +166,54 @@ def check_resume_world(info, comm, run_dir):
         raise StageError(f"the checkpoint in {run_dir} was trained by {stored} process(es) and "
                          f"this job has {size}; resume with the same number: `{launch}arraybn "
                          f"train {run_dir} --resume` (or start over with --force)")
+
+
+def synchronise_bn(model, comm):
+    """Every BN layer computes batch statistics over the ranks of ``comm`` (inference with
+    batch statistics, postproc); a ghost-batch model cannot."""
+    for _, bn in model.bn_layers():
+        if bn.kind == "ghost":
+            raise StageError("a model trained with --bn ghost has per-process batch statistics; "
+                             "run this stage as one process (without mpiexec)")
+        bn.set_communicator(comm)
+
+
+def shard_of_batch(start, stop, comm):
+    """This rank's contiguous rows ``slice`` of the batch ``start:stop``."""
+    lo, hi = shard_bounds(stop - start, comm.size, comm.rank)
+    return slice(start + lo, start + hi)
+
+
+def evaluate_sharded(model, split, batch_size, comm):
+    """``stages.common.evaluate`` over the ranks of ``comm``: rank r takes its slice of every
+    batch; ``(mean loss, accuracy, predictions)`` of the whole split, the same on every rank
+    (one all-reduce at the end)."""
+    xp, n = model.backend.xp, len(split)
+    loss_sum, predicted = 0.0, np.zeros(n)
+    for start in range(0, n, batch_size):
+        rows = shard_of_batch(start, min(start + batch_size, n), comm)
+        logits = model.forward(xp.asarray(split.images[rows]), training=False)
+        if rows.stop > rows.start:
+            loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]))
+            loss_sum += loss * (rows.stop - rows.start)
+            host = logits.get() if hasattr(logits, "get") else logits
+            predicted[rows] = host.argmax(axis=1)
+    total = comm.allreduce_sum(np.concatenate(([loss_sum], predicted)))
+    if n == 0:
+        return None, None, np.zeros(0, np.int64)
+    predictions = total[1:].astype(np.int64)
+    return total[0] / n, float((predictions == split.labels).mean()), predictions
+
+
+def merge_exact_statistics(observers, comm):
+    """Each layer's exact estimator merged over the ranks with Chan's formula (rank order):
+    ``{name: (mean, unbiased var)}``, the same on every rank."""
+    merged = {}
+    for name, observer in observers.items():
+        count, mean, m2 = observer.moments()
+        total, mean, m2 = group_moments(comm, count, mean, m2)
+        if total < 2:
+            raise StageError(f"{name}: fewer than two values per channel were seen; use more "
+                             "postproc --batches")
+        merged[name] = mean, m2 / (total - 1)
+    return merged

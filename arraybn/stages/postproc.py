@@ -16,6 +16,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, output_digest
                                       staging, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats, to_host
 from arraybn.stages.config import PostprocConfig
+from arraybn.stages.parallel import merge_exact_statistics, shard_of_batch, synchronise_bn
 from arraybn.stages.interrupts import interruptible_stage
 from arraybn.stages.run_lock import holding_run_lock
 
@@ -40,7 +41,7 @@ def _batches(n, batch_size, limit, seed):
         yield index
 
 
-def collect_statistics(model, split, observers, batch_size, limit, seed):
+def collect_statistics(model, split, observers, batch_size, limit, seed, comm=None):
     """Feed ``split`` through ``model`` with every BN layer in batch-statistics mode.
 
     observers: {layer name: PopulationStatistics}. Returns ``(bn_stats, images_seen)`` with
@@ -53,11 +54,15 @@ def collect_statistics(model, split, observers, batch_size, limit, seed):
         for name, bn in model.bn_layers():
             observing.enter_context(bn.observing(observers[name].update))
         for index in _batches(len(split), batch_size, limit, seed):
-            model.forward(xp.asarray(split.images[index]), training=False)
             seen += len(index)
+            if comm is not None:                        # this rank's slice of the batch
+                index = index[shard_of_batch(0, len(index), comm)]
+            model.forward(xp.asarray(split.images[index]), training=False)
+    results = ({name: observer.result() for name, observer in observers.items()}
+               if comm is None else merge_exact_statistics(observers, comm))
     stats = {}
     for name, bn in model.bn_layers():
-        mean, var = observers[name].result()
+        mean, var = results[name]
         stats[f"{name}.running_mean"] = to_host(mean).astype(model.dtype)
         stats[f"{name}.running_var"] = to_host(var).astype(model.dtype)
     return stats, seen
@@ -66,11 +71,14 @@ def collect_statistics(model, split, observers, batch_size, limit, seed):
 @holding_run_lock(create=False)
 @interruptible_stage("postproc")
 def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=False, echo=print,
-                 **options):
+                 comm=None, **options):
     """Estimate population BN statistics for the trained model; writes ``RUN/postproc/``.
 
     config: a PostprocConfig, or None for ``PostprocConfig(**options)`` (method, decay, stat,
     batches, batch_size; see there). Returns the manifest dict.
+    comm: under MPI, rank r takes its slice of every batch, BN normalises with the whole
+    batch's statistics, and the exact estimators are merged over the ranks (Chan): the
+    one-process result. Rank 0 writes.
     """
     started = time.perf_counter()
     config = PostprocConfig(**options) if config is None else config
@@ -83,9 +91,17 @@ def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=Fal
         raise StageError(f"the model in {run_dir} has no BN layers (trained with --bn none); "
                          f"there is nothing to post-process: run `arraybn test {run_dir}`")
     _, splits, _ = run.data()
+    if comm is not None:
+        if method != "exact":
+            raise StageError(f"postproc --method {method} runs as one process; under mpiexec "
+                             "use --method exact")
+        synchronise_bn(model, comm)
     observers = {name: make_estimator(method, **options) for name, _ in model.bn_layers()}
     stats, seen = collect_statistics(model, splits["train"], observers, batch_size, batches,
-                                     run.config.seed)
+                                     run.config.seed, comm)
+    if not (comm is None or comm.rank == 0):
+        comm.barrier()                  # rank 0 writes
+        return None
     echo(f"postproc: {method} statistics of {len(observers)} BN layers from {seen} "
          f"training images")
     manifest = base_manifest("postproc", run.config, run.backend)
@@ -102,4 +118,6 @@ def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=Fal
         manifest["outputs"] = output_digests(tmp, ["bn_stats.npz"])
         manifest["timings"] = {"seconds": time.perf_counter() - started}
         write_json(os.path.join(tmp, "manifest.json"), manifest)
+    if comm is not None:
+        comm.barrier()
     return manifest

@@ -15,6 +15,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, rea
                                       stage_dir, staging, verify_artifact, write_json)
 from arraybn.stages.common import TrainedRun, base_manifest, evaluate, set_eval_stats
 from arraybn.stages.config import TestConfig
+from arraybn.stages.parallel import evaluate_sharded, synchronise_bn
 from arraybn.stages.interrupts import interruptible_stage
 from arraybn.stages.run_lock import holding_run_lock
 
@@ -88,7 +89,8 @@ def classification_metrics(labels, predictions, num_classes, names):
 
 @holding_run_lock(create=False)
 @interruptible_stage("test")
-def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, **options):
+def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, comm=None,
+             **options):
     """Evaluate on the test split and write ``RUN/test/metrics.json``; returns the metrics dict.
 
     config: a TestConfig, or None for ``TestConfig(**options)`` (stats, batch_size, backend;
@@ -107,7 +109,15 @@ def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, **
         raise StageError(f"with --stats batch the last test batch would hold one image (no "
                          f"batch statistics); choose a --batch-size that does not leave "
                          f"{len(test)} % batch size == 1")
-    loss, _, predictions = evaluate(model, test, batch_size)
+    if comm is None:
+        loss, _, predictions = evaluate(model, test, batch_size)
+    else:                               # each rank its slice of every batch; rank 0 writes
+        if stats == "batch":
+            synchronise_bn(model, comm)
+        loss, _, predictions = evaluate_sharded(model, test, batch_size, comm)
+        if comm.rank != 0:
+            comm.barrier()
+            return None
     result = base_manifest("test", run.config, run.backend)
     result.update(classification_metrics(test.labels, predictions, 10, CLASS_NAMES[raw.name]))
     result.update(loss=loss, stats=stats if model.bn_layers() else "none (model has no BN)",
@@ -118,4 +128,6 @@ def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, **
         write_json(os.path.join(tmp, "metrics.json"), result)
     echo(f"test: loss {loss:.4f}  accuracy {100 * result['accuracy']:.2f}% on {len(test)} "
          f"images ({result['stats']} statistics)")
+    if comm is not None:
+        comm.barrier()
     return result

@@ -132,3 +132,29 @@ def test_an_error_on_one_rank_ends_every_rank_with_its_traceback(runs, tmp_path,
     assert code != 0 and time.monotonic() - started < 10     # rank 0 waited in a collective
     assert "rank 1 of 2 failed" in err and "ValueError: rank 1 broke on purpose" in err
     assert not (tmp_path / "bad" / "train").exists()
+
+
+def _stage(ranks, *args):
+    code, out, err = arraybn(ranks, *args, "--force", "--backend", "numba")
+    assert code == 0, f"{out}\n{err}"
+
+
+def test_postproc_exact_and_test_under_mpi_equal_one_process(runs):
+    run = str(runs(1, "--model", "lenet5", "--batch-size", "32"))
+    results = {}
+    for ranks in (1, 2):                  # postproc batches 50, 50, 26; test batches 7, ..., 2
+        _stage(ranks, "postproc", run, "--method", "exact", "--batch-size", "50")
+        with np.load(os.path.join(run, "postproc", "bn_stats.npz")) as f:
+            stats = dict(f)
+        metrics = {}
+        for which in ("postproc", "batch"):
+            _stage(ranks, "test", run, "--stats", which, "--batch-size", "7")
+            with open(os.path.join(run, "test", "metrics.json")) as f:
+                metrics[which] = json.load(f)
+        results[ranks] = stats, metrics
+    (stats_1, metrics_1), (stats_2, metrics_2) = results[1], results[2]
+    _assert_same_model(stats_2, stats_1)
+    for which in ("postproc", "batch"):
+        assert metrics_2[which]["confusion_matrix"] == metrics_1[which]["confusion_matrix"]
+        assert metrics_2[which]["accuracy"] == metrics_1[which]["accuracy"]
+        assert metrics_2[which]["loss"] == pytest.approx(metrics_1[which]["loss"], rel=RTOL)
