@@ -14,12 +14,15 @@ import shutil
 import time
 
 import arraybn
+from arraybn.core import NonFiniteStatisticsError
 from arraybn.data import sha256_file
 from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, output_digests,
                                       read_json_if_exists, read_manifest, replacing, save_npz,
-                                      stage_dir, staging, verify_artifact, write_json)
+                                      stage_dir, staging, verify_artifact, write_json,
+                                      write_json_atomic)
 from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
+from arraybn.stages.divergence import TrainingDiverged
 from arraybn.stages.interrupts import SIGNAL_NAMES, StageInterrupted, interruptible_stage
 from arraybn.stages.parallel import DataParallel, check_resume_world, parallel_record
 from arraybn.stages.run_lock import holding_run_lock
@@ -27,6 +30,8 @@ from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Traine
 
 PARTIAL_DIR = "train-checkpoint"
 CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"
+# Beside a checkpoint whose run diverged after it: resuming would diverge again.
+DIVERGED_JSON = "diverged.json"
 
 
 class TrainingInterrupted(StageInterrupted):
@@ -88,6 +93,8 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
                                   f"{SIGNAL_NAMES[trainer.stopped_by]}; {last}. "
                                   f"Resume with `arraybn train {run_dir} --resume`",
                                   trainer.stopped_by) from None
+    except (TrainingDiverged, NonFiniteStatisticsError) as exc:
+        raise _with_advice(exc, _after_divergence(run_dir, exc, config)) from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"training interrupted by {SIGNAL_NAMES[trainer.stopped_by]} at epoch "
@@ -123,10 +130,38 @@ def fresh_config(config):
 
 def _check_fresh(run_dir, force):
     check_can_write(run_dir, "train", force)
+    diverged = _divergence_of_checkpoint(run_dir)
+    if diverged and _has_checkpoint(run_dir) and not force:
+        raise StageError(f"{os.path.join(run_dir, PARTIAL_DIR)} holds a run that diverged "
+                         f"({diverged}); start over with a lower --lr and --force")
     if _has_checkpoint(run_dir) and not force:
         raise StageError(f"{os.path.join(run_dir, PARTIAL_DIR)} holds an interrupted training "
                          f"run; continue it with `arraybn train {run_dir} --resume`, or start "
                          f"over with --force")
+
+
+def _after_divergence(run_dir, error, config):
+    """Mark a checkpoint the run diverged after (so that --resume refuses it) and say what is
+    kept and what to do."""
+    kept = (f"{stage_dir(run_dir, 'train')} is as it was"
+            if os.path.isdir(stage_dir(run_dir, "train")) else "nothing was written")
+    if _has_checkpoint(run_dir):
+        write_json_atomic(os.path.join(run_dir, PARTIAL_DIR, DIVERGED_JSON), {"error": str(error)})
+    return (f"{kept}. Lower --lr (it was {config.lr:g}) and start over with "
+            f"`arraybn train {run_dir} --force --lr ...`")
+
+
+def _with_advice(error, advice):
+    """The divergence ``error`` (its type kept) with ``advice`` added to its message."""
+    if isinstance(error, NonFiniteStatisticsError):
+        return NonFiniteStatisticsError(f"{error.detail}. {advice}", error.channels, error.where)
+    return TrainingDiverged(f"{error}. {advice}")
+
+
+def _divergence_of_checkpoint(run_dir):
+    """The recorded divergence of the run that wrote RUN/train-checkpoint, or None."""
+    record = read_json_if_exists(os.path.join(run_dir, PARTIAL_DIR, DIVERGED_JSON))
+    return None if record is None else record.get("error", "training diverged")
 
 
 def _has_checkpoint(run_dir):
@@ -157,6 +192,8 @@ class _PartialSaver:
                 save_npz(npz_tmp, arrays)
                 info["npz_sha256"] = sha256_file(npz_tmp)
                 write_json(json_tmp, info)
+        with contextlib.suppress(FileNotFoundError):        # this checkpoint has not diverged
+            os.remove(os.path.join(self.directory, DIVERGED_JSON))
 
     world_size = 1                  # processes that train together (data-parallel under MPI)
 
@@ -216,6 +253,12 @@ def _read_checkpoint(directory, run_dir):
 
 def _resume_point(run_dir, requested):
     """``(arrays, info, config)`` to continue from: the interrupted run, else the finished one."""
+    diverged = _divergence_of_checkpoint(run_dir)
+    if diverged and _has_checkpoint(run_dir):
+        raise StageError(f"cannot resume {run_dir}: the run diverged after its checkpoint "
+                         f"({diverged}), and with the same settings it would diverge again; "
+                         f"start over with a lower --lr: `arraybn train {run_dir} --force "
+                         f"--lr ...`")
     if _has_checkpoint(run_dir):
         arrays, info = _read_checkpoint(os.path.join(run_dir, PARTIAL_DIR), run_dir)
         return arrays, info, _resume_config(info["config"], requested, run_dir)

@@ -7,7 +7,6 @@ the model's generator whose state is saved. A checkpoint therefore holds everyth
 continue exactly: model state, optimizer state, dropout generator state, epoch, step, the partial
 epoch sums and the history.
 """
-import math
 import signal
 import time
 
@@ -16,9 +15,11 @@ import numpy as np
 from arraybn.core import NonFiniteStatisticsError
 from arraybn.core.deferred import raise_deferred_errors
 from arraybn.data import batch_indices, num_batches, step_rng
-from arraybn.errors import ConfigError, UserError
+from arraybn.errors import ConfigError
 from arraybn.nn import SGD, Adam, make_schedule
 from arraybn.stages.common import evaluate, to_host
+from arraybn.stages.divergence import (TrainingDiverged, check_gradients, check_loss,
+                                       non_finite_loss)
 from arraybn.stages.interrupts import handling, signal_of
 from arraybn.stages.parallel import SingleProcess, loss_share
 
@@ -30,10 +31,6 @@ def make_optimizer(config, model):
         return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     return SGD(model.parameters(), config.lr, momentum=config.momentum,
                weight_decay=config.weight_decay)
-
-
-class TrainingDiverged(UserError, FloatingPointError):
-    """The training loss became NaN or infinite; the message says where and what to change."""
 
 
 class ForcedInterrupt(KeyboardInterrupt):
@@ -132,7 +129,8 @@ class Trainer:
     def fit(self):
         """Train up to ``config.epochs``; KeyboardInterrupt is re-raised after a checkpoint
         (ForcedInterrupt, a second Ctrl-C, without one)."""
-        with _DeferredInterrupt() as interrupt:
+        with _DeferredInterrupt() as interrupt, np.errstate(over="ignore", invalid="ignore",
+                                                             divide="ignore"):
             try:
                 while not self.finished:
                     self._run_epoch(interrupt)
@@ -169,7 +167,7 @@ class Trainer:
         config, model, xp = self.config, self.model, self.model.backend.xp
         rows = self.parallel.rows(index)
         images, labels = train.images[rows], train.labels[rows]
-        if config.augment:
+        if config.augments:
             rng = step_rng(config.seed, self.epoch, self.step)
             images = self.parallel.augment(images, rng, config.augment_config(), self.fill,
                                            len(index))
@@ -180,14 +178,16 @@ class Trainer:
             raise_deferred_errors(model.backend)       # a GPU backend's BN checks: one read
         except NonFiniteStatisticsError as exc:
             raise exc.located(where) from None
-        loss_sum, g_logits = loss_share(logits, xp.asarray(labels), len(index))
-        if not math.isfinite(loss_sum):
-            raise TrainingDiverged(f"{where}: the training loss is {loss_sum}; training "
-                                   "diverged. Lower --lr or change the schedule.")
+        try:
+            loss_sum, g_logits = loss_share(logits, xp.asarray(labels), len(index))
+        except FloatingPointError:
+            raise non_finite_loss(model, images, where) from None
         model.backward(g_logits)
         correct = int((to_host(logits.argmax(axis=1)) == labels).sum())
         loss_sum, correct, _, stop = self.parallel.reduce_step(model, loss_sum, correct,
                                                                len(rows), interrupt)
+        check_loss(loss_sum / len(index), logits.shape[1], where)
+        check_gradients(model, where)
         self.optimizer.step()
         return loss_sum, correct, stop
 
@@ -199,7 +199,12 @@ class Trainer:
 
     def _end_epoch(self):
         started = time.perf_counter()
-        val_loss, val_acc, _ = evaluate(self.model, self.splits["val"], self.config.eval_batch_size)
+        try:
+            val_loss, val_acc, _ = evaluate(self.model, self.splits["val"],
+                                            self.config.eval_batch_size)
+        except FloatingPointError:
+            raise TrainingDiverged(f"training diverged in epoch {self.epoch + 1}: the validation "
+                                   f"loss at its end is not finite") from None
         sums = self.sums
         row = {"epoch": self.epoch + 1, "train_loss": sums["loss"] / sums["count"],
                "train_acc": sums["correct"] / sums["count"], "val_loss": val_loss,

@@ -59,7 +59,7 @@ def test_arraybn_errors_share_the_user_error_base():
     from arraybn.experiments.plots import PlotUnavailable
     from arraybn.experiments.sweep_config import SweepConfigError
     from arraybn.stages import StageError
-    from arraybn.stages.training_loop import TrainingDiverged
+    from arraybn.stages.divergence import TrainingDiverged
     for error in (StageError, DatasetNotFoundError, IDXFormatError, NonFiniteStatisticsError,
                   BackendUnavailableError, SweepConfigError, PlotUnavailable, ConfigError,
                   TrainingDiverged):

@@ -1,11 +1,16 @@
 """Faults during training: a full disk while saving, and divergence."""
 import errno
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
 
-from arraybn.stages import StageError, run_train
+from arraybn.core import NonFiniteStatisticsError
+from arraybn.nn.layers import Dense
+from arraybn.stages import StageError, TrainingInterrupted, run_train
+from arraybn.stages.divergence import TrainingDiverged
 from tests.stages.helpers import file_sha, quiet, stage_leftovers, tiny_config
 
 
@@ -84,3 +89,74 @@ def test_disk_full_while_writing_the_stage_names_the_file_and_keeps_the_old_stag
     monkeypatch.undo()
     assert file_sha(run, "train", "model.npz") == before and stage_leftovers(run) == []
     assert sorted(os.listdir(run / "train-checkpoint")) == ["checkpoint.json", "checkpoint.npz"]
+
+
+def test_an_exploding_loss_is_divergence_without_numpy_warnings(tmp_path, data_dir):
+    run = tmp_path / "run"
+    _train(run, data_dir, epochs=1)
+    before = file_sha(run, "train", "model.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(TrainingDiverged) as error:
+            _train(run, data_dir, epochs=3, optimizer="adam", lr=1e6, force=True)
+    message = str(error.value)
+    assert re.search(r"training diverged at epoch \d, step \d: the loss is \S+, above 230 "
+                     r"\(100 x log 10 for 10 classes", message), message
+    assert f"{run}/train is as it was" in message and "Lower --lr (it was 1e+06)" in message
+    assert file_sha(run, "train", "model.npz") == before and stage_leftovers(run) == []
+
+
+def _poison(monkeypatch, layer_name, armed, where="forward"):
+    """Once ``armed``, layer ``layer_name``'s output (or its weight's gradient) becomes NaN."""
+    real = getattr(Dense, where)
+
+    def poisoned(self, *args):
+        out = real(self, *args)
+        if self.name == layer_name and armed:
+            if where == "forward":
+                out[0, 0] = np.nan
+            else:
+                self.weight.grad[0, 0] = np.nan
+        return out
+    monkeypatch.setattr(Dense, where, poisoned)
+
+
+def test_a_nan_loss_names_epoch_step_and_the_first_non_finite_layer(tmp_path, data_dir,
+                                                                    monkeypatch):
+    _poison(monkeypatch, "fc2", [True])
+    with pytest.raises(TrainingDiverged, match=r"at epoch 1, step 1: the loss is not finite; "
+                                               r"the first output that is not finite is that "
+                                               r"of layer \d+ \(fc2\)"):
+        _train(tmp_path / "run", data_dir, bn="none")
+
+
+def test_a_non_finite_gradient_names_the_parameter(tmp_path, data_dir, monkeypatch):
+    _poison(monkeypatch, "fc1", [True], where="backward")
+    with pytest.raises(TrainingDiverged, match="epoch 1, step 1: the gradient of fc1.weight is "
+                                               "not finite"):
+        _train(tmp_path / "run", data_dir)
+
+
+def test_resume_refuses_a_checkpoint_that_diverged_and_train_agrees(tmp_path, data_dir,
+                                                                    monkeypatch):
+    run, armed = tmp_path / "run", []
+    _poison(monkeypatch, "fc2", armed)
+    with pytest.raises(NonFiniteStatisticsError, match="epoch 2, step 2, bn4: .*nothing was "
+                                                       "written. Lower --lr"):      # BN saw it
+        _train(run, data_dir, epochs=3, on_step=_arm_at(armed, 2, 1))
+    monkeypatch.undo()
+    with pytest.raises(StageError, match="diverged after its checkpoint.*--force --lr"):
+        run_train(run, None, resume=True, echo=quiet)
+    with pytest.raises(StageError, match="holds a run that diverged.*--force"):
+        _train(run, data_dir, epochs=3)
+    with pytest.raises(TrainingInterrupted):          # a new run's checkpoint replaces the mark
+        _train(run, data_dir, epochs=3, lr=1e-3, force=True, on_step=_stop_at(2, 1))
+    run_train(run, None, resume=True, echo=quiet)
+    assert (run / "train" / "model.npz").is_file() and not (run / "train-checkpoint").exists()
+
+
+def _stop_at(epoch, step):
+    def on_step(info):
+        if (info["epoch"], info["step"]) == (epoch, step):
+            raise KeyboardInterrupt
+    return on_step
