@@ -96,12 +96,23 @@ def _files_in(directory, name):
 def find_dataset(name="fashion-mnist", data_dir=None):
     """``(directory, {role: path})`` of the first complete copy of the dataset found."""
     check_dataset_name(name)
+    _check_environment_dir(data_dir)
     searched = candidate_dirs(name, data_dir)
     for directory in searched:
         found = _files_in(directory, name)
         if found:
             return directory, found
     raise DatasetNotFoundError(_missing_message(name, searched))
+
+
+def _check_environment_dir(data_dir):
+    """An explicit ``$ARRAYBN_DATA`` that does not exist is a mistake, not a reason to look
+    elsewhere (unless ``--data-dir`` overrides it)."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if data_dir is None and env and not os.path.isdir(env):
+        raise DatasetNotFoundError(f"${ENV_VAR} is set to {env}, which does not exist or is not "
+                                   f"a directory; point it at the directory with the IDX files, "
+                                   f"or unset it to use the default location")
 
 
 def _missing_message(name, searched):

@@ -94,3 +94,13 @@ def test_pixel_stats_matches_numpy_in_float64(rng):
     assert np.isclose(std, (images / 255.0).std(), rtol=1e-12)
     with pytest.raises(ValueError, match="all the same value"):
         pixel_stats(np.full((3, 2, 2), 7, np.uint8))
+
+
+def test_an_arraybn_data_that_does_not_exist_is_an_error_naming_it(tmp_path, monkeypatch):
+    missing = tmp_path / "nonexistent"
+    monkeypatch.setenv("ARRAYBN_DATA", str(missing))
+    with pytest.raises(DatasetNotFoundError, match=rf"\$ARRAYBN_DATA is set to {missing}, "
+                                                   r"which does not exist.*unset it"):
+        find_dataset("fashion-mnist")
+    write_dataset(tmp_path / "given")
+    assert find_dataset("mnist", tmp_path / "given")[0] == str(tmp_path / "given")  # --data-dir wins
