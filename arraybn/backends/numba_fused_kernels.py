@@ -26,82 +26,132 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @jit()
-def _normalize_pool(x, center, a, b, relu_after, k, rows, y, argmax):
-    """y, argmax of the pooled, normalised (and ReLU'd) x; ``rows`` is (k, W) in x's dtype."""
-    n_batch, n_ch, oh, ow = y.shape
-    width = x.shape[3]
-    for n in range(n_batch):
-        for c in range(n_ch):
-            mu, ac, bc = center[c], a[c], b[c]
-            for i in range(oh):
-                for di in range(k):
-                    src, dst = x[n, c, i * k + di], rows[di]
-                    for j in range(width):
-                        dst[j] = (np.float64(src[j]) - mu) * ac + bc     # rounded once here
-                for j in range(ow):
-                    best = rows[0, j * k]
-                    best_at = 0
-                    for di in range(k):
-                        for dj in range(k):
-                            v = rows[di, j * k + dj]
-                            if v > best:          # strict: the first maximum wins, like PyTorch
-                                best, best_at = v, di * k + dj
-                    if relu_after and not best > 0:
-                        y[n, c, i, j] = 0
-                        argmax[n, c, i, j] = INACTIVE
-                    else:
-                        y[n, c, i, j] = best
-                        argmax[n, c, i, j] = best_at
+def _normalize_pool(x, center, a, b, relu_after, k, plane, y, argmax):
+    """y, argmax of the pooled, normalised (and ReLU'd) x; ``plane`` is (H, W) in x's dtype.
+
+    Each (n, c) plane is normalised into ``plane`` (one contiguous, vectorised loop; the store
+    rounds once), then pooled from there (cache-resident).
+    """
+    n_ch, size = x.shape[1], x.shape[2] * x.shape[3]
+    x2, y2, am2 = _planes(x), _planes(y), _planes(argmax)
+    flat = plane.reshape(size)
+    for p in range(x2.shape[0]):
+        c = p % n_ch
+        mu, ac, bc = center[c], a[c], b[c]
+        for q in range(size):
+            flat[q] = (np.float64(x2[p, q]) - mu) * ac + bc
+        if k == 2:
+            _pool2(plane, relu_after, y2[p], am2[p])
+        else:
+            _pool(plane, relu_after, k, y2[p], am2[p])
+
+
+@jit()
+def _pool2(plane, relu_after, y, argmax):
+    """2 x 2 pooling of one plane into flat y/argmax, branch-free; ties go to the first
+    maximum, like PyTorch."""
+    oh, ow = plane.shape[0] // 2, plane.shape[1] // 2
+    for i in range(oh):
+        for j in range(ow):
+            v0, v1 = plane[2 * i, 2 * j], plane[2 * i, 2 * j + 1]
+            v2, v3 = plane[2 * i + 1, 2 * j], plane[2 * i + 1, 2 * j + 1]
+            m01, a01 = (v1, 1) if v1 > v0 else (v0, 0)
+            m23, a23 = (v3, 3) if v3 > v2 else (v2, 2)
+            best, at = (m23, a23) if m23 > m01 else (m01, a01)
+            if relu_after and not best > 0:
+                best, at = 0, INACTIVE
+            y[i * ow + j] = best
+            argmax[i * ow + j] = at
+
+
+@jit()
+def _pool(plane, relu_after, k, y, argmax):
+    """k x k pooling of one plane (k = 1: the ReLU alone), first maximum in row-major order."""
+    oh, ow = plane.shape[0] // k, plane.shape[1] // k
+    for i in range(oh):
+        for j in range(ow):
+            best, at = plane[i * k, j * k], 0
+            for di in range(k):
+                for dj in range(k):
+                    v = plane[i * k + di, j * k + dj]
+                    if v > best:
+                        best, at = v, di * k + dj
+            if relu_after and not best > 0:
+                best, at = 0, INACTIVE
+            y[i * ow + j] = best
+            argmax[i * ow + j] = at
+
+
+@jit()
+def _offset_tables(k):
+    """(row, column) offset in the window of each argmax value (no division per element)."""
+    di, dj = np.empty(k * k, np.int64), np.empty(k * k, np.int64)
+    for at in range(k * k):
+        di[at], dj[at] = at // k, at % k
+    return di, dj
+
+
+@jit()
+def _active(at, g):
+    """(argmax offset, gradient as float64) of a window; (0, 0.0) for an INACTIVE one.
+
+    Branch-free: a zero gradient adds nothing to the sums, and ``a_gy * 0 + base`` rewrites the
+    value that the gx pass already holds there, so inactive windows need no test.
+    """
+    active = at != INACTIVE
+    return (np.int64(at) if active else 0), (np.float64(g) if active else 0.0)
+
+
+@jit()
+def _planes(a):
+    """(N, C, H, W) as (N * C, H * W): one view, indexed directly (no view per plane)."""
+    return a.reshape(a.shape[0] * a.shape[1], a.shape[2] * a.shape[3])
 
 
 @jit()
 def _pooled_sums(gy, x, argmax, mean, k, sum_gy, sum_gy_xc):
     """Per channel, in float64: sum of gy and of gy * (x - mean) at each window's argmax."""
-    n_batch, n_ch, oh, ow = gy.shape
+    di, dj = _offset_tables(k)
+    n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
+    x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
     sum_gy[:] = 0.0
     sum_gy_xc[:] = 0.0
-    for n in range(n_batch):
-        for c in range(n_ch):
-            mu, s, s_xc = mean[c], 0.0, 0.0
-            for i in range(oh):
-                for j in range(ow):
-                    at = argmax[n, c, i, j]
-                    if at == INACTIVE:
-                        continue
-                    g = np.float64(gy[n, c, i, j])
-                    s += g
-                    s_xc += g * (np.float64(x[n, c, i * k + at // k, j * k + at % k]) - mu)
-            sum_gy[c] += s
-            sum_gy_xc[c] += s_xc
+    for p in range(x2.shape[0]):
+        c = p % n_ch
+        mu, s, s_xc = mean[c], 0.0, 0.0
+        for i in range(oh):
+            for j in range(ow):
+                at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
+                s += g
+                s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
+        sum_gy[c] += s
+        sum_gy_xc[c] += s_xc
 
 
 @jit()
 def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, gx):
     """gx = a_gy * g + ((x - mean) * a_x + b), g the unpooled gradient; 0 where x <= 0 if
-    ``relu_before``."""
-    n_batch, n_ch, h, w = x.shape
-    oh, ow = gy.shape[2], gy.shape[3]
-    for n in range(n_batch):
-        for c in range(n_ch):
-            mu, ag, ax, bc = mean[c], a_gy[c], a_x[c], b[c]
-            for r in range(h):
-                src, dst = x[n, c, r], gx[n, c, r]
-                for j in range(w):
-                    dst[j] = (np.float64(src[j]) - mu) * ax + bc
-            for i in range(oh):
-                for j in range(ow):
-                    at = argmax[n, c, i, j]
-                    if at == INACTIVE:
-                        continue
-                    r, col = i * k + at // k, j * k + at % k
-                    gx[n, c, r, col] = ag * np.float64(gy[n, c, i, j]) + (
-                        (np.float64(x[n, c, r, col]) - mu) * ax + bc)
-            if relu_before:
-                for r in range(h):
-                    src, dst = x[n, c, r], gx[n, c, r]
-                    for j in range(w):
-                        if not src[j] > 0:
-                            dst[j] = 0
+    ``relu_before``. Every position gets the second term (one vectorised pass), then each
+    window's argmax gets the whole formula."""
+    di, dj = _offset_tables(k)
+    n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
+    x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
+    size = x2.shape[1]
+    for p in range(x2.shape[0]):
+        c = p % n_ch
+        mu, ag, ax, bc = mean[c], a_gy[c], a_x[c], b[c]
+        for q in range(size):
+            gx2[p, q] = (np.float64(x2[p, q]) - mu) * ax + bc
+        for i in range(oh):
+            for j in range(ow):
+                at = np.int64(am2[p, i * ow + j])
+                if at != INACTIVE:
+                    q = (i * k + di[at]) * w + j * k + dj[at]
+                    gx2[p, q] = ag * np.float64(gy2[p, i * ow + j]) + (
+                        (np.float64(x2[p, q]) - mu) * ax + bc)
+        if relu_before:
+            for q in range(size):
+                gx2[p, q] = gx2[p, q] if x2[p, q] > 0 else 0
 
 
 def _check_input(x):
@@ -133,9 +183,9 @@ def bn_pool_forward(x, center, a, b, relu_after, k):
                          f"k*k < {INACTIVE}; got {h}x{w}")
     y = np.empty((n, c, h // k, w // k), dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=np.uint8)
-    rows = np.empty((k, w), dtype=x.dtype)
+    plane = np.empty((h, w), dtype=x.dtype)
     _normalize_pool(x, _channels(center, c), _channels(a, c), _channels(b, c), bool(relu_after),
-                    int(k), rows, y, argmax)
+                    int(k), plane, y, argmax)
     return y, argmax
 
 
