@@ -179,7 +179,8 @@ def test_second_ctrl_c_stops_at_once_keeping_the_epoch_checkpoint(tmp_path, data
         if (info["epoch"], info["step"]) == (2, 1):
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(TrainingInterrupted, match=r"second Ctrl-C \(SIGINT\); the checkpoint of the last"):
+    with pytest.raises(TrainingInterrupted,
+                       match=r"second Ctrl-C \(SIGINT\); the checkpoint of the last"):
         _train(run, data_dir, on_step=press_twice)
     checkpoint = json.loads((run / "train-checkpoint" / "checkpoint.json").read_text())
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
