@@ -72,6 +72,11 @@ train_options = stack(
                  show_default=True),
     click.option("--hidden", callback=_hidden, default=",".join(map(str, DEFAULTS.hidden)),
                  show_default=True, help="MLP hidden widths, comma-separated."),
+    click.option("--depth", type=click.IntRange(1), default=DEFAULTS.depth, show_default=True,
+                 help="plain: number of convolutions (>= 3); resnet: 6n+2 layers (8, 14, 20)."),
+    click.option("--width", type=click.IntRange(1), default=DEFAULTS.width, show_default=True,
+                 help="plain/resnet: channels of the first stage (doubled at each of the two "
+                      "downsamplings)."),
     click.option("--bn", type=click.Choice(BN_CHOICES), default=DEFAULTS.bn, show_default=True,
                  help="Batch normalization variant."),
     click.option("--bn-position", type=click.Choice(BN_POSITIONS), default=DEFAULTS.bn_position,
@@ -106,6 +111,10 @@ train_options = stack(
                  show_default=True),
     click.option("--augment/--no-augment", default=DEFAULTS.augment, show_default=True,
                  help="Random rotation, shear, zoom and shift of training images."),
+    click.option("--augment-crop", type=click.IntRange(0), default=DEFAULTS.augment_crop,
+                 show_default=True,
+                 help="Random crop of training images after zero padding by N pixels (0: off; "
+                      "2 suits 28x28), with or without --augment."),
     click.option("--eval-batch-size", type=click.IntRange(1), default=DEFAULTS.eval_batch_size,
                  show_default=True, help="Batch size for validation and testing."),
     click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),

@@ -1,6 +1,6 @@
 """MNIST-format data: the IDX reader, dataset search and splits, augmentation, batch order."""
-from arraybn.data.augment import (AugmentConfig, augment_batch, random_affine, random_crop,
-                                  warp_affine)
+from arraybn.data.augment import (AugmentConfig, augment_batch, crop_at, random_affine,
+                                  random_crop, random_crop_offsets, warp_affine)
 from arraybn.data.batches import batch_indices, epoch_order, num_batches, step_rng
 from arraybn.data.datasets import (CLASS_NAMES, DATASETS, DEBIAN_DIRS, ENV_VAR, FILES,
                                    DatasetNotFoundError, RawDataset, Split, candidate_dirs,
@@ -9,7 +9,7 @@ from arraybn.data.datasets import (CLASS_NAMES, DATASETS, DEBIAN_DIRS, ENV_VAR, 
 from arraybn.data.idx import IDXFormatError, parse_idx, read_idx, read_images, read_labels
 
 __all__ = ["AugmentConfig", "augment_batch", "random_affine", "random_crop", "warp_affine",
-           "batch_indices",
+           "random_crop_offsets", "crop_at", "batch_indices",
            "epoch_order", "num_batches", "step_rng", "CLASS_NAMES", "DATASETS", "DEBIAN_DIRS",
            "ENV_VAR", "FILES", "DatasetNotFoundError", "RawDataset", "Split", "candidate_dirs",
            "dataset_fingerprint", "find_dataset", "load_dataset", "normalise", "pixel_stats",

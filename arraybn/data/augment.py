@@ -88,22 +88,31 @@ def warp_affine(images, inverse, offset, fill=0.0):
     return out.reshape(images.shape)
 
 
+def random_crop_offsets(n, pad, rng):
+    """(n, 2) window corners (row, column), each uniform in [0, 2 pad]."""
+    return rng.integers(0, 2 * int(pad) + 1, size=(n, 2))
+
+
 def random_crop(images, pad, rng, fill=0.0):
     """Pad ``images`` (N, C, H, W) by ``pad`` pixels of ``fill``, cut a random H x W window from
     each (one offset per image, uniform in [0, 2 pad] per axis); returns (crops, offsets (N, 2)).
 
     Crop n shows the image shifted by ``pad - offsets[n]`` pixels (rows, columns).
     """
+    offsets = random_crop_offsets(images.shape[0], pad, rng)
+    return crop_at(images, offsets, pad, fill), offsets
+
+
+def crop_at(images, offsets, pad, fill=0.0):
+    """The H x W windows at ``offsets`` (N, 2) of ``images`` padded by ``pad`` pixels of fill."""
     n, channels, height, width = images.shape
     pad = int(pad)
-    offsets = rng.integers(0, 2 * pad + 1, size=(n, 2))
     padded = np.full((n, channels, height + 2 * pad, width + 2 * pad), fill, dtype=images.dtype)
     padded[:, :, pad:pad + height, pad:pad + width] = images
     rows = offsets[:, 0, None] + np.arange(height)                 # (N, H)
     cols = offsets[:, 1, None] + np.arange(width)                  # (N, W)
-    crops = padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
+    return padded[np.arange(n)[:, None, None, None], np.arange(channels)[None, :, None, None],
                    rows[:, None, :, None], cols[:, None, None, :]]
-    return crops, offsets
 
 
 def augment_batch(images, rng, config=AugmentConfig(), fill=0.0):

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from arraybn.data import DATASETS, AugmentConfig
 from arraybn.errors import ConfigError
 from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES, defaults
+from arraybn.nn.deep_models import check_config as check_deep_model
 from arraybn.stages.artifacts import StageError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -37,6 +38,8 @@ class TrainConfig:
     bn: str = defaults.BN
     bn_position: str = defaults.BN_POSITION
     hidden: tuple = defaults.MLP_HIDDEN
+    depth: int = defaults.DEPTH
+    width: int = defaults.WIDTH
     dropout: float = defaults.DROPOUT
     ghost_batch_size: int = defaults.GHOST_BATCH_SIZE
     bn_momentum: float = defaults.BN_MOMENTUM
@@ -56,6 +59,7 @@ class TrainConfig:
     augment_shear: float = 0.1
     augment_zoom: float = 0.1
     augment_shift: float = 0.1
+    augment_crop: int = 0
     eval_batch_size: int = 1000
     backend: str = "auto"
     seed: int = 0
@@ -94,11 +98,30 @@ class TrainConfig:
         if self.bn == "renorm" and self.stats == "none":
             raise ConfigError("--bn renorm needs running statistics; use --stats running")
         check_bn_sync(self.bn_sync)
+        self._check_model_options()
         self.augment_config()
 
+    def _check_model_options(self):
+        for key in ("depth", "width"):
+            if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        try:
+            check_deep_model(dict(name=self.model, depth=self.depth, width=self.width,
+                                  dropout=self.dropout, bn=self.bn, bn_position=self.bn_position))
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (--model {self.model})") from None
+
+    @property
+    def augments(self):
+        """Whether training batches are transformed (``augment`` or a random crop)."""
+        return bool(self.augment or self.augment_crop)
+
     def augment_config(self):
-        return AugmentConfig(self.augment_rotation, self.augment_shear, self.augment_zoom,
-                             self.augment_shift)
+        """The affine ranges apply with ``augment``; the crop (``augment_crop`` pixels of
+        padding, 0: none) with or without it."""
+        ranges = ((self.augment_rotation, self.augment_shear, self.augment_zoom,
+                   self.augment_shift) if self.augment else (0.0, 0.0, 0.0, 0.0))
+        return AugmentConfig(*ranges, crop=self.augment_crop)
 
     def model_options(self):
         """Keyword arguments of ``arraybn.nn.build_model`` (besides name, backend, seed, shapes)."""
@@ -106,7 +129,7 @@ class TrainConfig:
                     ghost_batch_size=self.ghost_batch_size, bn_momentum=self.bn_momentum,
                     bn_eps=self.bn_eps, renorm_rmax=self.renorm_rmax,
                     renorm_dmax=self.renorm_dmax, track_running_stats=self.stats == "running",
-                    hidden=self.hidden, dtype=self.dtype)
+                    hidden=self.hidden, depth=self.depth, width=self.width, dtype=self.dtype)
 
     def to_dict(self):
         data = asdict(self)

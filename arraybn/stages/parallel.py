@@ -23,7 +23,8 @@ trainer has one code path.
 """
 import numpy as np
 
-from arraybn.data import augment_batch, random_affine, warp_affine
+from arraybn.data import (augment_batch, crop_at, random_affine, random_crop_offsets,
+                          warp_affine)
 from arraybn.distributed import check_group_size
 from arraybn.core.moments import group_moments
 from arraybn.errors import ConfigError
@@ -112,7 +113,11 @@ class DataParallel(SingleProcess):
         """Transforms drawn for the whole global batch; this rank's rows warped."""
         inverse, offset = random_affine(n_global, images.shape[2], images.shape[3], rng, config)
         rows = slice(self._start, self._start + images.shape[0])
-        return warp_affine(images, inverse[rows], offset[rows], fill)
+        out = warp_affine(images, inverse[rows], offset[rows], fill)
+        if config.crop:                                # drawn after the affine maps, as one
+            corners = random_crop_offsets(n_global, config.crop, rng)       # process does
+            out = crop_at(out, corners[rows], config.crop, fill)
+        return out
 
     def reduce_step(self, model, loss_sum, correct, count, interrupt):
         """Sum every rank's gradients (set back into ``.grad``), average the running buffers
