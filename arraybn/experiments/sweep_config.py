@@ -51,6 +51,7 @@ import types
 from arraybn.backends import BackendUnavailableError, get_backend
 from arraybn.data import DatasetNotFoundError, find_dataset
 from arraybn.errors import ConfigError
+from arraybn.nn import BN_KINDS
 from arraybn.stages.artifacts import StageError
 from arraybn.stages.config import PostprocConfig, TestConfig, TrainConfig
 
@@ -92,7 +93,8 @@ class RunSpec:
 
     @property
     def has_bn(self):
-        return self.config.bn != "none"
+        """Batch statistics to post-process: a BN kind (not 'none' or 'group')."""
+        return self.config.bn in BN_KINDS
 
     def record(self):
         """The JSON-able specification stored in ``RUN/sweep-run.json``."""

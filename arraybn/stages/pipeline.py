@@ -1,6 +1,7 @@
 """Train -> postproc -> test for one run: the chain behind ``arraybn run`` and every sweep run."""
 import os
 
+from arraybn.nn import BN_KINDS
 from arraybn.stages.artifacts import read_manifest
 from arraybn.stages.config import PostprocConfig, TestConfig
 from arraybn.stages.postproc import run_postproc
@@ -36,7 +37,7 @@ def run_pipeline(run_dir, config=None, postproc=PostprocConfig(), test=TestConfi
     if _must_run(run_dir, "train", keep_done, redo, False):
         results["train"] = _train(run_dir, config, force or "train" in redo, resume, keep_done,
                                   echo, on_step)
-    has_bn = read_manifest(run_dir, "train")["config"]["bn"] != "none"
+    has_bn = read_manifest(run_dir, "train")["config"]["bn"] in BN_KINDS    # not none/group
     if postproc is not None and has_bn and _must_run(run_dir, "postproc", keep_done, redo,
                                                      results["train"] is not None):
         results["postproc"] = run_postproc(run_dir, postproc, force=True, echo=echo)

@@ -88,8 +88,8 @@ def run_postproc(run_dir, config=None, *, backend=None, data_dir=None, force=Fal
     check_can_write(run_dir, "postproc", force)
     model = run.model()
     if not model.bn_layers():
-        raise StageError(f"the model in {run_dir} has no BN layers (trained with --bn none); "
-                         f"there is nothing to post-process: run `arraybn test {run_dir}`")
+        raise StageError(f"the model in {run_dir} has no BN layers (trained with --bn none or "
+                         f"group); there is nothing to post-process: run `arraybn test {run_dir}`")
     _, splits, _ = run.data()
     if comm is not None:
         if method != "exact":

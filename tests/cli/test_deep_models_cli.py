@@ -54,3 +54,13 @@ def test_bad_deep_model_options_are_one_line_errors(tmp_path, data_dir, extra, m
     assert result.exit_code != 0
     assert message in result.output
     assert not (tmp_path / "run" / "train").exists()
+
+
+def test_run_with_group_norm_has_no_batch_statistics_to_post_process(tmp_path, data_dir):
+    run = tmp_path / "run"
+    result = invoke("run", run, "--data-dir", data_dir, "--backend", "numpy", "--epochs", 1,
+                    "--batch-size", 16, "--eval-batch-size", 16, "--model", "resnet",
+                    "--depth", "8", "--width", "2", "--bn", "group")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["test", "train"]
+    assert "per-class accuracy" in result.output
