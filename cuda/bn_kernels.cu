@@ -342,20 +342,17 @@ bn_merge_moments(const double* __restrict__ part, long long Pt, long long P, lon
 // once per training step (the backend's take_deferred_failures), not after every BN call.
 // status[slot] = 1 marks a BN call whose statistics are unusable; the host then checks that
 // call's statistics itself and raises the error that names them.
+// The running buffers are updated all or none, as on the CPU (where a non-finite batch raises
+// before any buffer changes): the merge/finish kernel flags the call, and bn_update_running,
+// launched after it on the same stream, updates every channel only if the flag is clear.
 
 __device__ __forceinline__ bool bn_finite(double v) {
     return v - v == 0.0;            // false for NaN and +-inf; no math header under NVRTC
 }
 
-// If mean and var are finite: inv_std[c] = 1 / sqrt(var + eps) and the running buffers that
-// `update` names (bit 0: mean, bit 1: var) become (1 - momentum) * r + momentum * batch, with
-// the unbiased var * unbias for running_var, in double and rounded once. Otherwise the channel's
-// buffers keep their values, inv_std[c] is NaN and status[slot] is set.
-template <typename RM, typename RV>
+// inv_std[c] = 1 / sqrt(var + eps) if mean and var are finite; otherwise inv_std[c] is NaN and
+// status[slot] is set.
 __device__ __forceinline__ void finish_channel(long long c, double mu, double v, double eps,
-                                               double momentum, double unbias, int update,
-                                               RM* __restrict__ running_mean,
-                                               RV* __restrict__ running_var,
                                                double* __restrict__ inv_std,
                                                int* __restrict__ status, int slot) {
     if (!(bn_finite(mu) && bn_finite(v))) {
@@ -364,46 +361,52 @@ __device__ __forceinline__ void finish_channel(long long c, double mu, double v,
         return;
     }
     inv_std[c] = 1.0 / sqrt(v + eps);
-    const double keep = 1.0 - momentum;
-    if (update & 1) running_mean[c] = static_cast<RM>(keep * static_cast<double>(running_mean[c])
-                                                      + momentum * mu);
-    if (update & 2) running_var[c] = static_cast<RV>(keep * static_cast<double>(running_var[c])
-                                                     + momentum * v * unbias);
 }
 
 // As bn_merge_moments, then finish_channel, and scale[c] = gamma * inv_std (gamma when
-// center_only != 0): the whole per-channel part of a training forward in one launch.
-template <typename RM, typename RV>
-__global__ void __launch_bounds__(BN_MAX_THREADS)
+// center_only != 0): the per-channel part of a training forward in one launch.
+extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
 bn_merge_train(const double* __restrict__ part, long long Pt, long long P, long long G, long long S,
-               const double* __restrict__ gamma, double eps, int center_only, double momentum,
-               double unbias, int update, RM* __restrict__ running_mean,
-               RV* __restrict__ running_var, double* __restrict__ mean, double* __restrict__ var,
-               double* __restrict__ inv_std, double* __restrict__ scale, int* __restrict__ status,
-               int slot) {
+               const double* __restrict__ gamma, double eps, int center_only,
+               double* __restrict__ mean, double* __restrict__ var, double* __restrict__ inv_std,
+               double* __restrict__ scale, int* __restrict__ status, int slot) {
     const Moments total = channel_moments(part, Pt, P, G, S);
     if (threadIdx.x == 0) {
         const long long c = blockIdx.x;
         const double v = total.m2 / total.n;
         mean[c] = total.mean;
         var[c] = v;
-        finish_channel(c, total.mean, v, eps, momentum, unbias, update, running_mean, running_var,
-                       inv_std, status, slot);
+        finish_channel(c, total.mean, v, eps, inv_std, status, slot);
         scale[c] = center_only ? gamma[c] : gamma[c] * inv_std[c];
     }
 }
 
 // finish_channel for given statistics (batch renormalization, a group's merged statistics):
 // one thread per channel.
+extern "C" __global__ void __launch_bounds__(BN_MAX_THREADS)
+bn_finish_statistics(const double* __restrict__ mean, const double* __restrict__ var, long long C,
+                     double eps, double* __restrict__ inv_std, int* __restrict__ status,
+                     int slot) {
+    const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c < C) finish_channel(c, mean[c], var[c], eps, inv_std, status, slot);
+}
+
+// Unless status[slot] is set (some channel's statistics were not finite: then no buffer
+// changes), the running buffers that `update` names (bit 0: mean, bit 1: var) become
+// (1 - momentum) * r + momentum * batch, with the unbiased var * unbias for running_var, in
+// double and rounded once. One thread per channel.
 template <typename RM, typename RV>
 __global__ void __launch_bounds__(BN_MAX_THREADS)
-bn_finish_statistics(const double* __restrict__ mean, const double* __restrict__ var, long long C,
-                     double eps, double momentum, double unbias, int update,
-                     RM* __restrict__ running_mean, RV* __restrict__ running_var,
-                     double* __restrict__ inv_std, int* __restrict__ status, int slot) {
+bn_update_running(const double* __restrict__ mean, const double* __restrict__ var, long long C,
+                  double momentum, double unbias, int update, RM* __restrict__ running_mean,
+                  RV* __restrict__ running_var, const int* __restrict__ status, int slot) {
     const long long c = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (c < C) finish_channel(c, mean[c], var[c], eps, momentum, unbias, update, running_mean,
-                              running_var, inv_std, status, slot);
+    if (c >= C || status[slot] != 0) return;
+    const double keep = 1.0 - momentum;
+    if (update & 1) running_mean[c] = static_cast<RM>(keep * static_cast<double>(running_mean[c])
+                                                      + momentum * mean[c]);
+    if (update & 2) running_var[c] = static_cast<RV>(keep * static_cast<double>(running_var[c])
+                                                     + momentum * var[c] * unbias);
 }
 
 // Inference with the running statistics: mean[c] = running_mean, scale[c] = 1 / sqrt(running_var

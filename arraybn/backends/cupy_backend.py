@@ -15,13 +15,15 @@ The kernels are compiled by NVRTC with arraybn's own options (``cuda_build``: no
 from CuPy), once per architecture and cached on disk, in :func:`create`, so that a toolkit that
 cannot compile them makes the backend unavailable instead of failing at the first BN call.
 
-No host synchronisation in a BN call: the finite check of the batch statistics and the running
-buffers' update happen in the merge kernel, the running statistics of inference are checked in
-the kernel that makes the inference coefficients, and a failure sets a flag in device memory.
-Where it surfaces: ``take_deferred_failures`` (one device-to-host copy), which the trainer calls
-once per training step (``arraybn.core.deferred.raise_deferred_errors``); until then a NaN batch
-leaves its channels' running buffers alone (other channels are updated) and gives NaN outputs,
-and so do non-finite or negative running statistics in inference (its outputs are NaN).
+No host synchronisation in a BN call: the finite check of the batch statistics happens in the
+merge kernel, which sets a flag in device memory, and the running buffers' update in one more
+small kernel after it that reads the flag: all channels are updated or none, as on the CPU. The
+running statistics of inference are checked in the kernel that makes the inference
+coefficients. Where a failure surfaces: ``take_deferred_failures`` (one device-to-host copy),
+which the trainer calls once per training step and ``stages.common.evaluate`` once per
+evaluation (``arraybn.core.deferred.raise_deferred_errors``); until then a NaN batch leaves
+every running buffer alone and gives NaN outputs, and so do non-finite or negative running
+statistics in inference (its outputs are NaN).
 """
 import contextlib
 import importlib
@@ -40,8 +42,9 @@ INSTALL_HINT = ("pip install 'arraybn[gpu]' (installs cupy-cuda12x; needs an NVI
                 "driver for CUDA 12)")
 INDEX_LIMIT = 2**30       # C and M are 32-bit in the kernels' index walks
 C_TYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
-EXTERN_C_KERNELS = ("bn_merge_moments", "bn_merge_backward")
-PER_CHANNEL_KERNELS = ("bn_merge_train", "bn_finish_statistics", "bn_inference_coefficients")
+EXTERN_C_KERNELS = ("bn_merge_moments", "bn_merge_backward", "bn_merge_train",
+                    "bn_finish_statistics")
+PER_CHANNEL_KERNELS = ("bn_update_running", "bn_inference_coefficients")
 
 
 def _name_expressions():
@@ -131,11 +134,10 @@ class CupyBackend(Backend):
         buffers, update = self._running_buffers(running_mean, running_var, c, stats[0])
         slot = self._slot("batch statistics", (stats[0], stats[1]), checked)
         plan, part = self._partial_moments(x3)
-        self._launch(self._name_for("bn_merge_train", *buffers), (c,), plan.merge_block,
-                     self._part_args(plan, part)
-                     + (gamma, np.float64(eps), _i32(bool(center_only)), np.float64(momentum),
-                        np.float64(_unbias(n * m)), _i32(update)) + buffers
+        self._launch("bn_merge_train", (c,), plan.merge_block,
+                     self._part_args(plan, part) + (gamma, np.float64(eps), _i32(bool(center_only)))
                      + (stats[0], stats[1], stats[2], stats[3]) + slot)
+        self._update_running(stats[0], stats[1], momentum, n * m, buffers, update, slot)
         self._elementwise("bn_affine", ",true", x3, y, (x3,), (stats[3], stats[0], beta))
         return y, stats[0], stats[1], stats[2]
 
@@ -147,12 +149,21 @@ class CupyBackend(Backend):
             self._check_channel(arr, what, c)
         inv_std = self.xp.empty(c, dtype=np.float64)
         buffers, update = self._running_buffers(running_mean, running_var, c, inv_std)
-        self._launch(self._name_for("bn_finish_statistics", *buffers), _channel_grid(c),
-                     (MAX_THREADS,),
-                     (mean, var, _i64(c), np.float64(eps), np.float64(momentum),
-                      np.float64(_unbias(count)), _i32(update)) + buffers + (inv_std,)
-                     + self._slot("batch statistics", (mean, var), True))
+        slot = self._slot("batch statistics", (mean, var), True)
+        self._launch("bn_finish_statistics", _channel_grid(c), (MAX_THREADS,),
+                     (mean, var, _i64(c), np.float64(eps), inv_std) + slot)
+        self._update_running(mean, var, momentum, count, buffers, update, slot)
         return None, inv_std
+
+    def _update_running(self, mean, var, momentum, count, buffers, update, slot):
+        """Launch bn_update_running after the kernel that flags ``slot``: every buffer in
+        ``update`` moves towards (mean, var), or none does if a channel was not finite."""
+        if not update:
+            return
+        self._launch(self._name_for("bn_update_running", *buffers), _channel_grid(mean.shape[0]),
+                     (MAX_THREADS,),
+                     (mean, var, _i64(mean.shape[0]), np.float64(momentum),
+                      np.float64(_unbias(count)), _i32(update)) + buffers + slot)
 
     def inference_coefficients(self, gamma, beta, running_mean, running_var, eps, check):
         """As Backend's, validated in the kernel (``check`` is not called here): unusable

@@ -118,34 +118,60 @@ def _fake(a):
 
 
 @pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
-def test_training_merge_kernel_updates_finite_channels_and_flags_the_rest(emulated, rng,
-                                                                         buffer_dtype):
+def test_training_merge_kernel_updates_every_channel_when_all_are_finite(emulated, rng,
+                                                                          buffer_dtype):
     x = rng.standard_normal((8, 3, 5)) + 2.0
-    x[3, 1, 2] = np.nan
     rm0, rv0 = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
     rm, rv = _fake(rm0.astype(buffer_dtype)), _fake(rv0.astype(buffer_dtype))
+    ones, zeros = _fake(np.ones(3)), _fake(np.zeros(3))
+    y, mean, var, inv_std = emulated.forward_train_finish(_fake(x), ones, zeros, 1e-5, False,
+                                                          0.25, rm, rv)
+    np.testing.assert_allclose(mean.get(), x.mean(axis=(0, 2)), rtol=1e-15)
+    np.testing.assert_allclose(var.get(), x.var(axis=(0, 2)), rtol=1e-13)
+    ref_mean, ref_var = mean.get(), var.get()      # the update from the kernel's own statistics
+    start_mean, start_var = (r.astype(buffer_dtype).astype(np.float64) for r in (rm0, rv0))
+    expected_mean = 0.75 * start_mean + 0.25 * ref_mean            # float64, rounded once
+    expected_var = 0.75 * start_var + 0.25 * ref_var * 40 / 39
+    np.testing.assert_allclose(rm.a, expected_mean, rtol=2 * np.finfo(buffer_dtype).eps)
+    np.testing.assert_allclose(rv.a, expected_var, rtol=2 * np.finfo(buffer_dtype).eps)
+    np.testing.assert_allclose(inv_std.get(), 1 / np.sqrt(ref_var + 1e-5), rtol=1e-12)
+    assert emulated.take_deferred_failures() == []
+
+
+@pytest.mark.parametrize("buffer_dtype", [np.float32, np.float64])
+def test_training_merge_kernel_leaves_every_buffer_alone_when_a_channel_is_not_finite(
+        emulated, rng, buffer_dtype):
+    """As on the CPU: a NaN batch updates no running buffer at all, not even finite channels'."""
+    x = rng.standard_normal((8, 3, 5)) + 2.0
+    x[3, 1, 2] = np.nan
+    rm0, rv0 = rng.standard_normal(3).astype(buffer_dtype), rng.uniform(0.5, 2, 3).astype(
+        buffer_dtype)
+    rm, rv = _fake(rm0.copy()), _fake(rv0.copy())        # _fake does not copy
     ones, zeros = _fake(np.ones(3)), _fake(np.zeros(3))
     with emulated.labelled("bn7"):
         y, mean, var, inv_std = emulated.forward_train_finish(_fake(x), ones, zeros, 1e-5, False,
                                                               0.25, rm, rv)
-    np.testing.assert_allclose(mean.get()[[0, 2]], x.mean(axis=(0, 2))[[0, 2]], rtol=1e-15)
-    np.testing.assert_allclose(var.get()[[0, 2]], x.var(axis=(0, 2))[[0, 2]], rtol=1e-13)
-    ref_mean, ref_var = mean.get(), var.get()      # the update from the kernel's own statistics
-    for c in (0, 2):
-        start_mean, start_var = (float(r.astype(buffer_dtype)[c]) for r in (rm0, rv0))
-        expected_mean = 0.75 * start_mean + 0.25 * ref_mean[c]      # float64, rounded once
-        expected_var = 0.75 * start_var + 0.25 * ref_var[c] * 40 / 39
-        np.testing.assert_allclose(rm.a[c], expected_mean, rtol=2 * np.finfo(buffer_dtype).eps)
-        np.testing.assert_allclose(rv.a[c], expected_var, rtol=2 * np.finfo(buffer_dtype).eps)
-        np.testing.assert_allclose(inv_std.get()[c], 1 / np.sqrt(ref_var[c] + 1e-5), rtol=1e-12)
-    assert rm.a[1] == rm0.astype(buffer_dtype)[1] and rv.a[1] == rv0.astype(buffer_dtype)[1]
-    assert np.isnan(inv_std.get()[1])
+    np.testing.assert_array_equal(rm.a, rm0)
+    np.testing.assert_array_equal(rv.a, rv0)
+    assert np.isnan(inv_std.get()[1]) and np.isfinite(inv_std.get()[[0, 2]]).all()
     failures = emulated.take_deferred_failures()
     assert [(f.label, f.what) for f in failures] == [("bn7", "batch statistics")]
     with pytest.raises(NonFiniteStatisticsError, match=r"bn7: non-finite batch statistics in "
                                                        r"channel\(s\) 1"):
         raise_deferred_errors(_replay(failures))
     assert emulated.take_deferred_failures() == []   # the flags were cleared
+
+
+def test_finish_statistics_kernel_leaves_every_buffer_alone_when_a_channel_is_not_finite(
+        emulated, rng):
+    mean, var = rng.standard_normal(300), rng.uniform(0.1, 3, 300)
+    var[257] = np.inf                                # in the second block of 256 threads
+    rm0, rv0 = rng.standard_normal(300), rng.uniform(0.5, 2, 300)
+    rm, rv = _fake(rm0.copy()), _fake(rv0.copy())
+    emulated.finish_statistics(_fake(mean), _fake(var), 1e-5, 0.1, 17, rm, rv)
+    np.testing.assert_array_equal(rm.a, rm0)
+    np.testing.assert_array_equal(rv.a, rv0)
+    assert len(emulated.take_deferred_failures()) == 1
 
 
 def _replay(failures):
