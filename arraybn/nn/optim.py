@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from arraybn.backends import backend_for
+from arraybn.nn.flat import FlatParameters
 
 
 def _host(a):
@@ -83,7 +84,14 @@ def _device_like(value, like):
 
 class SGD(Optimizer):
     """PyTorch ``torch.optim.SGD`` (dampening 0): buf = momentum * buf + g (buf = g at first),
-    then p -= lr * (g + momentum * buf if nesterov else buf)."""
+    then p -= lr * (g + momentum * buf if nesterov else buf).
+
+    The parameters become views into one flat array (``arraybn.nn.flat``) when they share a
+    dtype, and a step is then a few whole-array operations (the same arithmetic per element,
+    so results are bit-identical to a step per parameter). ``flat_grad()`` gathers the
+    gradients into one array, e.g. to all-reduce it in place before ``step()``, which then uses
+    it as it is.
+    """
     kind = "sgd"
     _buffer_names = ("momentum_buffer",)
 
@@ -94,6 +102,64 @@ class SGD(Optimizer):
         if nesterov and momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        xp = backend_for(self.params[0].data).xp
+        self._flat = (FlatParameters(self.params, xp)
+                      if FlatParameters.possible(self.params, xp) else None)
+        self._flat_momentum = None       # flat buffer whose views are the state's buffers
+        self._gathered = None            # the flat gradient flat_grad() returned, until step()
+
+    def flat_grad(self):
+        """The gradients of every parameter as one flat array (None if some has none, or the
+        parameters could not share a flat array); ``step()`` uses this array, changes made to
+        it in place (an all-reduce) included."""
+        self._gathered = None if self._flat is None else self._flat.gather_grads()
+        return self._gathered
+
+    def step(self):
+        grad, self._gathered = self._gathered, None
+        if grad is None and self._flat is not None:
+            grad = self._flat.gather_grads()
+        momentum_buffer = self._flat_momentum_buffer() if grad is not None else False
+        if momentum_buffer is False:
+            self._flat_momentum = None
+            return super().step()
+        self.steps += 1
+        data = self._flat.data
+        if self.weight_decay:
+            grad = grad + self.weight_decay * data
+        if self.momentum:
+            if momentum_buffer is None:
+                momentum_buffer = self._set_flat_momentum(grad.copy())
+            else:
+                momentum_buffer *= self.momentum
+                momentum_buffer += grad
+            grad = grad + self.momentum * momentum_buffer if self.nesterov else momentum_buffer
+        data -= data.dtype.type(self.lr) * grad
+
+    def _flat_momentum_buffer(self):
+        """The flat momentum buffer (None before the first step); False when the state's
+        buffers are only partly there (the per-parameter path then handles it)."""
+        if not self.momentum:
+            return None
+        buffers = [self.state[p.name].get("momentum_buffer") for p in self.params]
+        if self._flat_momentum is not None:
+            return self._flat_momentum
+        if all(b is None for b in buffers):
+            return None
+        if any(b is None for b in buffers):
+            return False
+        return self._set_flat_momentum(self._flat.xp.concatenate([b.reshape(-1)
+                                                                  for b in buffers]))
+
+    def _set_flat_momentum(self, flat):
+        self._flat_momentum = flat
+        for p, view in zip(self.params, self._flat.views(flat)):
+            self.state[p.name]["momentum_buffer"] = view
+        return flat
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._flat_momentum = None            # the state holds fresh copies now
 
     def _update(self, p, grad, state):
         if self.momentum:
