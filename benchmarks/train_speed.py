@@ -1,4 +1,4 @@
-"""Seconds per epoch of LeNet-5 + BN training: arraybn's CPU backends vs the same net in PyTorch.
+"""Seconds per epoch of BN training: arraybn's CPU backends vs the same net in PyTorch.
 
 Same thread count for everyone (BLAS, Numba and PyTorch threads are all set to ``--threads``),
 random 28x28 data, batch 128, SGD with momentum. Each contender runs ``--steps`` steps per round in
@@ -6,9 +6,12 @@ a fresh process of its own, with its library's default environment: in one share
 OpenMP workers of one library spin while the other computes (each library's defaults are what its
 users get). Rounds are interleaved (numpy, numba, torch, numpy, ...) so that load from other
 processes hits everyone alike, and the median round is reported, extrapolated to an epoch of
-60,000 images. Usage::
+60,000 images. ``--model`` picks LeNet-5 (default) or a deep model (vgg8, plain with
+``--depth``/``--width``, resnet with ``--depth``); the PyTorch twins of the deep models are the
+test suite's (``tests/nn/torch_nets.py``). Usage::
 
     python3 benchmarks/train_speed.py --steps 200 --rounds 3 --threads 1
+    python3 benchmarks/train_speed.py --model resnet --depth 20 --batch 100 --backends numba
 """
 import argparse
 import math
@@ -18,6 +21,8 @@ import sys
 import time
 
 EPOCH_IMAGES = 60_000
+MODELS = ("lenet5", "vgg8", "plain", "resnet")          # those with a PyTorch twin here
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
@@ -31,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--backends", default="numpy,numba",
                         help="comma-separated arraybn backends to time")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    parser.add_argument("--model", choices=MODELS, default="lenet5")
+    parser.add_argument("--depth", type=int, default=20, help="plain/resnet depth")
+    parser.add_argument("--width", type=int, default=16, help="plain/resnet first-stage width")
     parser.add_argument("--contender", help=argparse.SUPPRESS)   # internal: time one, print s/step
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch, args.threads) < 1 or args.warmup < 0:
@@ -45,9 +53,9 @@ def limit_threads(threads):
 
 
 def arraybn_contender(backend, args, images, labels):
-    """A ``step(i)`` closure training arraybn's LeNet-5 + BN on ``backend``."""
+    """A ``step(i)`` closure training arraybn's ``args.model`` + BN on ``backend``."""
     from arraybn.nn import SGD, build_model, softmax_cross_entropy
-    model = build_model("lenet5", backend=backend, seed=0)
+    model = build_model(args.model, backend=backend, seed=0, depth=args.depth, width=args.width)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
     xp = model.backend.xp
     images, labels = xp.asarray(images), xp.asarray(labels)
@@ -67,11 +75,7 @@ def torch_contender(args, images, labels):
     from torch import nn
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(400, 120, bias=False), nn.BatchNorm1d(120), nn.ReLU(),
-        nn.Linear(120, 84, bias=False), nn.BatchNorm1d(84), nn.ReLU(), nn.Linear(84, 10))
+    net = torch_lenet5() if args.model == "lenet5" else torch_twin(args)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels)
 
@@ -84,6 +88,23 @@ def torch_contender(args, images, labels):
         opt.step()
 
     return step
+
+
+def torch_twin(args):
+    """The deep model's PyTorch twin from the test suite (BN before the ReLU)."""
+    sys.path.insert(0, REPO)
+    from tests.nn.torch_nets import twin
+    return twin(dict(name=args.model, bn="full", bn_position="before", bn_momentum=0.1,
+                     num_classes=10, in_shape=[1, 28, 28], depth=args.depth, width=args.width))
+
+
+def torch_lenet5():
+    from torch import nn
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120, bias=False), nn.BatchNorm1d(120), nn.ReLU(),
+        nn.Linear(120, 84, bias=False), nn.BatchNorm1d(84), nn.ReLU(), nn.Linear(84, 10))
 
 
 def time_steps(step, first, count):
@@ -141,11 +162,17 @@ def run(args, argv):
     return {name: statistics.median(times) for name, times in rounds.items()}
 
 
+def model_title(args):
+    if args.model in ("plain", "resnet"):
+        return f"{args.model} depth {args.depth} width {args.width}"
+    return "LeNet-5" if args.model == "lenet5" else args.model
+
+
 def print_table(per_step, args):
     steps_per_epoch = math.ceil(EPOCH_IMAGES / args.batch)
     reference = per_step.get("pytorch cpu")
-    print(f"\nLeNet-5 + BN, batch {args.batch}, {args.threads} thread(s), median of {args.rounds} "
-          f"round(s) x {args.steps} steps, epoch = {steps_per_epoch} steps")
+    print(f"\n{model_title(args)} + BN, batch {args.batch}, {args.threads} thread(s), median of "
+          f"{args.rounds} round(s) x {args.steps} steps, epoch = {steps_per_epoch} steps")
     print(f"{'contender':<16} {'ms/step':>9} {'s/epoch':>9} {'vs pytorch':>11}")
     for name, seconds in per_step.items():
         ratio = f"{seconds / reference:10.2f}x" if reference else "       n/a"
