@@ -3,6 +3,13 @@
 A row is read from the stored artifacts only (``train/manifest.json``, ``postproc/manifest.json``,
 ``test/metrics.json``); nothing is recomputed. A run without its test stage (or without any
 stage) still gets a row, with blanks and a note that says which command completes it.
+
+A test made for another model (``train --force`` after ``test``) or with statistics that were
+remade since (``postproc --force`` after ``test``) is *stale*: its row keeps the training numbers,
+leaves the test numbers out, sets ``stale`` and says in the note which commands make it current.
+It is marked rather than refused: a report over a sweep's root is a survey, and one retrained
+run should not hide the table of all the others; but an old model's test accuracy printed next
+to a new model's validation accuracy would be read as one result, so it is never shown.
 """
 import csv
 import glob
@@ -20,7 +27,7 @@ COLUMNS = (  # (key, header)
     ("train_seconds", "train s"), ("seconds_per_epoch", "s/epoch"),
     ("train_acc", "train acc"), ("val_acc", "val acc"), ("test_loss", "test loss"),
     ("test_acc", "test acc"), ("stats", "statistics"), ("test_seconds", "test s"),
-    ("note", "note"))
+    ("stale", "stale"), ("note", "note"))
 PERCENT_KEYS = ("train_acc", "val_acc", "test_acc")
 STAGE_MARKERS = ("train", "test", "sweep-run.json", "train-checkpoint")
 
@@ -90,10 +97,30 @@ def _train_part(manifest):
             "train_acc": metrics.get("train_acc"), "val_acc": metrics.get("val_acc")}
 
 
+def stale_test_note(run_dir, train, postproc, test):
+    """Why ``test`` (metrics.json) does not describe the stored model and statistics, with the
+    commands that make it current; None when it does (or when there is nothing to compare)."""
+    used = test.get("inputs", {})
+    model_sha = (train or {}).get("outputs", {}).get("model.npz")
+    if train is not None and used.get("train/model.npz") != model_sha:
+        commands = [f"arraybn test {run_dir} --force"]
+        if postproc is not None and postproc.get("inputs", {}).get("train/model.npz") != model_sha:
+            commands.insert(0, f"arraybn postproc {run_dir} --force")
+        return (f"stale: test predates train (test/metrics.json is of an earlier model.npz; "
+                f"its numbers are left out); run `{'` then `'.join(commands)}`")
+    if "postproc/bn_stats.npz" in used and \
+            used["postproc/bn_stats.npz"] != (postproc or {}).get("outputs", {}).get("bn_stats.npz"):
+        return (f"stale: test predates postproc (it used BN statistics that were replaced or "
+                f"removed since; its numbers are left out); run `arraybn test {run_dir} --force`")
+    return None
+
+
 def run_row(run_dir, name=None):
     """One row for ``run_dir``: the ``COLUMNS`` keys, plus 'run_dir', 'history' (path of
-    history.csv) and 'postproc' (the options of the postproc its test used, or None)."""
+    history.csv) and 'postproc' (the options of the postproc its test used, or None).
+    A stale test (see the module docstring) gives ``stale=True`` and no test numbers."""
     row = {key: None for key, _ in COLUMNS}
+    row["stale"] = False
     row.update(name=name or os.path.basename(os.path.normpath(run_dir)), run_dir=run_dir,
                history=None, postproc=None)
     notes = []
@@ -109,8 +136,12 @@ def run_row(run_dir, name=None):
     else:
         row.update(_train_part(train))
         row["history"] = os.path.join(stage_dir(run_dir, "train"), "history.csv")
+    stale = None if test is None else stale_test_note(run_dir, train, postproc, test)
     if test is None:
         notes.append(f"no test stage: run `arraybn test {run_dir}`")
+    elif stale:
+        row["stale"] = True
+        notes.append(stale)
     else:
         row.update(test_loss=test.get("loss"), test_acc=test.get("accuracy"),
                    test_seconds=test.get("timings", {}).get("seconds"),
@@ -146,6 +177,8 @@ def _natural_key(name):
 def format_cell(key, value):
     if value is None:
         return ""
+    if key == "stale":
+        return "stale" if value else ""
     if key in PERCENT_KEYS:
         return f"{100 * value:.2f}%"
     if key == "test_loss":
@@ -158,7 +191,7 @@ def format_cell(key, value):
 def markdown_table(rows, columns=COLUMNS):
     """A GitHub markdown table; columns that are empty in every row are left out."""
     used = [(key, header) for key, header in columns
-            if any(row.get(key) not in (None, "") for row in rows)]
+            if any(format_cell(key, row.get(key)) for row in rows)]
     lines = ["| " + " | ".join(header for _, header in used) + " |",
              "|" + "|".join("---:" if key not in ("name", "stats", "note", "model", "bn",
                                                   "bn_position") else "---"

@@ -84,3 +84,40 @@ def test_globs_and_errors(sweep_root, tmp_path):
     (tmp_path / "corrupt" / "test" / "metrics.json").write_text("{not json")
     row = collect_rows([tmp_path / "corrupt"])[0]
     assert "unreadable" in row["note"] and row["test_acc"] is None
+
+
+def test_a_test_of_an_older_model_is_marked_stale_and_its_numbers_left_out(sweep_root, tmp_path):
+    """After ``train --force`` the old test/ (and postproc/) describe another model."""
+    from arraybn.stages import run_train
+    from tests.stages.helpers import quiet, tiny_config
+    run = tmp_path / "bnfull"
+    shutil.copytree(sweep_root / "bnfull", run, symlinks=True)
+    config = json.loads((run / "train" / "manifest.json").read_text())["config"]
+    run_train(run, {**config, "seed": 1}, force=True, echo=quiet)
+    rows = {r["name"]: r for r in collect_rows([run])}
+    row = rows["bnfull"]
+    assert row["stale"] and row["val_acc"] is not None
+    assert (row["test_acc"], row["test_loss"], row["stats"]) == (None, None, None)
+    assert "stale: test predates train" in row["note"]
+    assert f"arraybn postproc {run} --force" in row["note"]
+    assert f"arraybn test {run} --force" in row["note"]
+    assert rows["bnfull/batch"]["stale"] and rows["bnfull/batch"]["test_acc"] is None
+    table = markdown_table(list(rows.values()))
+    assert "| stale |" in table.splitlines()[0] and "| stale |" in table.splitlines()[2]
+    assert "stale: test predates train" in table
+    assert "| stale |" not in markdown_table(collect_rows([sweep_root]))
+    parsed = list(csv.DictReader(io.StringIO(csv_text(list(rows.values())))))
+    assert parsed[0]["stale"] == "True" and parsed[0]["test_acc"] == ""
+
+
+def test_a_test_made_before_postproc_was_redone_is_stale(sweep_root, tmp_path):
+    from arraybn.stages import run_postproc
+    from tests.stages.helpers import quiet
+    run = tmp_path / "bnfull"
+    shutil.copytree(sweep_root / "bnfull", run, symlinks=True)
+    run_postproc(run, force=True, echo=quiet, batches=1, batch_size=8)
+    row = collect_rows([run], variants=False)[0]
+    assert row["stale"] and row["test_acc"] is None
+    assert "stale: test predates postproc" in row["note"]
+    fresh = collect_rows([sweep_root], variants=False)[0]
+    assert fresh["stale"] is False and fresh["test_acc"] is not None
