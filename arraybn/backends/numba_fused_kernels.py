@@ -95,8 +95,7 @@ def _offset_tables(k):
 def _active(at, g):
     """(argmax offset, gradient as float64) of a window; (0, 0.0) for an INACTIVE one.
 
-    Branch-free: a zero gradient adds nothing to the sums, and ``a_gy * 0 + base`` rewrites the
-    value that the gx pass already holds there, so inactive windows need no test.
+    Branch-free: a zero gradient adds nothing to the sums, so inactive windows need no test.
     """
     active = at != INACTIVE
     return (np.int64(at) if active else 0), (np.float64(g) if active else 0.0)
