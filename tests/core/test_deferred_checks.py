@@ -19,7 +19,7 @@ from arraybn.backends.cupy_deferred import DeferredChecks
 from arraybn.backends.numpy_backend import NumpyBackend
 from arraybn.core.deferred import raise_deferred_errors
 from arraybn.core.validation import check_running_statistics
-from tests.core.cuda_fakes import _FakeArray
+from tests.core.cuda_fakes import HostSyncError, _FakeArray, _fake_gpu_module, no_host_transfers
 from tests.core.test_cupy_backend import emulated  # noqa: F401 (fixture)
 
 
@@ -272,3 +272,48 @@ def test_batchnorm_layer_labels_its_calls_so_a_deferred_failure_names_it(rng):
     with pytest.raises(NonFiniteStatisticsError, match=r"^bn3: non-finite batch statistics in "
                                                        r"channel\(s\) 3"):
         raise_deferred_errors(backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# No host synchronisation in a BN call: the fake CuPy refuses every device-to-host transfer
+
+def test_the_fake_cupy_refuses_every_device_to_host_transfer_inside_the_guard():
+    a, xp = _fake(np.array([1.0, 2.0])), _fake_gpu_module([])
+    transfers = [a.get, lambda: bool(a[0]), lambda: float(a[0]), lambda: int(a[0]),
+                 a[0].item, lambda: np.asarray(a), lambda: xp.asnumpy(a)]
+    for transfer in transfers:
+        with no_host_transfers("the test"), pytest.raises(HostSyncError, match="during the test"):
+            transfer()
+        transfer()                                   # outside the guard: fine
+
+
+@pytest.mark.parametrize("options", [{}, {"variant": "mean_only"}, {"ghost_batch_size": 4}],
+                         ids=["full", "mean_only", "ghost"])
+def test_training_forward_and_inference_on_the_cupy_backend_never_sync_with_the_host(
+        emulated, rng, options):
+    x = rng.standard_normal((16, 3, 4, 4)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, 3), rng.standard_normal(3)
+    rm, rv = _fake(np.zeros(3)), _fake(np.ones(3))
+    cpu = arraybn.get_backend("numpy")
+    rm_cpu, rv_cpu = np.zeros(3), np.ones(3)
+    for training in (True, False):
+        with no_host_transfers("a training forward" if training else "inference"):
+            y, cache = arraybn.batch_norm_forward(
+                _fake(x), _fake(gamma), _fake(beta), training=training, running_mean=rm,
+                running_var=rv, backend=emulated, **options)
+            gx, _, _ = arraybn.batch_norm_backward(_fake(np.ones_like(x)), cache)
+        y_cpu, _ = arraybn.batch_norm_forward(x, gamma, beta, training=training,
+                                              running_mean=rm_cpu, running_var=rv_cpu,
+                                              backend=cpu, **options)
+        np.testing.assert_allclose(y.get(), y_cpu, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(rm.get(), rm_cpu, rtol=1e-12)
+        np.testing.assert_allclose(rv.get(), rv_cpu, rtol=1e-12)
+    assert emulated.take_deferred_failures() == []
+
+
+def test_the_guard_catches_a_bn_call_that_does_sync(emulated, rng):
+    """Batch renormalization still checks its statistics on the host (one sync per call)."""
+    x = _fake(rng.standard_normal((8, 3)))
+    with no_host_transfers("a renorm forward"), pytest.raises(HostSyncError):
+        arraybn.batch_norm_forward(x, None, None, renorm=True, running_mean=_fake(np.zeros(3)),
+                                   running_var=_fake(np.ones(3)), backend=emulated)
