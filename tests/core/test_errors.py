@@ -4,14 +4,35 @@ import pytest
 
 import arraybn
 from arraybn import NonFiniteStatisticsError
+from arraybn.core.deferred import raise_deferred_errors
 from tests import reference as ref
-from tests.conftest import to_backend, to_host
+from tests.conftest import ALL_BACKENDS, to_backend, to_host
+from tests.core.test_cupy_backend import emulated  # noqa: F401 (fixture)
 
 
 def forward(be, x, **kw):
     c = x.shape[1] if x.ndim > 1 else 1
     g, b = to_backend(be, np.ones(c), np.zeros(c))
     return arraybn.batch_norm_forward(to_backend(be, x), g, b, backend=be.name, **kw)
+
+
+@pytest.fixture(params=ALL_BACKENDS + ["cupy-emulated"])
+def any_backend(request):
+    """Every backend usable here, and the cupy backend on its CPU-emulated kernels."""
+    if request.param == "cupy-emulated":
+        return request.getfixturevalue("emulated")
+    return arraybn.get_backend(request.param)
+
+
+def forward_checked(be, x, **kw):
+    """forward() on ``be``, then ``be``'s deferred checks. A CPU backend raises at the call and
+    reports nothing later; the cupy backend may raise at either: the same error either way."""
+    c = x.shape[1]
+    g, b = to_backend(be, np.ones(c), np.zeros(c))
+    result = arraybn.batch_norm_forward(to_backend(be, x), g, b, backend=be, **kw)
+    assert be.name == "cupy", f"the {be.name} backend should have raised at the call"
+    raise_deferred_errors(be)
+    return result
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (1, 3, 1, 1)])
@@ -108,12 +129,15 @@ def test_running_buffer_of_the_wrong_shape_or_kind(backend):
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
-def test_non_finite_batch_statistics_raise_and_leave_the_buffers_alone(backend, rng, poison):
+def test_non_finite_batch_statistics_raise_and_leave_the_buffers_alone(any_backend, rng,
+                                                                        poison):
+    backend = any_backend
     x = rng.normal(size=(8, 3, 2, 2))
     x[3, 1, 0, 1] = poison
     rm, rv = to_backend(backend, np.zeros(3), np.ones(3))
-    with pytest.raises(NonFiniteStatisticsError, match=r"channel\(s\) 1") as info:
-        forward(backend, x, running_mean=rm, running_var=rv)
+    with pytest.raises(NonFiniteStatisticsError, match=r"^non-finite batch statistics in "
+                                                       r"channel\(s\) 1;") as info:
+        forward_checked(backend, x, running_mean=rm, running_var=rv)
     assert info.value.channels == (1,)
     np.testing.assert_array_equal(to_host(rm), np.zeros(3))
     np.testing.assert_array_equal(to_host(rv), np.ones(3))
@@ -121,10 +145,11 @@ def test_non_finite_batch_statistics_raise_and_leave_the_buffers_alone(backend, 
     assert str(located).startswith("bn2: non-finite batch statistics")
 
 
-def test_non_finite_running_statistics_raise_in_inference(backend, rng):
-    rm, rv = to_backend(backend, np.zeros(3), np.array([1.0, np.nan, 1.0]))
-    with pytest.raises(NonFiniteStatisticsError, match="running statistics"):
-        forward(backend, rng.normal(size=(4, 3)), training=False, running_mean=rm, running_var=rv)
+def test_non_finite_running_statistics_raise_in_inference(any_backend, rng):
+    rm, rv = to_backend(any_backend, np.zeros(3), np.array([1.0, np.nan, 1.0]))
+    with pytest.raises(NonFiniteStatisticsError, match="^non-finite running statistics"):
+        forward_checked(any_backend, rng.normal(size=(4, 3)), training=False, running_mean=rm,
+                        running_var=rv)
 
 
 def test_backward_checks_its_arguments(backend, rng):
@@ -247,13 +272,17 @@ def test_a_read_only_out_is_refused(cpu_backend):
 # ----------------------------------------------------------------------------- running_var
 
 @pytest.mark.parametrize("options", [{"training": False}, {"frozen": True}, {"renorm": True}])
-def test_negative_running_var_is_refused_naming_the_channels(backend, rng, options):
-    rm, rv = to_backend(backend, np.zeros(4), np.array([1.0, -0.5, 1.0, -1e-7]))
-    with pytest.raises(ValueError, match=r"running_var has negative values in channels \[1, 3\]"):
-        forward(backend, rng.normal(size=(5, 4)), running_mean=rm, running_var=rv, **options)
+def test_negative_running_var_is_refused_naming_the_channels(any_backend, rng, options):
+    rm, rv = to_backend(any_backend, np.zeros(4), np.array([1.0, -0.5, 1.0, -1e-7]))
+    with pytest.raises(ValueError, match=r"^running_var has negative values in channels "
+                                         r"\[1, 3\]; a variance"):
+        forward_checked(any_backend, rng.normal(size=(5, 4)), running_mean=rm, running_var=rv,
+                        **options)
 
 
-def test_nan_running_var_in_inference_names_the_channel(backend, rng):
-    rm, rv = to_backend(backend, np.zeros(3), np.array([1.0, 1.0, np.nan]))
-    with pytest.raises(NonFiniteStatisticsError, match=r"running statistics in channel\(s\) 2"):
-        forward(backend, rng.normal(size=(4, 3)), training=False, running_mean=rm, running_var=rv)
+def test_nan_running_var_in_inference_names_the_channel(any_backend, rng):
+    rm, rv = to_backend(any_backend, np.zeros(3), np.array([1.0, 1.0, np.nan]))
+    with pytest.raises(NonFiniteStatisticsError, match=r"^non-finite running statistics in "
+                                                       r"channel\(s\) 2;"):
+        forward_checked(any_backend, rng.normal(size=(4, 3)), training=False, running_mean=rm,
+                        running_var=rv)
