@@ -1,10 +1,12 @@
 """Pieces every stage shares: data for a config, the model of a trained run, batch evaluation."""
+import contextlib
 import datetime
 import os
 
 import numpy as np
 
 import arraybn
+from arraybn.core.deferred import raise_deferred_errors
 from arraybn.data import Split, load_dataset, prepare_splits
 from arraybn.nn import build_model, softmax_cross_entropy
 from arraybn.stages.artifacts import StageError, load_npz, read_manifest, verify_artifact
@@ -106,8 +108,19 @@ class TrainedRun:
 def evaluate(model, split, batch_size):
     """Inference over ``split`` in order: ``(mean loss, accuracy, predictions (N,) int64)``.
 
-    An empty split gives ``(None, None, empty)``.
+    An empty split gives ``(None, None, empty)``. A backend that checks the BN statistics on
+    the device (cupy) is asked once, after the last batch (or at a non-finite loss, which they
+    explain), so that unusable statistics raise the error a CPU backend raises at the call.
     """
+    with deferred_bn_errors(model.backend):
+        loss_sum, predictions = _evaluate_batches(model, split, batch_size)
+    if not predictions:
+        return None, None, np.zeros(0, np.int64)
+    predictions = np.concatenate(predictions)
+    return loss_sum / len(split), float((predictions == split.labels).mean()), predictions
+
+
+def _evaluate_batches(model, split, batch_size):
     xp = model.backend.xp
     loss_sum, predictions = 0.0, []
     for start in range(0, len(split), batch_size):
@@ -117,10 +130,19 @@ def evaluate(model, split, batch_size):
         loss, _ = softmax_cross_entropy(logits, xp.asarray(y))
         loss_sum += loss * len(y)
         predictions.append(to_host(logits.argmax(axis=1)).astype(np.int64))
-    if not predictions:
-        return None, None, np.zeros(0, np.int64)
-    predictions = np.concatenate(predictions)
-    return loss_sum / len(split), float((predictions == split.labels).mean()), predictions
+    return loss_sum, predictions
+
+
+@contextlib.contextmanager
+def deferred_bn_errors(backend):
+    """Raise ``backend``'s deferred BN failures (a no-op on CPU backends) at the end of the
+    block, or instead of a FloatingPointError (NaN logits) that they explain."""
+    try:
+        yield
+    except FloatingPointError:
+        raise_deferred_errors(backend)
+        raise
+    raise_deferred_errors(backend)
 
 
 def set_eval_stats(model, mode):

@@ -28,6 +28,7 @@ from arraybn.data import (augment_batch, crop_at, random_affine, random_crop_off
 from arraybn.distributed import check_group_size
 from arraybn.core.moments import group_moments
 from arraybn.errors import ConfigError
+from arraybn.stages.common import deferred_bn_errors
 from arraybn.nn import softmax_cross_entropy
 from arraybn.nn.layers import Dropout
 from arraybn.stages.artifacts import StageError
@@ -195,14 +196,15 @@ def evaluate_sharded(model, split, batch_size, comm):
     (one all-reduce at the end)."""
     xp, n = model.backend.xp, len(split)
     loss_sum, predicted = 0.0, np.zeros(n)
-    for start in range(0, n, batch_size):
-        rows = shard_of_batch(start, min(start + batch_size, n), comm)
-        logits = model.forward(xp.asarray(split.images[rows]), training=False)
-        if rows.stop > rows.start:
-            loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]))
-            loss_sum += loss * (rows.stop - rows.start)
-            host = logits.get() if hasattr(logits, "get") else logits
-            predicted[rows] = host.argmax(axis=1)
+    with deferred_bn_errors(model.backend):      # a GPU backend's BN checks: read once
+        for start in range(0, n, batch_size):
+            rows = shard_of_batch(start, min(start + batch_size, n), comm)
+            logits = model.forward(xp.asarray(split.images[rows]), training=False)
+            if rows.stop > rows.start:
+                loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]))
+                loss_sum += loss * (rows.stop - rows.start)
+                host = logits.get() if hasattr(logits, "get") else logits
+                predicted[rows] = host.argmax(axis=1)
     total = comm.allreduce_sum(np.concatenate(([loss_sum], predicted)))
     if n == 0:
         return None, None, np.zeros(0, np.int64)
