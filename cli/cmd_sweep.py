@@ -1,8 +1,10 @@
 """``arraybn sweep CONFIG.toml``: many runs from one TOML file, resumable, in parallel."""
 import click
 
-from arraybn.experiments.sweep import describe_outcome, plan_sweep, run_sweep
+from arraybn.experiments.sweep import (MPI_JOBS_MESSAGE, describe_outcome, plan_sweep, run_sweep,
+                                       serve_sweep_runs)
 from arraybn.experiments.sweep_config import load_sweep
+from arraybn_cli.mpi_job import ending_every_rank, mpi_world
 from arraybn_cli.reporting import friendly_errors
 
 
@@ -33,16 +35,24 @@ def sweep_command(config_file, jobs, dry_run, root, force):
     """Train, post-process and test every run of a sweep file (see docs/EXPERIMENTS.md).
 
     The whole file is validated before anything runs. Finished runs are skipped; a failing run
-    does not stop the others, and the command then exits with status 1.
+    does not stop the others, and the command then exits with status 1. Under
+    `mpiexec -n K`, rank 0 schedules the runs on the other K-1 ranks (an MPI pool).
     """
-    with friendly_errors():
+    comm = mpi_world()
+    if comm is not None and jobs > 1:
+        raise click.UsageError(MPI_JOBS_MESSAGE)
+    with ending_every_rank(comm), friendly_errors():
+        if comm is not None and comm.rank != 0:
+            if not dry_run:                       # a dry run opens no pool on rank 0
+                serve_sweep_runs(comm)
+            return
         sweep = load_sweep(config_file, root)
         plan = plan_sweep(sweep, force)
         click.echo(f"{sweep.path}: {len(plan)} runs under {sweep.root}")
         click.echo(_describe_plan(plan))
         if dry_run:
             return
-        outcomes = run_sweep(sweep, jobs=jobs, force=force, echo=click.echo)
+        outcomes = run_sweep(sweep, jobs=jobs, force=force, echo=click.echo, comm=comm)
     click.echo("summary:")
     for outcome in outcomes:
         click.echo(f"  {describe_outcome(outcome)}")

@@ -13,15 +13,16 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 import traceback
 
+from arraybn.distributed import import_mpi
 from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
                                               SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
 from arraybn.stages.pipeline import STAGES, run_pipeline, stage_done
 from arraybn.stages.train import PARTIAL_DIR
-
 
 
 # --- planning: what is done, what changed -------------------------------------------------------
@@ -158,13 +159,17 @@ def _limit_threads(threads):
         pass
 
 
-def run_sweep(sweep, *, jobs=1, force=False, echo=print):
+def run_sweep(sweep, *, jobs=1, force=False, echo=print, comm=None):
     """Run every run of ``sweep`` that is not done; returns one outcome dict per run.
 
     Outcomes: {name, run_dir, status: 'ok' | 'skipped' | 'failed', test_accuracy, error,
     seconds}. A failing run is reported, the others go on. ``jobs > 1`` runs that many runs in
-    parallel processes, each with ``cpu_count // jobs`` numba threads.
+    parallel processes, each with ``cpu_count // jobs`` numba threads. ``comm`` (an
+    ``MPICommunicator`` of K > 1 ranks, this being rank 0): the runs go to the MPI pool of
+    ranks 1..K-1, which call ``serve_sweep_runs(comm)`` meanwhile.
     """
+    if comm is not None and jobs > 1:
+        raise SweepConfigError(MPI_JOBS_MESSAGE)
     plan = plan_sweep(sweep, force)
     todo = [(spec, changes if status == "changed" else ())
             for spec, status, changes in plan if status != "done"]
@@ -173,7 +178,9 @@ def run_sweep(sweep, *, jobs=1, force=False, echo=print):
                 for spec, status, _ in plan if status == "done"}
     if outcomes:
         echo(f"{len(outcomes)} of {len(plan)} runs are done already (skipped)")
-    if jobs <= 1:
+    if comm is not None:
+        _run_on_mpi_pool(todo, comm, outcomes, echo)
+    elif jobs <= 1:
         for spec, changes in todo:
             outcomes[spec.name] = _run_safely(spec, changes, echo)
     else:
@@ -186,15 +193,61 @@ def _run_parallel(todo, jobs, outcomes, echo):
     with concurrent.futures.ProcessPoolExecutor(
             max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
             initializer=_limit_threads, initargs=(threads,)) as pool:
-        futures = {pool.submit(_run_safely, spec, changes, None): spec for spec, changes in todo}
-        try:
-            for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
-                outcome = future.result()
-                outcomes[outcome["name"]] = outcome
-                echo(f"[{count}/{len(todo)}] {describe_outcome(outcome)}")
-        except KeyboardInterrupt:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        futures = [pool.submit(_run_safely, spec, changes, None) for spec, changes in todo]
+        _collect(pool, futures, outcomes, echo)
+
+
+def _collect(pool, futures, outcomes, echo):
+    """Store each outcome as its run finishes; Ctrl-C cancels the runs not yet started."""
+    try:
+        for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            outcome = future.result()
+            outcomes[outcome["name"]] = outcome
+            echo(f"[{count}/{len(futures)}] {describe_outcome(outcome)}")
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
+# --- an MPI pool: `mpiexec -n K arraybn sweep FILE` -----------------------------------------
+
+MPI_JOBS_MESSAGE = ("--jobs starts processes on this machine; under mpiexec the MPI job is the "
+                    "pool (mpiexec -n K runs K-1 runs at once, rank 0 schedules them): drop "
+                    "--jobs")
+
+
+def _mpi_pool(comm):
+    """``MPICommExecutor`` over ``comm``: the executor on rank 0; on the other ranks entering
+    it serves runs until rank 0 leaves it, then gives None. Every rank first limits its numba
+    threads to the cores of its node shared by the node's worker ranks (rank 0 only waits)."""
+    from mpi4py.futures import MPICommExecutor
+    node = comm.mpi_comm.Split_type(import_mpi().COMM_TYPE_SHARED)
+    workers_on_node = node.Get_size() - node.allreduce(int(comm.rank == 0))
+    node.Free()
+    if comm.rank != 0:
+        _limit_threads(max(1, (os.cpu_count() or 1) // max(1, workers_on_node)))
+    return MPICommExecutor(comm.mpi_comm, root=0)
+
+
+def serve_sweep_runs(comm):
+    """Ranks 1..K-1 of ``mpiexec -n K arraybn sweep``: run what rank 0 sends until it is done."""
+    with _mpi_pool(comm) as executor:
+        assert executor is None, "rank 0 schedules the runs; call run_sweep(comm=) there"
+
+
+def _run_on_worker(spec, changes):
+    """``_run_safely`` on an MPI worker rank; its log says which rank ran it."""
+    world = import_mpi().COMM_WORLD
+    os.makedirs(spec.run_dir, exist_ok=True)
+    _RunLog(spec.run_dir, spec.name, None)(f"started on MPI rank {world.Get_rank()} of "
+                                           f"{world.Get_size()} ({socket.gethostname()})")
+    return _run_safely(spec, changes, None)
+
+
+def _run_on_mpi_pool(todo, comm, outcomes, echo):
+    with _mpi_pool(comm) as pool:
+        futures = [pool.submit(_run_on_worker, spec, changes) for spec, changes in todo]
+        _collect(pool, futures, outcomes, echo)
 
 
 def describe_outcome(outcome):
