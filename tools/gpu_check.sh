@@ -67,7 +67,10 @@ setup() {
   PY=$(choose_python) || { echo "no python with CuPy and cupy-cuda12x would not install"; return 1; }
   echo "python: $PY ($("$PY" --version 2>&1)); cupy $("$PY" -c 'import cupy; print(cupy.__version__)')"
   nvidia-smi -L || true
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  # a venv's python (the GPU image's python3 is one) installs as is; a distribution's python
+  # marked EXTERNALLY-MANAGED needs the override, which only adds an editable link to this tree
+  { "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+      || "$PY" -m pip install -q --no-deps --no-build-isolation --break-system-packages -e .; } \
     && "$PY" -c "import arraybn, arraybn.cuda, arraybn_cli; print('arraybn', arraybn.__version__)"
 }
 
