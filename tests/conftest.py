@@ -9,6 +9,7 @@ import pytest
 
 import arraybn
 from arraybn.backends import BackendUnavailableError
+from arraybn.backends.arrays import to_host  # noqa: F401  (tests import it from here)
 from arraybn.core import batch_norm as core_batch_norm
 from arraybn.core import population as core_population
 
@@ -107,6 +108,3 @@ def to_backend(be, *arrays):
     out = tuple(be.xp.asarray(a) if a is not None else None for a in arrays)
     return out if len(out) > 1 else out[0]
 
-
-def to_host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from arraybn.backends import backend_for, is_cupy_array
+from arraybn.backends.arrays import to_host
 from arraybn.core import validation as v
 from arraybn.core.moments import group_moments
 from arraybn.distributed.base import Communicator
@@ -259,7 +260,7 @@ def _group_statistics(be, x3, comm, shape):
     local = x3.shape[0] * x3.shape[2]
     if local:
         mean, var = be.moments(x3)
-        mean, m2 = _to_host(mean), _to_host(var * local)
+        mean, m2 = to_host(mean), to_host(var * local)
     else:
         mean = m2 = np.zeros(x3.shape[1])
     count, mean, m2 = group_moments(comm, local, mean, m2)
@@ -270,8 +271,6 @@ def _group_statistics(be, x3, comm, shape):
     return count, mean, var
 
 
-def _to_host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
@@ -331,8 +330,8 @@ def _backward_group(be, cache, gy3, x3, gx3):
         sum_gy, sum_gy_xc = be.backward_sums(gy3, x3, cache.mean[0])
     else:
         sum_gy = sum_gy_xc = xp.zeros(x3.shape[1])
-    group_gy, group_gy_xc = cache.comm.allreduce_sum(np.stack([_to_host(sum_gy),
-                                                               _to_host(sum_gy_xc)]))
+    group_gy, group_gy_xc = cache.comm.allreduce_sum(np.stack([to_host(sum_gy),
+                                                               to_host(sum_gy_xc)]))
     if x3.size:
         be.backward_gx(gy3, x3, cache.mean[0], cache.gamma * cache.xhat_scale[0], cache.w[0],
                        xp.asarray(group_gy), xp.asarray(group_gy_xc), cache.count, out=gx3)

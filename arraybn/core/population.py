@@ -18,6 +18,7 @@ An empty batch (N = 0) changes nothing; a batch must keep the channel count of t
 import numpy as np
 
 from arraybn.backends import backend_for
+from arraybn.backends.arrays import to_host
 from arraybn.core import validation as v
 from arraybn.core.moments import chan_merge
 
@@ -78,8 +79,7 @@ class ExactStatistics(PopulationStatistics):
         ``arraybn.core.moments.group_moments`` merges over a communicator's ranks."""
         if self._mean is None:
             return 0, np.zeros(self.channels or 0), np.zeros(self.channels or 0)
-        host = [a.get() if hasattr(a, "get") else a for a in (self._mean, self._m2)]
-        return self.count, *(np.asarray(a, dtype=np.float64) for a in host)
+        return self.count, *(to_host(a, np.float64) for a in (self._mean, self._m2))
 
     def _result(self):
         if self.count < 2:

@@ -2,6 +2,7 @@
 import numpy as np
 
 from arraybn.backends import is_cupy_array
+from arraybn.backends.arrays import to_host
 from arraybn.core.errors import NonFiniteStatisticsError
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -146,21 +147,19 @@ def check_running_statistics(xp, mean, var):
     if bool(usable.all()):
         return
     check_finite(xp, arrays, "running statistics")
-    negative = np.flatnonzero(_host(var < 0)).tolist()
+    negative = np.flatnonzero(to_host(var < 0)).tolist()
     shown = ", ".join(str(c) for c in negative[:8]) + (", ..." if len(negative) > 8 else "")
     raise ValueError(f"running_var has negative values in channels [{shown}]; a variance cannot "
                      "be negative, so these statistics are corrupt: recompute them (arraybn "
                      "postproc) or load the stored ones again")
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else a
 
 
 def non_finite_error(xp, arrays, what):
     """The NonFiniteStatisticsError for ``arrays``, at least one of which holds NaN/inf."""
     finite = _finite(xp, arrays)
-    bad = np.flatnonzero(~_host(finite))
+    bad = np.flatnonzero(~to_host(finite))
     shown = ", ".join(str(i) for i in bad[:8]) + (" ..." if len(bad) > 8 else "")
     return NonFiniteStatisticsError(
         f"non-finite {what} in channel(s) {shown}; the input holds NaN/inf or overflowed "

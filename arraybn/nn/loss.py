@@ -2,14 +2,13 @@
 import numpy as np
 
 from arraybn.backends import backend_for
+from arraybn.backends.arrays import to_host
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def _check_labels(labels, n, classes, xp):
-    host = _host(labels)
+    host = to_host(labels)
     if host.shape != (n,):
         raise ValueError(f"labels must have shape ({n},) for {n} logit rows; got {host.shape}")
     if not np.issubdtype(host.dtype, np.integer):

@@ -8,6 +8,7 @@ parameter's ``.grad``. Parameter and buffer names follow the equivalent PyTorch 
 import numpy as np
 
 from arraybn.backends import get_backend
+from arraybn.backends.arrays import to_host
 from arraybn.nn import defaults
 from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
@@ -21,8 +22,6 @@ BN_CHOICES = ("none",) + BN_KINDS + ("group",)      # 'group': GroupNorm in plac
 BN_POSITIONS = ("before", "after")
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.array(a, copy=True)
 
 
 def _leaf_layers(layers):
@@ -77,11 +76,11 @@ class Network:
         state = {}
         for layer in _leaf_layers(self.layers):
             for p in layer.parameters():
-                state[p.name] = _host(p.data)
+                state[p.name] = to_host(p.data, copy=True)
             if isinstance(layer, BatchNorm):
                 for key, value in layer.buffers():
                     state[key] = (np.array(value, dtype=np.int64) if isinstance(value, int)
-                                  else _host(value))
+                                  else to_host(value, copy=True))
         return state
 
     def load_state_dict(self, state):

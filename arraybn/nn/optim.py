@@ -9,11 +9,10 @@ import math
 import numpy as np
 
 from arraybn.backends import backend_for
+from arraybn.backends.arrays import to_host
 from arraybn.nn.flat import FlatParameters
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.array(a, copy=True)
 
 
 class Optimizer:
@@ -50,7 +49,7 @@ class Optimizer:
         out = {"kind": self.kind, "lr": self.lr, "steps": self.steps}
         for name, buffers in self.state.items():
             for key, value in buffers.items():
-                out[f"{key}.{name}"] = _host(value)
+                out[f"{key}.{name}"] = to_host(value, copy=True)
         return out
 
     def load_state_dict(self, state):

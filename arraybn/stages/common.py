@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 import arraybn
+from arraybn.backends.arrays import to_host
 from arraybn.core.deferred import raise_deferred_errors
 from arraybn.data import Split, load_dataset, prepare_splits
 from arraybn.nn import build_model, softmax_cross_entropy
@@ -17,8 +18,6 @@ def now_utc():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def to_host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def load_data(config, normalisation=None, data_dir=None):

@@ -23,6 +23,7 @@ trainer has one code path.
 """
 import numpy as np
 
+from arraybn.backends.arrays import to_host
 from arraybn.data import (augment_batch, crop_at, random_affine, random_crop_offsets,
                           warp_affine)
 from arraybn.distributed import check_group_size
@@ -146,8 +147,7 @@ class DataParallel(SingleProcess):
 
 
 def _host64(a):
-    host = a.get() if hasattr(a, "get") else a
-    return np.asarray(host, dtype=np.float64)
+    return to_host(a, np.float64)
 
 
 def _like(values, like, xp):
@@ -203,8 +203,7 @@ def evaluate_sharded(model, split, batch_size, comm):
             if rows.stop > rows.start:
                 loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]))
                 loss_sum += loss * (rows.stop - rows.start)
-                host = logits.get() if hasattr(logits, "get") else logits
-                predicted[rows] = host.argmax(axis=1)
+                predicted[rows] = to_host(logits).argmax(axis=1)
     total = comm.allreduce_sum(np.concatenate(([loss_sum], predicted)))
     if n == 0:
         return None, None, np.zeros(0, np.int64)

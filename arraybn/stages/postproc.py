@@ -14,7 +14,8 @@ from arraybn.core import make_estimator
 from arraybn.data import batch_indices
 from arraybn.stages.artifacts import (StageError, check_can_write, output_digests, save_npz,
                                       staging, write_json)
-from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats, to_host
+from arraybn.backends.arrays import to_host
+from arraybn.stages.common import TrainedRun, base_manifest, set_eval_stats
 from arraybn.stages.config import PostprocConfig
 from arraybn.stages.parallel import merge_exact_statistics, shard_of_batch, synchronise_bn
 from arraybn.stages.interrupts import interruptible_stage

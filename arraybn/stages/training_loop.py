@@ -17,7 +17,8 @@ from arraybn.core.deferred import raise_deferred_errors
 from arraybn.data import batch_indices, num_batches, step_rng
 from arraybn.errors import ConfigError
 from arraybn.nn import SGD, Adam, make_schedule
-from arraybn.stages.common import evaluate, to_host
+from arraybn.backends.arrays import to_host
+from arraybn.stages.common import evaluate
 from arraybn.stages.divergence import (TrainingDiverged, check_gradients, check_loss,
                                        non_finite_loss)
 from arraybn.stages.interrupts import handling, signal_of

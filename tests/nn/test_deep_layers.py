@@ -118,9 +118,9 @@ def test_residual_block_with_projection_shortcut_gradients(rng):
     shortcut = [_conv("s", 2, 4, 1, rng, stride=2), _bn("sb", 4)]
     block = ResidualBlock(branch, shortcut, np)
     assert block.sublayers() == branch + shortcut
-    assert [p.name for p in block.parameters()] == ["c1.weight", "b1.weight", "b1.bias", "c2.weight",
-                                                   "b2.weight", "b2.bias", "s.weight", "sb.weight",
-                                                   "sb.bias"]
+    assert [p.name for p in block.parameters()] == [
+        "c1.weight", "b1.weight", "b1.bias", "c2.weight", "b2.weight", "b2.bias", "s.weight",
+        "sb.weight", "sb.bias"]
     _check_layer(block, rng.standard_normal((3, 2, 6, 5)), rng)
 
 

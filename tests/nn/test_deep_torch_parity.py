@@ -41,10 +41,10 @@ def _assert_close(ours, theirs, what=""):
     """Elementwise within 1e-9 of the largest entry of the tensor (and 1e-9 relative).
 
     Why not tighter: BN after the ReLU of a dense layer sees features with a single active
-    sample in the batch (13 of vgg8's 256 at batch 16). Their exact gradient is 0 (the normalized
-    values do not depend on the active value), so both libraries return rounding noise times
-    1/sigma there: 1e-11 of the largest gradient after one step, 1e-10 after a second. With BN
-    before the ReLU everything agrees to 1e-13.
+    sample in the batch (13 of vgg8's 256 at batch 16, more at batch 6). Their exact gradient
+    is 0 (the normalized values do not depend on the active value), so both libraries return
+    rounding noise times 1/sigma there: 1e-11 of the largest gradient after one step, 1e-10
+    after a second. With BN before the ReLU everything agrees to 1e-13.
     """
     np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-9 * np.abs(theirs).max(),
                                err_msg=what)
