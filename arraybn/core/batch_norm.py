@@ -271,8 +271,6 @@ def _group_statistics(be, x3, comm, shape):
     return count, mean, var
 
 
-
-
 def _renorm_factors(xp, mean, var, rm, rv, eps, rmax, dmax):
     """(r / sigma_B, d) of batch renormalization, from the running statistics before the update."""
     v.check_running_statistics(xp, rm, rv)

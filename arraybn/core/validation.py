@@ -154,8 +154,6 @@ def check_running_statistics(xp, mean, var):
                      "postproc) or load the stored ones again")
 
 
-
-
 def non_finite_error(xp, arrays, what):
     """The NonFiniteStatisticsError for ``arrays``, at least one of which holds NaN/inf."""
     finite = _finite(xp, arrays)

@@ -5,8 +5,6 @@ from arraybn.backends import backend_for
 from arraybn.backends.arrays import to_host
 
 
-
-
 def _check_labels(labels, n, classes, xp):
     host = to_host(labels)
     if host.shape != (n,):

@@ -22,8 +22,6 @@ BN_CHOICES = ("none",) + BN_KINDS + ("group",)      # 'group': GroupNorm in plac
 BN_POSITIONS = ("before", "after")
 
 
-
-
 def _leaf_layers(layers):
     """The layers in order, each composite layer replaced by its sub-layers (recursively)."""
     for layer in layers:

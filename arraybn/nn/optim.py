@@ -13,8 +13,6 @@ from arraybn.backends.arrays import to_host
 from arraybn.nn.flat import FlatParameters
 
 
-
-
 class Optimizer:
     kind = "abstract"
     _buffer_names = ()

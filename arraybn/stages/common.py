@@ -18,8 +18,6 @@ def now_utc():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-
-
 def load_data(config, normalisation=None, data_dir=None):
     """``(raw, splits, (mean, std))`` for ``config``; ``data_dir`` overrides ``config.data_dir``.
 
