@@ -1,12 +1,17 @@
-"""All-reduce latency and bandwidth through arraybn's MPI communicator.
+"""All-reduce latency and bandwidth through arraybn's MPI communicator; data-parallel epochs.
 
     mpiexec -n 2 python3 benchmarks/distributed.py [--samples 30]
+    python3 benchmarks/distributed.py --epoch [--repeats 5]      (starts its own mpiexec jobs)
 
 Rows: ``allreduce_sum`` (Allgather, then a sum in rank order: bit-identical on every rank, what
 BN under ``comm=`` uses) and, for comparison, mpi4py's plain ``Allreduce`` (MPI's order, not
 promised the same on every rank), on 8 B (one float64: latency) and 1 MB (131072 float64:
 bandwidth). Each sample times a burst of calls after a barrier; the table gives rank 0's median
 time per call and the payload divided by it.
+
+``--epoch`` (``benchmarks/distributed_epoch.py``): the LeNet-5+BN epoch on Fashion-MNIST at
+K = 1 with 2 threads vs K = 2 with 1 thread each (``--bn-sync all`` and ``local``), and each
+step's share spent in the communicator.
 """
 import argparse
 import os
@@ -38,7 +43,13 @@ def time_per_call(comm, func, calls, samples):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--epoch", action="store_true", help="the data-parallel epoch benchmark")
+    parser.add_argument("--repeats", type=int, default=5, help="--epoch: interleaved rounds")
     args = parser.parse_args()
+    if args.epoch:
+        from distributed_epoch import compare_epochs
+        compare_epochs(args.repeats)
+        return
     comm = world()
     if comm is None:
         sys.exit("run it under MPI with more than one process: mpiexec -n 2 python3 "
