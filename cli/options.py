@@ -4,12 +4,14 @@ Defaults and choices come from the stages' configurations (``TrainConfig``, ``Po
 ``TestConfig``) and the lists beside them, so that the CLI and the Python API agree on them.
 """
 import dataclasses
+import math
 
 import click
 from click.core import ParameterSource
 
 from arraybn.backends import BACKEND_NAMES
 from arraybn.data import DATASETS
+from arraybn.errors import ConfigError
 from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES
 from arraybn.stages.config import (DTYPES, EMA_STATS, OPTIMIZERS, POSTPROC_METHODS, TEST_STATS,
                                    TRAIN_STATS, PostprocConfig, TestConfig, TrainConfig)
@@ -31,6 +33,17 @@ def stack(*decorators):
             func = decorator(func)
         return func
     return apply
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities (which pass its bounds checks:
+    every comparison with NaN is false)."""
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 def _hidden(ctx, param, value):
@@ -63,7 +76,7 @@ common_options = stack(
 train_options = stack(
     click.option("--dataset", type=click.Choice(DATASETS), default=DEFAULTS.dataset,
                  show_default=True),
-    click.option("--val-split", type=click.FloatRange(0, 1, max_open=True),
+    click.option("--val-split", type=FiniteFloatRange(0, 1, max_open=True),
                  default=DEFAULTS.val_split, show_default=True,
                  help="Fraction of the training images held out for validation."),
     click.option("--train-subset", type=click.IntRange(2), default=None,
@@ -81,33 +94,35 @@ train_options = stack(
                  help="Batch normalization variant."),
     click.option("--bn-position", type=click.Choice(BN_POSITIONS), default=DEFAULTS.bn_position,
                  show_default=True, help="BN before or after the ReLU."),
-    click.option("--bn-momentum", type=click.FloatRange(0, 1), default=DEFAULTS.bn_momentum,
+    click.option("--bn-momentum", type=FiniteFloatRange(0, 1), default=DEFAULTS.bn_momentum,
                  show_default=True, help="Running statistics: r = (1-m) r + m batch."),
-    click.option("--bn-eps", type=click.FloatRange(0, min_open=True), default=DEFAULTS.bn_eps,
+    click.option("--bn-eps", type=FiniteFloatRange(0, min_open=True), default=DEFAULTS.bn_eps,
                  show_default=True),
     click.option("--ghost-batch-size", type=click.IntRange(1), default=DEFAULTS.ghost_batch_size,
                  show_default=True, help="Samples per ghost batch (--bn ghost)."),
-    click.option("--renorm-rmax", type=click.FloatRange(1), default=DEFAULTS.renorm_rmax,
+    click.option("--renorm-rmax", type=FiniteFloatRange(1), default=DEFAULTS.renorm_rmax,
                  show_default=True, help="Batch renormalization r clip (--bn renorm)."),
-    click.option("--renorm-dmax", type=click.FloatRange(0), default=DEFAULTS.renorm_dmax,
+    click.option("--renorm-dmax", type=FiniteFloatRange(0), default=DEFAULTS.renorm_dmax,
                  show_default=True, help="Batch renormalization d clip (--bn renorm)."),
     click.option("--stats", type=click.Choice(TRAIN_STATS), default=DEFAULTS.stats,
                  show_default=True,
                  help="'none': keep no running statistics (postproc provides them)."),
-    click.option("--dropout", type=click.FloatRange(0, 1, max_open=True),
+    click.option("--dropout", type=FiniteFloatRange(0, 1, max_open=True),
                  default=DEFAULTS.dropout, show_default=True),
     click.option("--epochs", type=click.IntRange(1), default=DEFAULTS.epochs, show_default=True),
     click.option("--batch-size", type=click.IntRange(1), default=DEFAULTS.batch_size,
-                 show_default=True),
+                 show_default=True,
+                 help="Images per training step (the global batch under mpiexec); at least 2 "
+                      "with batch normalization; 1 only with --bn none."),
     click.option("--optimizer", type=click.Choice(OPTIMIZERS), default=DEFAULTS.optimizer,
                  show_default=True),
-    click.option("--lr", type=click.FloatRange(0, min_open=True), default=DEFAULTS.lr,
+    click.option("--lr", type=FiniteFloatRange(0, min_open=True), default=DEFAULTS.lr,
                  show_default=True, help="Base learning rate."),
-    click.option("--momentum", type=click.FloatRange(0, 1), default=DEFAULTS.momentum,
+    click.option("--momentum", type=FiniteFloatRange(0, 1), default=DEFAULTS.momentum,
                  show_default=True, help="SGD momentum."),
     click.option("--schedule", type=click.Choice(SCHEDULES), default=DEFAULTS.schedule,
                  show_default=True, help="Learning-rate schedule over all steps."),
-    click.option("--weight-decay", type=click.FloatRange(0), default=DEFAULTS.weight_decay,
+    click.option("--weight-decay", type=FiniteFloatRange(0), default=DEFAULTS.weight_decay,
                  show_default=True),
     click.option("--augment/--no-augment", default=DEFAULTS.augment, show_default=True,
                  help="Random rotation, shear, zoom and shift of training images."),
@@ -133,7 +148,7 @@ postproc_method_options = stack(
                  default=POSTPROC_DEFAULTS.method, show_default=True,
                  help="exact: all values seen; average: mean of batch statistics; ema: "
                       "s = decay s + (1-decay) s_batch."),
-    click.option("--decay", type=click.FloatRange(0, 1, max_open=True),
+    click.option("--decay", type=FiniteFloatRange(0, 1, max_open=True),
                  default=POSTPROC_DEFAULTS.decay, show_default=True,
                  help="EMA decay (--method ema)."),
     click.option("--stat", type=click.Choice(EMA_STATS), default=POSTPROC_DEFAULTS.stat,
@@ -169,9 +184,18 @@ def make_test_config(params, batch_size=None):
 
 
 def train_config_from(ctx, params, resume):
-    """TrainConfig fields from the parsed options; with --resume only those given explicitly."""
+    """TrainConfig fields from the parsed options; with --resume only those given explicitly.
+
+    Without --resume the options must make a valid TrainConfig: a combination it refuses (e.g.
+    --batch-size 1 with BN) is a usage error (exit status 2), like a value out of range.
+    """
     values = {key: params[key] for key in TRAIN_KEYS}
     if resume:
         return {key: value for key, value in values.items()
                 if value is not None and ctx.get_parameter_source(key) != ParameterSource.DEFAULT}
-    return {key: value for key, value in values.items() if value is not None}
+    values = {key: value for key, value in values.items() if value is not None}
+    try:
+        TrainConfig(**values)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc), ctx) from None
+    return values
