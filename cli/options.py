@@ -139,6 +139,14 @@ train_options = stack(
                  help="Under mpiexec/srun: BN statistics over the global batch ('all'), each "
                       "process's slice ('local', = ghost batches of B/K) or groups of G "
                       "consecutive processes (an integer G)."),
+    click.option("--track-layers/--no-track-layers", default=DEFAULTS.track_layers,
+                 show_default=True,
+                 help="Every --track-every steps record each layer's pre-activation "
+                      "percentiles, gradient norm and internal covariate shift (Santurkar et "
+                      "al. 2018) in RUN/train/layers.csv; training itself is unchanged."),
+    click.option("--track-every", type=click.IntRange(1), default=DEFAULTS.track_every,
+                 show_default=True, metavar="K",
+                 help="Steps between two --track-layers measurements."),
     click.option("--resume", is_flag=True,
                  help="Continue an interrupted run exactly, or a finished one with more --epochs."),
 )

@@ -29,7 +29,9 @@ RESUMABLE_CHANGES = ("epochs", "backend", "data_dir")
 @dataclass
 class TrainConfig:
     """What ``run_train`` needs. ``stats='none'`` trains BN without running statistics;
-    ``train_subset=N`` trains on a seeded random N of the training images (quick experiments)."""
+    ``train_subset=N`` trains on a seeded random N of the training images (quick experiments);
+    ``track_layers``: measure each layer every ``track_every`` steps into RUN/train/layers.csv
+    (``arraybn.stages.layer_tracking``; the training itself is unchanged)."""
     dataset: str = "fashion-mnist"
     data_dir: str = None
     val_split: float = 0.05
@@ -65,6 +67,8 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     bn_sync: str = "all"
+    track_layers: bool = False
+    track_every: int = 50
 
     def __post_init__(self):
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -79,7 +83,8 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
                                  f"got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size",
+                    "track_every"):
             if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if self.train_subset is not None and not (int(self.train_subset) == self.train_subset

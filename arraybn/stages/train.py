@@ -24,6 +24,8 @@ from arraybn.stages.common import base_manifest, dataset_record, load_data, make
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
 from arraybn.stages.divergence import TrainingDiverged
 from arraybn.stages.interrupts import SIGNAL_NAMES, StageInterrupted, interruptible_stage
+from arraybn.stages.layer_tracking import (LAYERS_CSV, check_tracking_world,
+                                           tracking_record, write_layers_csv)
 from arraybn.stages.parallel import DataParallel, check_resume_world, parallel_record
 from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Trainer
@@ -67,6 +69,7 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
     else:
         config, arrays, info = fresh_config(config), None, None
         _check_fresh(run_dir, force)
+    check_tracking_world(config, comm)
     started = time.perf_counter()
     backend = arraybn.get_backend(config.backend)
     raw, splits, norm = load_data(config)
@@ -334,12 +337,16 @@ def _write_stage(run_dir, trainer, saver, manifest, started, force):
                 write(os.path.join(tmp, name), data)
         save("model.npz", save_npz, trainer.model.state_dict())
         save("history.csv", write_history, trainer.history)
+        names = ["model.npz", "history.csv", CHECKPOINT_NPZ, CHECKPOINT_JSON]
+        if trainer.tracker is not None:
+            save(LAYERS_CSV, write_layers_csv, trainer.tracker.rows)
+            names.append(LAYERS_CSV)
+            manifest["layer_tracking"] = tracking_record(trainer.tracker)
         arrays, info = saver.checkpoint(trainer)
         save(CHECKPOINT_NPZ, save_npz, arrays)
         info["npz_sha256"] = sha256_file(os.path.join(tmp, CHECKPOINT_NPZ))
         save(CHECKPOINT_JSON, write_json, info)
-        manifest["outputs"] = output_digests(tmp, ["model.npz", "history.csv", CHECKPOINT_NPZ,
-                                                   CHECKPOINT_JSON])
+        manifest["outputs"] = output_digests(tmp, names)
         manifest["timings"] = {"train_seconds": sum(r["seconds"] for r in trainer.history),
                                "wall_seconds": time.perf_counter() - started}
         save("manifest.json", write_json, manifest)

@@ -22,6 +22,7 @@ from arraybn.stages.common import evaluate
 from arraybn.stages.divergence import (TrainingDiverged, check_gradients, check_loss,
                                        non_finite_loss)
 from arraybn.stages.interrupts import handling, signal_of
+from arraybn.stages.layer_tracking import LayerTracker
 from arraybn.stages.parallel import SingleProcess, loss_share
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
@@ -94,6 +95,8 @@ class Trainer:
         self.parallel = SingleProcess()         # run_train sets a DataParallel under MPI
         self.sums = {"loss": 0.0, "correct": 0, "count": 0, "seconds": 0.0}
         self.history = []
+        # --track-layers: measurements every config.track_every steps; None: no work at all
+        self.tracker = LayerTracker(model, config.track_every) if config.track_layers else None
 
     @property
     def global_step(self):
@@ -112,6 +115,8 @@ class Trainer:
         info = {"epoch": self.epoch, "step": self.step, "steps_per_epoch": self.steps_per_epoch,
                 "sums": dict(self.sums), "history": list(self.history),
                 "dropout_rng": self.model.rng.bit_generator.state}
+        if self.tracker is not None:
+            arrays.update(self.tracker.state())
         return arrays, info
 
     def restore(self, arrays, info):
@@ -124,6 +129,8 @@ class Trainer:
         self.model.rng.bit_generator.state = info["dropout_rng"]
         self.epoch, self.step = int(info["epoch"]), int(info["step"])
         self.sums, self.history = dict(info["sums"]), list(info["history"])
+        if self.tracker is not None:
+            self.tracker.restore(arrays)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -173,6 +180,8 @@ class Trainer:
             images = self.parallel.augment(images, rng, config.augment_config(), self.fill,
                                            len(index))
         self.optimizer.lr = self.schedule(self.global_step)
+        if self.tracker is not None and self.tracker.due(self.global_step):
+            self._measure_layers(images, labels, len(index))
         where = f"epoch {self.epoch + 1}, step {self.step + 1}"
         try:
             logits = model.forward(xp.asarray(images), training=True)
@@ -191,6 +200,11 @@ class Trainer:
         check_gradients(model, where)
         self.optimizer.step()
         return loss_sum, correct, stop
+
+    def _measure_layers(self, images, labels, n_global):
+        xp = self.model.backend.xp
+        self.tracker.measure(self.optimizer, xp.asarray(images), xp.asarray(labels), n_global,
+                             self.global_step, self.epoch + 1)
 
     def _report_step(self, loss, acc):
         if self.on_step:
