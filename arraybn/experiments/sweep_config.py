@@ -161,22 +161,23 @@ def _grid_points(grid, errors):
     A key that is not a training option may list tables of options that vary together, e.g.
     ``regularise = [{augment = false, dropout = 0.0}, {augment = true, dropout = 0.3}]``.
     """
-    axes = []
+    axes, problems = [], []
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
-            errors.append(f"[grid] {key} must be a non-empty list, got {values!r}")
-            return []
-        if key in TRAIN_FIELDS:
+            problems.append(f"[grid] {key} must be a non-empty list, got {values!r}")
+        elif key in TRAIN_FIELDS:
             axes.append([{key: value} for value in values])
         elif all(isinstance(value, dict) for value in values):
             for value in values:
                 errors.extend(_unknown(value, TRAIN_FIELDS, f"[grid] {key}"))
             axes.append(values)
         else:
-            errors.append(f"[grid] {key} is not a training option (allowed: "
-                          f"{', '.join(TRAIN_FIELDS)}); a key of your own must list tables of "
-                          "options that vary together")
-            return []
+            problems.append(f"[grid] {key} is not a training option (allowed: "
+                            f"{', '.join(TRAIN_FIELDS)}); a key of your own must list tables "
+                            "of options that vary together")
+    errors.extend(problems)
+    if problems:
+        return []
     return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
 
 
@@ -188,9 +189,10 @@ def _default_template(grid):
 
 
 def _type_problems(values, where):
-    """Values whose TOML type does not fit the TrainConfig field (checked against its default)."""
+    """{key: message} for the values whose TOML type does not fit the TrainConfig field
+    (checked against its default)."""
     defaults = TrainConfig()
-    problems = []
+    problems = {}
     for key, value in values.items():
         default = getattr(defaults, key)
         expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,),
@@ -198,8 +200,7 @@ def _type_problems(values, where):
         if expected is None or value is None:
             continue
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-            problems.append(f"{where}: {key} must be {_type_word(type(default))}, "
-                            f"got {value!r}")
+            problems[key] = f"{where}: {key} must be {_type_word(type(default))}, got {value!r}"
     return problems
 
 
@@ -209,15 +210,17 @@ def _type_word(kind):
 
 
 def _make_config(values, where, errors):
-    problems = _type_problems(values, where)
-    if problems:
-        errors.extend(problems)
-        return None
+    """The run's TrainConfig, or None after appending every problem of ``values`` to
+    ``errors`` (the well-typed values are checked beside the badly typed ones)."""
+    badly_typed = _type_problems(values, where)
+    problems = list(badly_typed.values())
+    well_typed = {k: v for k, v in values.items() if k not in badly_typed}
     try:
-        return TrainConfig(**values)
+        config = TrainConfig(**well_typed)
     except (TypeError, ValueError) as exc:
-        errors.append(f"{where}: {exc}")
-        return None
+        problems.append(f"{where}: {exc}")
+    errors.extend(problems)
+    return None if problems else config
 
 
 def _spec(cls, values, where, errors, allowed=None):

@@ -7,6 +7,7 @@ with a cosine schedule (the network options' defaults come from ``arraybn.nn.def
 ``arraybn postproc|test|run``, ``run_pipeline`` and sweeps. The CLI derives its options from
 these dataclasses.
 """
+import math
 from dataclasses import asdict, dataclass, fields
 
 from arraybn.data import DATASETS, AugmentConfig
@@ -22,6 +23,15 @@ EMA_STATS = ("var", "std")
 TEST_STATS = ("postproc", "running", "batch")
 DTYPES = ("float32", "float64")
 BN_SYNC_WORDS = ("all", "local")
+# TrainConfig's integer sizes, each >= 1.
+POSITIVE_INTEGERS = ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size",
+                     "track_every", "depth", "width")
+# TrainConfig's float options: field -> (low, high or None, low open, high open); each finite.
+FLOAT_RANGES = {"val_split": (0, 1, False, True), "dropout": (0, 1, False, True),
+                "bn_momentum": (0, 1, False, False), "bn_eps": (0, None, True, False),
+                "renorm_rmax": (1, None, False, False), "renorm_dmax": (0, None, False, False),
+                "lr": (0, None, True, False), "momentum": (0, 1, False, False),
+                "weight_decay": (0, None, False, False)}
 # Keys that may change between an interrupted run and its --resume.
 RESUMABLE_CHANGES = ("epochs", "backend", "data_dir")
 
@@ -76,40 +86,54 @@ class TrainConfig:
         self.validate()
 
     def validate(self):
+        """Raise one ConfigError that lists every problem of this configuration."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def problems(self):
+        """Every problem of this configuration, one message each (empty when it is valid)."""
         choices = {"dataset": DATASETS, "model": MODEL_NAMES, "bn": BN_CHOICES,
                    "bn_position": BN_POSITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
                    "stats": TRAIN_STATS, "dtype": DTYPES}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key} must be one of {', '.join(allowed)}; "
-                                 f"got {getattr(self, key)!r}")
-        for key in ("epochs", "batch_size", "eval_batch_size", "ghost_batch_size",
-                    "track_every"):
-            if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
-        if self.train_subset is not None and not (int(self.train_subset) == self.train_subset
+        bad_choices = [key for key, allowed in choices.items() if getattr(self, key) not in allowed]
+        problems = [f"{key} must be one of {', '.join(choices[key])}; got {getattr(self, key)!r}"
+                    for key in bad_choices]
+        bad_sizes = [key for key in POSITIVE_INTEGERS if not _positive_integer(getattr(self, key))]
+        problems += [f"{key} must be a positive integer, got {getattr(self, key)!r}"
+                     for key in bad_sizes]
+        if self.train_subset is not None and not (_positive_integer(self.train_subset)
                                                   and self.train_subset >= 2):
-            raise ConfigError(f"train_subset must be an integer >= 2 or None, "
-                             f"got {self.train_subset!r}")
-        if self.batch_size < 2 and self.bn != "none":
-            raise ConfigError("batch_size must be >= 2 to train with batch normalization "
-                             "(a batch of one has no variance)")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            problems.append(f"train_subset must be an integer >= 2 or None, "
+                            f"got {self.train_subset!r}")
+        if "batch_size" not in bad_sizes and self.batch_size < 2 and self.bn != "none":
+            problems.append("batch_size must be >= 2 to train with batch normalization "
+                            "(a batch of one has no variance)")
+        problems += [problem for problem in map(self._float_problem, FLOAT_RANGES) if problem]
         if self.bn == "renorm" and self.stats == "none":
-            raise ConfigError("--bn renorm needs running statistics; use --stats running")
-        check_bn_sync(self.bn_sync)
-        self._check_model_options()
-        self.augment_config()
+            problems.append("--bn renorm needs running statistics; use --stats running")
+        problems += _problems_of(check_bn_sync, self.bn_sync)
+        if not (bad_choices or {"depth", "width"} & set(bad_sizes)):  # needs valid ones
+            problems += _problems_of(self._check_model_options)
+        return problems + _problems_of(self.augment_config)
+
+    def _float_problem(self, key):
+        """What is wrong with the float option ``key`` (see FLOAT_RANGES), or None."""
+        value = getattr(self, key)
+        if key == "bn_momentum" and value is None:        # a cumulative average, as in PyTorch
+            return None
+        low, high, low_open, high_open = FLOAT_RANGES[key]
+        if high is None:
+            bounds = f"{'>' if low_open else '>='} {low}"
+        else:
+            bounds = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        if not math.isfinite(value):
+            return f"{key} must be a finite number {bounds}, got {value}"
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        return None if above and below else f"{key} must be {bounds}, got {value}"
 
     def _check_model_options(self):
-        for key in ("depth", "width"):
-            if int(getattr(self, key)) != getattr(self, key) or getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         try:
             check_deep_model(dict(name=self.model, depth=self.depth, width=self.width,
                                   dropout=self.dropout, bn=self.bn, bn_position=self.bn_position))
@@ -166,6 +190,23 @@ def check_bn_sync(value):
     return value
 
 
+def _positive_integer(value):
+    """Whether ``value`` is a whole number >= 1 (3.0 counts, as it always did)."""
+    try:
+        return int(value) == value and value >= 1
+    except (TypeError, ValueError):
+        return False
+
+
+def _problems_of(check, *args):
+    """``[message]`` of the ConfigError that ``check(*args)`` raises, else ``[]``."""
+    try:
+        check(*args)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -188,21 +229,24 @@ class PostprocConfig:
         self.validate()
 
     def validate(self):
-        """Raise StageError naming the first unusable option."""
+        """Raise one StageError that lists every unusable option."""
+        problems = []
         if self.method not in POSTPROC_METHODS:
-            raise StageError(f"unknown postproc method (--method) {self.method!r}; choose one of "
-                             f"{', '.join(POSTPROC_METHODS)}")
+            problems.append(f"unknown postproc method (--method) {self.method!r}; choose one "
+                            f"of {', '.join(POSTPROC_METHODS)}")
         if self.method == "ema" and not 0.0 <= self.decay < 1.0:
-            raise StageError(f"postproc decay (--decay) must be in [0, 1), got {self.decay!r}")
+            problems.append(f"postproc decay (--decay) must be in [0, 1), got {self.decay!r}")
         if self.method == "ema" and self.stat not in EMA_STATS:
-            raise StageError(f"postproc stat (--stat) must be one of {', '.join(EMA_STATS)}, "
-                             f"got {self.stat!r}")
+            problems.append(f"postproc stat (--stat) must be one of {', '.join(EMA_STATS)}, "
+                            f"got {self.stat!r}")
         if not (_is_int(self.batch_size) and self.batch_size >= 2):
-            raise StageError(f"postproc batch_size (--batch-size) must be an integer >= 2 for "
-                             f"batch statistics, got {self.batch_size!r}")
+            problems.append(f"postproc batch_size (--batch-size) must be an integer >= 2 for "
+                            f"batch statistics, got {self.batch_size!r}")
         if self.batches is not None and not (_is_int(self.batches) and self.batches >= 1):
-            raise StageError(f"postproc batches (--batches) must be an integer >= 1, got "
-                             f"{self.batches!r}")
+            problems.append(f"postproc batches (--batches) must be an integer >= 1, got "
+                            f"{self.batches!r}")
+        if problems:
+            raise StageError("; ".join(problems))
 
     def estimator_options(self):
         """Keyword options of ``arraybn.make_estimator`` beyond the method (EMA's only)."""
