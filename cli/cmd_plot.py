@@ -20,7 +20,9 @@ def _size(ctx, param, value):
 @click.option("--kind", type=click.Choice(KINDS), required=True,
               help="curves: accuracy/loss per epoch; batch-size: test accuracy and train-test "
                    "gap vs batch size; postproc-batches: test accuracy vs post-processing "
-                   "batches; timing: seconds per epoch and test time.")
+                   "batches; timing: seconds per epoch and test time; layers: "
+                   "pre-activation percentiles over steps per layer; ics: internal covariate "
+                   "shift per layer (both need train --track-layers).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="The PNG to write.")
 @click.option("--size", callback=_size, default="1000x450", show_default=True,
               help="Width x height in pixels.")

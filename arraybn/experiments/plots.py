@@ -10,8 +10,9 @@ import os
 
 from arraybn.errors import ConfigError, UserError
 from arraybn.experiments.report import collect_rows
+from arraybn.stages.layer_tracking import LAYERS_CSV, read_layers_csv
 
-KINDS = ("curves", "batch-size", "postproc-batches", "timing")
+KINDS = ("curves", "batch-size", "postproc-batches", "timing", "layers", "ics")
 DPI = 100
 
 
@@ -175,8 +176,85 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _tracked_runs(rows):
+    """``[(label, {metric: {layer: (steps, values)}})]`` of the runs with a layers.csv."""
+    runs = []
+    for row in rows:
+        path = os.path.join(row["run_dir"], "train", LAYERS_CSV)
+        if "variant" not in row and os.path.isfile(path):
+            runs.append((f"{row['name']} (bn={row.get('bn')})", read_layers_csv(path)))
+    if not runs:
+        raise ConfigError("none of the runs has a train/layers.csv; train them with "
+                          "`arraybn train RUN --track-layers`")
+    return runs
+
+
+def _layer_names(runs, metric):
+    names = {}
+    for _, table in runs:
+        names.update(dict.fromkeys(table.get(metric, {})))
+    return list(names)
+
+
+def plot_layers(figure, rows):
+    """Each tracked layer's pre-activation over training (Ioffe & Szegedy's Fig. 1): the median
+    as a line, the 15th to 85th percentiles as a band, one colour per run."""
+    runs = _tracked_runs(rows)
+    layers = _layer_names(runs, "p50")
+    columns = min(4, len(layers))
+    axes = figure.subplots(math.ceil(len(layers) / columns), columns, squeeze=False).ravel()
+    for ax, layer in zip(axes, layers):
+        for index, (label, table) in enumerate(runs):
+            if layer not in table.get("p50", {}):
+                continue
+            steps, median = table["p50"][layer]
+            colour = f"C{index % 10}"
+            ax.fill_between(steps, table["p15"][layer][1], table["p85"][layer][1],
+                            color=colour, alpha=0.2, linewidth=0)
+            ax.plot(steps, median, color=colour, label=label)
+        ax.set_title(layer, fontsize="small")
+        ax.set_xlabel("step", fontsize="small")
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize="x-small")
+    return "Pre-activation (ReLU input) percentiles 15/50/85 over training"
+
+
+def _mean_and_spread(values):
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, 0.0
+    mean = sum(finite) / len(finite)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+
+
+def plot_ics(figure, rows):
+    """Santurkar et al.'s internal covariate shift per layer: ||G - G'|| and cos(G, G'), the
+    mean over the measured steps with their standard deviation, one line per run."""
+    runs = _tracked_runs(rows)
+    l2_ax, cos_ax = figure.subplots(1, 2)
+    layers = _layer_names(runs, "ics_l2")
+    if not layers:
+        raise ConfigError("the layers.csv files hold no ICS measurements (a model with one "
+                          "weight layer has none)")
+    for ax, metric in ((l2_ax, "ics_l2"), (cos_ax, "ics_cos")):
+        for index, (label, table) in enumerate(runs):
+            points = [(x, *_mean_and_spread(table[metric][layer][1]))
+                      for x, layer in enumerate(layers) if layer in table.get(metric, {})]
+            if points:
+                xs, means, spreads = zip(*points)
+                ax.errorbar(xs, means, yerr=spreads, fmt="-o", markersize=4, capsize=3,
+                            color=f"C{index % 10}", label=label)
+        ax.set_xticks(range(len(layers)), layers, rotation=30, fontsize="small")
+    l2_ax.set(ylabel="||G - G'|| (l2)", title="gradient change from earlier layers' update")
+    cos_ax.set(ylabel="cos(G, G')", title="cosine (1: no shift)")
+    l2_ax.legend(fontsize="small")
+    return "Internal covariate shift per layer (Santurkar et al. 2018)"
+
+
 PLOTTERS = {"curves": plot_curves, "batch-size": plot_batch_size,
-            "postproc-batches": plot_postproc_batches, "timing": plot_timing}
+            "postproc-batches": plot_postproc_batches, "timing": plot_timing,
+            "layers": plot_layers, "ics": plot_ics}
 
 
 def make_plot(patterns, kind, out, *, size=(1000, 450), title=None):
