@@ -2,6 +2,7 @@
 import click
 
 import arraybn
+from arraybn.backends.compile_notice import set_compile_notice
 from arraybn_cli.cmd_info import info_command
 from arraybn_cli.cmd_postproc import postproc_command
 from arraybn_cli.cmd_run import run_command
@@ -16,8 +17,11 @@ from arraybn_cli.cmd_train import train_command
 @click.version_option(arraybn.__version__, prog_name="arraybn")
 @click.option("--debug", is_flag=True,
               help="Show the traceback of every error, also of the one-line ones.")
-def cli(debug):
+@click.pass_context
+def cli(ctx, debug):
     """arraybn: train, post-process and test networks with Batch Normalization."""
+    set_compile_notice(lambda: click.echo("compiling kernels (first run only)…", err=True))
+    ctx.call_on_close(lambda: set_compile_notice(None))
 
 
 for command in (train_command, postproc_command, test_command, run_command, info_command,

@@ -12,6 +12,8 @@ import warnings
 
 from numba import njit
 
+from arraybn.backends import compile_notice
+
 FLAGS = dict(fastmath={"contract"}, nogil=True, error_model="numpy", boundscheck=False)
 
 
@@ -29,6 +31,9 @@ def jit(parallel=False):
             _warn_not_cached(sys.modules[func.__module__].__file__)
             return njit(cache=False, parallel=parallel, **FLAGS)(func)
     return decorate
+
+
+compile_notice.install_listener()
 
 
 @functools.lru_cache(maxsize=None)
