@@ -193,7 +193,8 @@ def _fold_channels(lanes, per, out, c0):
     ``out`` may be ``lanes`` itself with c0 = 0: channel i's sum lands at or before its lanes.
     """
     if per == 1:                               # dense data: a lane is a channel
-        out[c0:c0 + lanes.shape[0]] = lanes
+        for i in range(lanes.shape[0]):        # a loop: an array-to-array slice assignment
+            out[c0 + i] = lanes[i]             # costs Numba ~1.8 s more to compile
         return
     for i in range(lanes.shape[0] // per):
         out[c0 + i] = _fold(lanes[i * per:(i + 1) * per])
@@ -203,7 +204,8 @@ def _fold_channels(lanes, per, out, c0):
 def _spread(values, c0, per, lanes):
     """Every lane of the block's channel i gets values[c0 + i]."""
     if per == 1:
-        lanes[:] = values[c0:c0 + lanes.shape[0]]
+        for i in range(lanes.shape[0]):        # a loop, as in ``_fold_channels``
+            lanes[i] = values[c0 + i]
         return
     for i in range(lanes.shape[0] // per):
         lanes[i * per:(i + 1) * per] = values[c0 + i]
