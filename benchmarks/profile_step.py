@@ -1,4 +1,4 @@
-"""Where one training step of LeNet-5 + BN goes: a per-layer timer and a cProfile listing.
+"""Where one training step of a model + BN goes (LeNet-5 by default, ``--model``): a per-layer timer and a cProfile listing.
 
 Times ``--steps`` steps (after ``--warmup``) of forward, loss, backward and the optimizer, each
 layer's forward and backward timed on its own; prints the median per step of every part. Set the
@@ -23,6 +23,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--backend", default="numba")
     parser.add_argument("--bn-position", default="before")
+    parser.add_argument("--model", default="lenet5", help="lenet5, vgg8, plain or resnet")
+    parser.add_argument("--depth", type=int, default=20, help="plain/resnet depth")
+    parser.add_argument("--width", type=int, default=16, help="plain/resnet first-stage width")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top 25")
     return parser.parse_args(argv)
 
@@ -56,7 +59,8 @@ def timed_step(model, opt, images, labels, times):
 def main(argv=None):
     args = parse_args(argv)
     from arraybn.nn import SGD, build_model
-    model = build_model("lenet5", backend=args.backend, seed=0, bn_position=args.bn_position)
+    model = build_model(args.model, backend=args.backend, seed=0, bn_position=args.bn_position,
+                        depth=args.depth, width=args.width)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)

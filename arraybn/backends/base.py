@@ -153,8 +153,7 @@ class Backend(abc.ABC):
     def conv_ops(self):
         """Helpers for the trainer's conv and pooling layers, or None to use their ``xp`` code.
 
-        An object with ``col2im(gcols, x_shape, kh, kw, stride, pad) -> gx``,
-        ``maxpool2d_forward(x, k) -> (y, argmax)`` and
+        An object with ``maxpool2d_forward(x, k) -> (y, argmax)`` and
         ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``); it may
         add ``bn_pool_forward``/``bn_pool_backward``, the fused BN-ReLU-pool kernels that
         ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``).

@@ -84,7 +84,7 @@ class NumbaBackend(Backend):
         self._numba = numba_module
 
     def conv_ops(self):
-        """``numba_conv_kernels``: col2im with fused padding and one-pass max pooling."""
+        """``numba_conv_kernels``: one-pass max pooling and the fused BN block kernels."""
         from arraybn.backends import numba_conv_kernels     # compiled only when conv layers ask
         return numba_conv_kernels
 

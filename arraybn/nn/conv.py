@@ -1,10 +1,18 @@
-"""2-D convolution (im2col + batched GEMM) and max pooling, NCHW like PyTorch.
+"""2-D convolution (im2col + one GEMM over the whole batch) and max pooling, NCHW like PyTorch.
 
-The plain path works on any ``xp`` (numpy or cupy). A backend whose ``conv_ops()`` offers its
-own helpers (the numba backend: col2im with fused padding, one-pass pooling) has the layers call
-those instead; the GEMMs are BLAS calls on every backend. A Conv2d layer reuses its im2col
-buffers from step to step (only the latest forward's cache is ever used by backward, so nothing
-else sees them).
+The batch is laid out for one GEMM per convolution (not one per sample): ``im2col`` writes
+cols (C*kh*kw, N*OH*OW), rows ordered (c, ki, kj) like ``weight.reshape(O, -1)`` and columns
+(n, i, j), so the forward is ``W (O, C*kh*kw) @ cols -> (O, N*OH*OW)``, the weight gradient
+``gy (O, N*OH*OW) @ cols.T`` and the input gradient ``W.T @ gy -> gcols``. Keeping each output
+row contiguous in the columns makes the switch between (O, N, OH*OW) and NCHW a copy of
+contiguous rows (fused with the bias add in the forward), a small fraction of the GEMM's work.
+
+im2col reads the input in place and zeroes the entries on the padding (no padded copy), col2im
+adds into the unpadded gradient; both are strided slice copies on any ``xp`` (numpy or cupy),
+which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend whose
+``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
+from step to step (only the latest forward's cache is ever used by backward, so nothing else
+sees them).
 """
 import numpy as np
 
@@ -19,12 +27,6 @@ def _out_size(size, k, stride, pad):
     return out
 
 
-def _pad(x, pad, xp):
-    if pad == 0:
-        return x
-    return xp.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-
-
 def _buffer(workspace, key, shape, dtype, xp):
     """A reusable array from ``workspace`` (a dict, or None for a fresh one each call)."""
     if workspace is None:
@@ -35,70 +37,106 @@ def _buffer(workspace, key, shape, dtype, xp):
     return buf
 
 
-def im2col(x, kh, kw, stride, pad, xp, workspace=None):
-    """x: (N, C, H, W) -> cols (N, C*kh*kw, OH*OW), rows ordered (c, ki, kj) like weight.reshape.
+def _valid(offset, stride, size, out):
+    """Output positions [lo, hi) whose input position ``o * stride + offset`` is in [0, size)."""
+    lo = 0 if offset >= 0 else (-offset + stride - 1) // stride
+    hi = min(out, (size - 1 - offset) // stride + 1) if size - 1 - offset >= 0 else 0
+    return lo, max(lo, hi)
 
-    workspace: optional dict whose "cols" buffer is reused (and overwritten) when shapes match.
+
+def _window_slices(ki, kj, stride, pad, in_hw, out_hw):
+    """For the window offset (ki, kj): the output slices that read inside the input (the rest
+    reads the zero padding) and the input slices they read; None if all of it is padding."""
+    (h, w), (oh, ow) = in_hw, out_hw
+    i0, i1 = _valid(ki - pad, stride, h, oh)
+    j0, j1 = _valid(kj - pad, stride, w, ow)
+    if i0 == i1 or j0 == j1:
+        return None
+    out = (slice(i0, i1), slice(j0, j1))
+    src = (slice(i0 * stride + ki - pad, (i1 - 1) * stride + ki - pad + 1, stride),
+           slice(j0 * stride + kj - pad, (j1 - 1) * stride + kj - pad + 1, stride))
+    return out, src
+
+
+def im2col(x, kh, kw, stride, pad, xp, out=None):
+    """x: (N, C, H, W) -> cols (C*kh*kw, N*OH*OW), rows (c, ki, kj), columns (n, i, j).
+
+    Reads x in place (no padded copy): the entries that fall on the padding are zeroed.
+    out: optional (C, kh, kw, N, OH, OW) array to write into (a reused buffer).
     """
     n, c, h, w = x.shape
     oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-    xp_ = _pad(x, pad, xp)
-    cols = _buffer(workspace, "cols", (n, c, kh, kw, oh, ow), x.dtype, xp)
+    planes = x.transpose(1, 0, 2, 3)                              # (C, N, H, W) view
+    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype) if out is None else out
     for ki in range(kh):
         for kj in range(kw):
-            cols[:, :, ki, kj] = xp_[:, :, ki:ki + stride * (oh - 1) + 1:stride,
-                                     kj:kj + stride * (ow - 1) + 1:stride]
-    return cols.reshape(n, c * kh * kw, oh * ow)
+            window = _window_slices(ki, kj, stride, pad, (h, w), (oh, ow))
+            dst = cols[:, ki, kj]
+            if window is None:
+                dst[...] = 0
+                continue
+            (rows, columns), (src_rows, src_columns) = window
+            if pad:
+                dst[:, :, :rows.start] = 0
+                dst[:, :, rows.stop:] = 0
+                dst[:, :, rows, :columns.start] = 0
+                dst[:, :, rows, columns.stop:] = 0
+            dst[:, :, rows, columns] = planes[:, :, src_rows, src_columns]
+    return cols.reshape(c * kh * kw, n * oh * ow)
 
 
-def col2im(cols, x_shape, kh, kw, stride, pad, xp):
-    """Adjoint of ``im2col``: cols (N, C*kh*kw, OH*OW) -> (N, C, H, W), overlaps summed."""
+def col2im(gcols, x_shape, kh, kw, stride, pad, xp):
+    """Adjoint of ``im2col``: gcols (C*kh*kw, N*OH*OW) -> (N, C, H, W), overlaps summed in the
+    order (ki, kj)."""
     n, c, h, w = x_shape
     oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-    cols6 = cols.reshape(n, c, kh, kw, oh, ow)
-    gx = xp.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    cols6 = gcols.reshape(c, kh, kw, n, oh, ow)
+    gx = xp.zeros((c, n, h, w), dtype=gcols.dtype)
     for ki in range(kh):
         for kj in range(kw):
-            gx[:, :, ki:ki + stride * (oh - 1) + 1:stride,
-               kj:kj + stride * (ow - 1) + 1:stride] += cols6[:, :, ki, kj]
-    return gx[:, :, pad:pad + h, pad:pad + w] if pad else gx
+            window = _window_slices(ki, kj, stride, pad, (h, w), (oh, ow))
+            if window is not None:
+                (rows, columns), (src_rows, src_columns) = window
+                gx[:, :, src_rows, src_columns] += cols6[:, ki, kj, :, rows, columns]
+    return xp.ascontiguousarray(gx.transpose(1, 0, 2, 3))
 
 
 def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
 
-    workspace: optional dict of buffers reused from call to call (the layer's), see ``im2col``.
+    workspace: optional dict of buffers reused from call to call (the layer's).
     """
-    n = x.shape[0]
+    n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    oh = _out_size(x.shape[2], kh, stride, pad)
-    ow = _out_size(x.shape[3], kw, stride, pad)
-    cols = im2col(x, kh, kw, stride, pad, xp, workspace)
-    y = xp.matmul(weight.reshape(o, -1), cols)                # (N, O, OH*OW)
-    if bias is not None:
-        y += bias[:, None]
-    return y.reshape(n, o, oh, ow), (cols, x.shape, weight, stride, pad, bias is not None)
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    out = _buffer(workspace, "cols", (c, kh, kw, n, oh, ow), x.dtype, xp)
+    cols = im2col(x, kh, kw, stride, pad, xp, out)
+    y_onp = _buffer(workspace, "y", (o, n * oh * ow), x.dtype, xp)
+    xp.matmul(weight.reshape(o, -1), cols, out=y_onp)                     # one GEMM
+    y_onp = y_onp.reshape(o, n, oh * ow)
+    y = xp.empty((n, o, oh, ow), dtype=y_onp.dtype)
+    y_nop = y.reshape(n, o, oh * ow).transpose(1, 0, 2)      # (O, N, P) view of the NCHW output
+    if bias is None:
+        y_nop[...] = y_onp
+    else:
+        xp.add(y_onp, bias[:, None, None], out=y_nop)
+    return y, (cols, x.shape, weight, stride, pad, bias is not None)
 
 
-def conv2d_backward(gy, cache, xp, need_gx=True, col2im_fn=None, workspace=None):
-    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None).
-
-    col2im_fn: optional replacement for ``col2im`` without its xp argument (the Numba kernel).
-    """
+def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
+    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None)."""
     cols, x_shape, weight, stride, pad, has_bias = cache
-    o, _, kh, kw = weight.shape
-    gy3 = gy.reshape(gy.shape[0], o, gy.shape[2] * gy.shape[3])   # (N, O, P)
-    # batched GEMMs then a sum: BLAS reads cols transposed in place (tensordot would copy it)
-    gweight = xp.matmul(gy3, cols.transpose(0, 2, 1)).sum(axis=0).reshape(weight.shape)
-    gbias = gy3.sum(axis=(0, 2)) if has_bias else None
+    n, o, oh, ow = gy.shape
+    gy_onp = _buffer(workspace, "gy", (o, n, oh * ow), gy.dtype, xp)
+    gy_onp[...] = gy.reshape(n, o, oh * ow).transpose(1, 0, 2)
+    gy2 = gy_onp.reshape(o, n * oh * ow)
+    gweight = xp.matmul(gy2, cols.T).reshape(weight.shape)    # BLAS reads cols.T in place
+    gbias = gy2.sum(axis=1) if has_bias else None
     gx = None
     if need_gx:
         gcols = _buffer(workspace, "gcols", cols.shape, cols.dtype, xp)
-        xp.matmul(weight.reshape(o, -1).T, gy3, out=gcols)     # (N, C*kh*kw, P)
-        if col2im_fn is None:
-            gx = col2im(gcols, x_shape, kh, kw, stride, pad, xp)
-        else:
-            gx = col2im_fn(gcols, x_shape, kh, kw, stride, pad)
+        xp.matmul(weight.reshape(o, -1).T, gy2, out=gcols)    # (C*kh*kw, N*OH*OW)
+        gx = col2im(gcols, x_shape, *weight.shape[2:], stride, pad, xp)
     return gx, gweight, gbias
 
 
@@ -120,8 +158,6 @@ class Conv2d(Layer):
         if bias:
             self.bias = Parameter(f"{name}.bias", self.xp.asarray(
                 kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
-        ops = backend.conv_ops()
-        self._col2im = None if ops is None else ops.col2im
         self._workspace = {}     # im2col buffers, reused while shapes stay the same
 
     def parameters(self):
@@ -135,8 +171,7 @@ class Conv2d(Layer):
 
     def backward(self, gy):
         gx, self.weight.grad, gbias = conv2d_backward(gy, self._take_cache(), self.xp,
-                                                      self.need_input_grad, self._col2im,
-                                                      self._workspace)
+                                                      self.need_input_grad, self._workspace)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx

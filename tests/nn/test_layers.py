@@ -137,18 +137,7 @@ def test_conv_ops_are_the_backends_own():
     assert arraybn.get_backend("numpy").conv_ops() is None
     if "numba" in arraybn.available_backends():
         ops = arraybn.get_backend("numba").conv_ops()
-        assert callable(ops.col2im) and callable(ops.maxpool2d_forward)
-
-
-@pytest.mark.parametrize("stride,pad", [(1, 0), (2, 1), (1, 2), (2, 0), (3, 2)])
-def test_numba_col2im_matches_plain(rng, stride, pad):
-    ops = _numba_conv_ops()
-    x = rng.standard_normal((3, 2, 7, 6)).astype(np.float32)
-    cols = plain.im2col(x, 3, 3, stride, pad, np)
-    g = rng.standard_normal(cols.shape).astype(np.float32)
-    np.testing.assert_allclose(ops.col2im(g, x.shape, 3, 3, stride, pad),
-                               plain.col2im(g, x.shape, 3, 3, stride, pad, np), rtol=1e-5,
-                               atol=1e-6)
+        assert callable(ops.maxpool2d_forward) and callable(ops.maxpool2d_backward)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 2, 5, 7)])
