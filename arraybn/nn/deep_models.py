@@ -43,6 +43,7 @@ Dropout (``dropout`` > 0) follows the hidden dense block as in LeNet-5; only vgg
 plain and resnet refuse a non-zero dropout rather than ignore it.
 """
 from arraybn.nn.conv import MaxPool2d
+from arraybn.nn.fused import fuse_bn_blocks
 from arraybn.nn.groupnorm import default_groups
 from arraybn.nn.layers import Flatten
 from arraybn.nn.residual import GlobalAvgPool2d, ResidualBlock
@@ -128,7 +129,9 @@ def _residual_block(b, prefix, cin, cout, stride):
     shortcut = b.nested(prefix + "shortcut.")
     if stride != 1 or cin != cout:
         shortcut.linear_norm(shortcut.conv("conv1", cin, cout, 1, stride=stride), cout)
-    return ResidualBlock(branch.layers, shortcut.layers, b.backend.xp)
+    # the Network fuses top-level runs only; a block's runs are fused here (where the backend can)
+    return ResidualBlock(fuse_bn_blocks(branch.layers, b.backend),
+                         fuse_bn_blocks(shortcut.layers, b.backend), b.backend.xp)
 
 
 def _resnet(b, in_shape, num_classes, depth, width):
