@@ -14,6 +14,7 @@ CONFIGS = {
     "mlp-sgd-renorm-after": dict(model="mlp", hidden=(12, 10), optimizer="sgd", bn="renorm",
                                  bn_position="after"),
     "resnet8-ghost": dict(model="resnet", depth=8, width=2, bn="ghost", ghost_batch_size=8),
+    "resnet8-full": dict(model="resnet", depth=8, width=2),     # fused blocks on numba
 }
 
 
