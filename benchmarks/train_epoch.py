@@ -34,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
     parser.add_argument("--augment", action="store_true", help="random affine augmentation")
+    parser.add_argument("--blas-one", action="store_true",
+                        help="also time arraybn with one BLAS/OpenMP thread and Numba's count")
     parser.add_argument("--contender", choices=("torch", "limit"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.thread_counts = [int(t) for t in args.threads.split(",")]
@@ -42,13 +44,17 @@ def parse_args(argv=None):
     return args
 
 
-def thread_env(threads):
-    return dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
+def thread_env(threads, blas_threads=None):
+    """Every thread variable at ``threads``; BLAS and OpenMP at ``blas_threads`` when given."""
+    env = dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
+    if blas_threads is not None:
+        env.update({var: str(blas_threads) for var in THREAD_VARS[:3]})
+    return env
 
 
 # ----------------------------------------------------------------------------- contenders
 
-def arraybn_epoch(threads, augment):
+def arraybn_epoch(threads, augment, blas_threads=None):
     """Second-epoch seconds of ``arraybn train`` (history.csv), in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
@@ -56,7 +62,8 @@ def arraybn_epoch(threads, augment):
         command = [cli, "train", run_dir, "--epochs", str(JOB["epochs"]), "--train-subset",
                    str(JOB["train_subset"]), "--optimizer", JOB["optimizer"], "--backend",
                    JOB["backend"], "--batch-size", str(BATCH), "--force"]
-        subprocess.run(command + (["--augment"] if augment else []), env=thread_env(threads),
+        subprocess.run(command + (["--augment"] if augment else []),
+                       env=thread_env(threads, blas_threads),
                        check=True, capture_output=True, text=True)
         with open(os.path.join(run_dir, "train", "history.csv"), newline="") as file:
             return float(list(csv.DictReader(file))[-1]["seconds"])
@@ -187,11 +194,13 @@ def machine_limit():
 
 def measure(args):
     """{threads: {'arraybn': [s...], 'pytorch': [s...]}} over interleaved fresh processes."""
-    times = {t: {"arraybn": [], "pytorch": []} for t in args.thread_counts}
+    times = {t: {"arraybn": [], "pytorch": [], "blas1": []} for t in args.thread_counts}
     for _ in range(args.rounds):
         for threads in args.thread_counts:
             times[threads]["arraybn"].append(arraybn_epoch(threads, args.augment))
             times[threads]["pytorch"].append(float(child(args, "torch", threads)))
+            if args.blas_one:
+                times[threads]["blas1"].append(arraybn_epoch(threads, args.augment, 1))
     return times
 
 
@@ -206,6 +215,10 @@ def print_table(args, times):
         listed = " | ".join(", ".join(f"{s:.2f}" for s in runs[name])
                             for name in ("arraybn", "pytorch"))
         print(f"{threads:>7} {ours:10.2f} {theirs:10.2f} {ours / theirs:6.2f}x   {listed}")
+        if runs["blas1"]:
+            blas1 = statistics.median(runs["blas1"])
+            print(f"{threads:>7} {blas1:10.2f} {'':>10} {blas1 / theirs:6.2f}x   arraybn with "
+                  f"1 BLAS thread: {', '.join(f'{s:.2f}' for s in runs['blas1'])}")
     for threads in args.thread_counts:
         print(f"machine limit, {threads} thread(s): "
               + child(args, "limit", threads).strip())
