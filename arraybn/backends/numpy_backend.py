@@ -1,23 +1,12 @@
 """The NumPy backend: the plain, readable reference the other backends are measured against."""
 import numpy as np
 
-from arraybn.backends.base import Backend
+from arraybn.backends.base import Backend, _col, _store
 
 
 # Non-finite inputs are detected by the core from the statistics; inside the kernels NaN/inf just
 # propagate, like they do in the compiled backends.
 _quiet = np.errstate(invalid="ignore", over="ignore", divide="ignore")
-
-
-def _col(v):
-    return v[None, :, None]
-
-
-def _store(value, like, out):
-    if out is None:
-        return value.astype(like.dtype, copy=False)
-    out[...] = value
-    return out
 
 
 class NumpyBackend(Backend):

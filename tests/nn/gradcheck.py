@@ -1,6 +1,8 @@
 """Centred-difference gradient checking in float64 for the nn tests."""
 import numpy as np
 
+from arraybn.nn import softmax_cross_entropy
+
 
 def numerical_grad(loss_fn, array, index, h=1e-6):
     """d loss / d array[index] by centred differences; ``array`` is changed, then restored."""
@@ -27,3 +29,16 @@ def assert_grad_close(loss_fn, array, analytic, rng, count=12, rtol=1e-5, atol=1
         expected = numerical_grad(loss_fn, array, index)
         got = analytic[index]
         assert abs(got - expected) <= atol + rtol * abs(expected), (index, got, expected)
+
+
+def assert_model_grads_close(model, x, labels, rng, count, rtol=1e-4, atol=1e-8):
+    """Every parameter's backprop gradient of the training-mode loss against centred
+    differences at ``count`` sampled entries."""
+    def loss():
+        return softmax_cross_entropy(model.forward(x, training=True), labels)[0]
+
+    _, g = softmax_cross_entropy(model.forward(x, training=True), labels)
+    model.backward(g)
+    grads = {p.name: p.grad.copy() for p in model.parameters()}
+    for p in model.parameters():
+        assert_grad_close(loss, p.data, grads[p.name], rng, count=count, rtol=rtol, atol=atol)

@@ -8,7 +8,7 @@ import pytest
 from arraybn.nn import SGD, build_model, softmax_cross_entropy
 from arraybn.nn.residual import ResidualBlock
 from tests.conftest import to_backend
-from tests.nn.gradcheck import assert_grad_close
+from tests.nn.gradcheck import assert_model_grads_close
 
 TINY = {"vgg8": dict(in_shape=(1, 8, 8)), "plain": dict(in_shape=(1, 6, 6), depth=4, width=3),
         "resnet": dict(in_shape=(1, 6, 6), depth=8, width=2)}
@@ -24,15 +24,7 @@ def test_deep_model_gradients_match_centred_differences(rng, name, bn, position)
                         num_classes=3, backend="numpy", seed=1, **TINY[name])
     x = rng.standard_normal((4,) + tuple(model.config["in_shape"]))
     labels = rng.integers(0, 3, 4)
-
-    def loss():
-        return softmax_cross_entropy(model.forward(x, training=True), labels)[0]
-
-    _, g = softmax_cross_entropy(model.forward(x, training=True), labels)
-    model.backward(g)
-    grads = {p.name: p.grad.copy() for p in model.parameters()}
-    for p in model.parameters():
-        assert_grad_close(loss, p.data, grads[p.name], rng, count=3, rtol=1e-4, atol=1e-8)
+    assert_model_grads_close(model, x, labels, rng, count=3)
 
 
 def test_vgg8_layout_is_six_convolutions_and_two_dense_layers(cpu_backend):

@@ -7,7 +7,7 @@ import pytest
 import arraybn
 from arraybn.nn import SGD, Adam, build_model, softmax_cross_entropy
 from tests.conftest import to_backend, to_host
-from tests.nn.gradcheck import assert_grad_close
+from tests.nn.gradcheck import assert_model_grads_close
 
 SMALL = dict(in_shape=(1, 12, 12), num_classes=3)
 
@@ -23,15 +23,7 @@ def test_network_gradients_match_centred_differences(rng, name, bn, position):
     model = build_model(name, bn=bn, bn_position=position, dtype="float64", ghost_batch_size=3,
                         hidden=(8, 6), backend="numpy", **SMALL)
     x, labels = _batch(rng)
-
-    def loss():
-        return softmax_cross_entropy(model.forward(x, training=True), labels)[0]
-
-    _, g = softmax_cross_entropy(model.forward(x, training=True), labels)
-    model.backward(g)
-    grads = {p.name: p.grad.copy() for p in model.parameters()}
-    for p in model.parameters():
-        assert_grad_close(loss, p.data, grads[p.name], rng, count=4, rtol=1e-4, atol=1e-7)
+    assert_model_grads_close(model, x, labels, rng, count=4, atol=1e-7)
 
 
 def test_lenet5_layout_follows_the_seed_text(cpu_backend):
