@@ -17,6 +17,7 @@ setup: $(STAMP)
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q -e '.[test,mpi]'
+	$(VENV)/bin/arraybn warmup
 	touch $@
 
 data:

@@ -2,9 +2,11 @@
 Numba cache, and which kernels compiled on the way (each kernel's own compile seconds).
 
 Each run is a fresh process with ``NUMBA_CACHE_DIR`` set to a new empty directory, so every
-kernel compiles as on a fresh clone; a second run in the same directory shows the warm start::
+kernel compiles as on a fresh clone; a second run in the same directory shows the warm start, and
+``--after-warmup`` first runs ``arraybn warmup`` (what ``make setup`` does on a fresh clone) into the
+empty cache, then times the first step::
 
-    python3 benchmarks/cold_start.py --runs 3 [--kernels] [--warm]
+    python3 benchmarks/cold_start.py --runs 3 [--kernels] [--warm] [--after-warmup]
 
 The child trains ``arraybn train`` (LeNet-5 + BN, numba, Fashion-MNIST) through ``run_train``
 and stops at the first step, so data loading and model building count, as they do for a user.
@@ -52,7 +54,18 @@ def parse_args(argv=None):
                         help="list every compiled kernel with its compile seconds (first run)")
     parser.add_argument("--warm", action="store_true",
                         help="also time a second run on the filled cache")
+    parser.add_argument("--after-warmup", action="store_true",
+                        help="also time a first run after `arraybn warmup` filled an empty cache")
     return parser.parse_args(argv)
+
+
+def warm_up(cache_dir):
+    """``arraybn warmup`` into ``cache_dir``, as ``make setup`` does after installing."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    done = subprocess.run([sys.executable, "-c", "from arraybn_cli.main import cli; cli()",
+                           "warmup"], env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"arraybn warmup failed:\n{done.stderr[-3000:]}")
 
 
 def one_run(cache_dir):
@@ -77,7 +90,7 @@ def compile_table(records):
 
 def main(argv=None):
     args = parse_args(argv)
-    cold, warm = [], []
+    cold, warm, after_warmup = [], [], []
     for run in range(args.runs):
         with tempfile.TemporaryDirectory() as cache_dir:
             record = one_run(cache_dir)
@@ -88,11 +101,22 @@ def main(argv=None):
                 print("\n".join(compile_table(record["compiles"])))
             if args.warm:
                 warm.append(one_run(cache_dir)["first_step_s"])
+        if args.after_warmup:
+            with tempfile.TemporaryDirectory() as cache_dir:
+                warm_up(cache_dir)
+                record = one_run(cache_dir)
+                after_warmup.append(record["first_step_s"])
+                if record["compiles"]:
+                    print(f"after warmup, {len(record['compiles'])} kernels still compiled:")
+                    print("\n".join(compile_table(record["compiles"])))
     print(f"cold start to the first step: median {statistics.median(cold):.1f} s "
           f"(runs: {', '.join(f'{s:.1f}' for s in cold)})")
     if warm:
         print(f"warm start (cache filled):    median {statistics.median(warm):.1f} s "
               f"(runs: {', '.join(f'{s:.1f}' for s in warm)})")
+    if after_warmup:
+        print(f"after `arraybn warmup`:       median {statistics.median(after_warmup):.1f} s "
+              f"(runs: {', '.join(f'{s:.1f}' for s in after_warmup)})")
 
 
 if __name__ == "__main__":

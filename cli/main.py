@@ -11,6 +11,7 @@ from arraybn_cli.cmd_plot import plot_command
 from arraybn_cli.cmd_report import report_command
 from arraybn_cli.cmd_sweep import sweep_command
 from arraybn_cli.cmd_train import train_command
+from arraybn_cli.cmd_warmup import warmup_command
 
 
 @click.group()
@@ -25,5 +26,5 @@ def cli(ctx, debug):
 
 
 for command in (train_command, postproc_command, test_command, run_command, info_command,
-                sweep_command, report_command, plot_command):
+                sweep_command, report_command, plot_command, warmup_command):
     cli.add_command(command)

@@ -6,7 +6,8 @@ from arraybn.data.datasets import (CLASS_NAMES, DATASETS, DEBIAN_DIRS, ENV_VAR, 
                                    DatasetNotFoundError, RawDataset, Split, candidate_dirs,
                                    dataset_fingerprint, find_dataset, load_dataset, normalise,
                                    pixel_stats, prepare_splits, sha256_file, split_indices)
-from arraybn.data.idx import IDXFormatError, parse_idx, read_idx, read_images, read_labels
+from arraybn.data.idx import (IDXFormatError, parse_idx, read_idx, read_images, read_labels,
+                              write_idx)
 
 __all__ = ["AugmentConfig", "augment_batch", "random_affine", "random_crop", "warp_affine",
            "random_crop_offsets", "crop_at", "batch_indices",
@@ -14,4 +15,4 @@ __all__ = ["AugmentConfig", "augment_batch", "random_affine", "random_crop", "wa
            "ENV_VAR", "FILES", "DatasetNotFoundError", "RawDataset", "Split", "candidate_dirs",
            "dataset_fingerprint", "find_dataset", "load_dataset", "normalise", "pixel_stats",
            "prepare_splits", "sha256_file", "split_indices", "IDXFormatError", "parse_idx",
-           "read_idx", "read_images", "read_labels"]
+           "read_idx", "read_images", "read_labels", "write_idx"]

@@ -1,4 +1,4 @@
-"""Reader for the IDX format of MNIST-style datasets, gzip-compressed or raw.
+"""The IDX format of MNIST-style datasets: a reader (gzip-compressed or raw) and a raw writer.
 
 An IDX file is a 4-byte magic number ``00 00 TT DD`` (TT: element type, DD: number of
 dimensions), DD big-endian uint32 sizes, then the elements in C order. MNIST images are
@@ -64,6 +64,18 @@ def parse_idx(data, name="<bytes>"):
                              f"found {len(data) - header}; download the file again")
     array = np.frombuffer(data, dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def write_idx(path, array):
+    """Write a uint8 array as a raw IDX file (the inverse of ``read_idx``)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8 or array.ndim == 0:
+        raise ValueError(f"write_idx writes uint8 arrays of 1 or more dimensions, "
+                         f"got {array.dtype} of shape {array.shape}")
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with open(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
 
 
 def read_idx(path):

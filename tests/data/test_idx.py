@@ -1,10 +1,11 @@
-"""The IDX reader: round trips and every kind of broken file, each error naming the file."""
+"""The IDX reader (round trips, every kind of broken file, each error naming the file) and writer."""
 import gzip
 
 import numpy as np
 import pytest
 
 from arraybn.data import IDXFormatError, parse_idx, read_idx, read_images, read_labels
+from arraybn.data import write_idx as arraybn_write_idx
 from tests.data.idx_files import idx_bytes, write_idx
 
 
@@ -92,3 +93,15 @@ def test_labels_must_be_one_dimensional(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.gz"):
         read_idx(tmp_path / "nope.gz")
+
+
+def test_write_idx_round_trips_through_the_reader(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 5, 4), dtype=np.uint8)
+    path = arraybn_write_idx(tmp_path / "images", images)
+    np.testing.assert_array_equal(read_idx(path), images)
+    assert path.read_bytes()[:8] == bytes([0, 0, 8, 3, 0, 0, 0, 3])
+
+
+def test_write_idx_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ValueError, match="uint8 arrays of 1 or more dimensions, got float32"):
+        arraybn_write_idx(tmp_path / "x", np.zeros((2, 2), np.float32))
