@@ -54,8 +54,9 @@ def find_runs(patterns):
             if is_run_dir(path):
                 runs.append(path)
             elif os.path.isdir(path):
-                runs.extend(sorted(os.path.join(path, name) for name in os.listdir(path)
-                                   if is_run_dir(os.path.join(path, name))))
+                runs.extend(os.path.join(path, name)
+                            for name in sorted(os.listdir(path), key=_natural_key)
+                            if is_run_dir(os.path.join(path, name)))
     unique = list(dict.fromkeys(os.path.normpath(r) for r in runs))
     if not unique:
         raise NoRunsFound(f"no run directories (with train/ or test/) in "

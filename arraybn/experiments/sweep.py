@@ -18,6 +18,7 @@ import time
 import traceback
 
 from arraybn.distributed import import_mpi
+from arraybn.errors import UserError
 from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
                                               SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
@@ -140,7 +141,8 @@ def _run_safely(spec, changes, echo):
         return {"name": spec.name, "run_dir": spec.run_dir, "status": "ok",
                 "test_accuracy": accuracy, "seconds": time.perf_counter() - started}
     except Exception as exc:  # one failing run must not stop the sweep
-        detail = "".join(traceback.format_exception(exc))
+        detail = (f"{type(exc).__name__}: {exc}" if isinstance(exc, UserError)   # said in full
+                  else "".join(traceback.format_exception(exc)))                  # a bug: where
         try:
             _RunLog(spec.run_dir, spec.name, None)(f"FAILED: {detail}")
         except OSError:

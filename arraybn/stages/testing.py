@@ -120,7 +120,7 @@ def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, co
             return None
     result = base_manifest("test", run.config, run.backend)
     result.update(classification_metrics(test.labels, predictions, 10, CLASS_NAMES[raw.name]))
-    result.update(loss=loss, stats=stats if model.bn_layers() else "none (model has no BN)",
+    result.update(loss=loss, stats=stats if model.bn_layers() else _no_bn_label(run.config),
                   batch_size=batch_size, images=len(test), inputs=inputs,
                   dataset={"fingerprint": raw.fingerprint})
     with staging(run_dir, "test", force=force) as tmp:
@@ -131,3 +131,10 @@ def run_test(run_dir, config=None, *, data_dir=None, force=False, echo=print, co
     if comm is not None:
         comm.barrier()
     return result
+
+
+def _no_bn_label(config):
+    """What normalises a model without BN layers at test time, for the metrics' ``stats``."""
+    if config.bn == "group":
+        return "none (group normalization: each image's own statistics)"
+    return "none (model has no BN)"

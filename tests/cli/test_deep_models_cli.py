@@ -64,3 +64,5 @@ def test_run_with_group_norm_has_no_batch_statistics_to_post_process(tmp_path, d
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in run.iterdir()) == ["test", "train"]
     assert "per-class accuracy" in result.output
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    assert metrics["stats"] == "none (group normalization: each image's own statistics)"

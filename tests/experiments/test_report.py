@@ -121,3 +121,11 @@ def test_a_test_made_before_postproc_was_redone_is_stale(sweep_root, tmp_path):
     assert "stale: test predates postproc" in row["note"]
     fresh = collect_rows([sweep_root], variants=False)[0]
     assert fresh["stale"] is False and fresh["test_acc"] is not None
+
+
+def test_runs_of_a_directory_come_in_natural_order(tmp_path):
+    for name in ("full-lr10.0", "full-lr3.0", "full-lr1.0"):
+        (tmp_path / name / "train").mkdir(parents=True)
+        (tmp_path / name / "train" / "manifest.json").write_text("{}")
+    assert [os.path.basename(r) for r in find_runs([str(tmp_path)])] == \
+        ["full-lr1.0", "full-lr3.0", "full-lr10.0"]

@@ -183,5 +183,6 @@ bn = "full"
     outcomes = run_sweep(load_sweep(path, tmp_path / "runs"), echo=quiet)
     assert [o["status"] for o in outcomes] == ["failed", "ok"]
     assert "StageError" in outcomes[0]["error"]
-    assert "FAILED" in (tmp_path / "runs" / "fails" / "sweep.log").read_text()
+    log = (tmp_path / "runs" / "fails" / "sweep.log").read_text()
+    assert "FAILED: StageError: " in log and "Traceback" not in log     # a user error: one line
     assert (tmp_path / "runs" / "works" / "test" / "metrics.json").is_file()
