@@ -77,8 +77,12 @@ def _assert_same_history(got, want):
     (3, dict(batch_size=2, model="mlp", hidden=(16,), train_subset=12)),
     (2, dict(optimizer="adam", bn="mean-only", weight_decay=1e-3)),
     (2, dict(bn="renorm", stats="running")),
+    (3, dict(augment=True, augment_crop=2)),                     # 11/11/10 rows per rank
+    (2, dict(augment_crop=1)),
+    (2, dict(model="resnet", depth=8, width=2)),
+    (2, dict(model="plain", depth=4, width=2, bn="group", augment_crop=1)),
 ], ids=["mlp K=2", "lenet uneven dropout augment K=3", "empty slice K=3", "adam mean-only",
-        "renorm"])
+        "renorm", "affine+crop K=3", "crop only K=2", "resnet8 K=2", "plain group K=2"])
 def test_threads_train_the_one_process_model(ranks, changes):
     config, splits = _config(**changes), _splits()
     want = _train(config, splits)
@@ -160,3 +164,10 @@ def test_shards_are_cut_as_numpy_array_split(n, size):
     for rank, part in enumerate(parts):
         start, stop = shard_bounds(n, size, rank)
         np.testing.assert_array_equal(np.arange(n)[start:stop], part)
+
+
+def test_a_random_crop_alone_transforms_the_training_batches():
+    splits = _splits()
+    cropped = _train(_config(augment_crop=1), splits)["state"]
+    plain = _train(_config(), splits)["state"]
+    assert not np.allclose(cropped["conv1.weight"], plain["conv1.weight"])
