@@ -6,7 +6,6 @@ statistics, the inference-coefficient kernel flags unusable running statistics, 
 back until ``take_deferred_failures``, and ``raise_deferred_errors`` raises the error a CPU
 backend raises at the call, named after the layer.
 """
-import contextlib
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from arraybn.core.deferred import raise_deferred_errors
 from arraybn.core.validation import check_running_statistics
 from tests.core.cuda_fakes import HostSyncError, _FakeArray, _fake_gpu_module, no_host_transfers
 from tests.core.test_cupy_backend import emulated  # noqa: F401 (fixture)
+from tests.deferring_backend import DeferringNumpyBackend
 
 
 class _CupyLike:
@@ -235,12 +235,8 @@ class _Xp:
 # ---------------------------------------------------------------------------------------------
 # The layer names its deferred failures
 
-class _DeferringBackend(NumpyBackend):
-    """A CPU backend that defers like the cupy one: NaN statistics are reported later."""
-    name = "deferring"
-
-    def __init__(self):
-        self.label, self.failures = None, []
+class _DeferringBackend(DeferringNumpyBackend):
+    """NaN batch statistics are reported later, as the cupy backend does."""
 
     def forward_train_finish(self, x3, gamma, beta, eps, center_only=False, momentum=0.1,
                              running_mean=None, running_var=None, out=None):
@@ -248,18 +244,6 @@ class _DeferringBackend(NumpyBackend):
         if not np.isfinite(mean).all() or not np.isfinite(var).all():
             self.failures.append(DeferredFailure(self.label, "batch statistics", (mean, var)))
         return y, mean, var, 1 / np.sqrt(var + eps)
-
-    def take_deferred_failures(self):
-        failures, self.failures = self.failures, []
-        return failures
-
-    @contextlib.contextmanager
-    def labelled(self, label):
-        self.label = label
-        try:
-            yield self
-        finally:
-            self.label = None
 
 
 def test_batchnorm_layer_labels_its_calls_so_a_deferred_failure_names_it(rng):

@@ -5,7 +5,6 @@ The deferring backend is a NumPy double: its inference coefficients are not chec
 (outputs become NaN) and the unusable running statistics are reported by
 ``take_deferred_failures``, as the cupy kernels do.
 """
-import contextlib
 
 import numpy as np
 import pytest
@@ -13,20 +12,16 @@ import pytest
 import arraybn
 from arraybn import NonFiniteStatisticsError
 from arraybn.backends.base import DeferredFailure
-from arraybn.backends.numpy_backend import NumpyBackend
 from arraybn.data import Split
 from arraybn.distributed import run_ranks
 from arraybn.nn import build_model
 from arraybn.stages.common import evaluate
 from arraybn.stages.parallel import evaluate_sharded
+from tests.deferring_backend import DeferringNumpyBackend
 
 
-class _DeferringInference(NumpyBackend):
+class _DeferringInference(DeferringNumpyBackend):
     """Inference like the cupy backend's: checked later, counted reads of the flags."""
-    name = "deferring"
-
-    def __init__(self):
-        self.label, self.failures, self.reads = None, [], 0
 
     def inference_coefficients(self, gamma, beta, running_mean, running_var, eps, check):
         def report(xp, mean, var):
@@ -38,19 +33,6 @@ class _DeferringInference(NumpyBackend):
         with np.errstate(invalid="ignore"):          # a GPU gives NaN without a warning
             return super().inference_coefficients(gamma, beta, running_mean, running_var, eps,
                                                    report)
-
-    def take_deferred_failures(self):
-        self.reads += 1
-        failures, self.failures = self.failures, []
-        return failures
-
-    @contextlib.contextmanager
-    def labelled(self, label):
-        self.label = label
-        try:
-            yield self
-        finally:
-            self.label = None
 
 
 def _model_and_split(backend, bad_var):
