@@ -18,6 +18,11 @@ import numpy as np
 
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
+CHUNK_BYTES = 1 << 20         # im2col columns per chunk of the batch: about one core's L2 cache
+MIN_CHUNK_COLUMNS = 1024      # output positions per chunk: below this the GEMM slows down
+PER_IMAGE_MIN_POSITIONS = 256  # one GEMM per image from this many output positions per image
+PER_IMAGE_MAX_ROWS = 64        # or up to this many im2col rows (C*kh*kw); see _per_image
+
 
 def _out_size(size, k, stride, pad):
     out = (size + 2 * pad - k) // stride + 1
@@ -27,14 +32,31 @@ def _out_size(size, k, stride, pad):
     return out
 
 
-def _buffer(workspace, key, shape, dtype, xp):
-    """A reusable array from ``workspace`` (a dict, or None for a fresh one each call)."""
-    if workspace is None:
-        return xp.empty(shape, dtype=dtype)
-    buf = workspace.get(key)
+def _buffer(workspace, key, shape, dtype, xp, zeros=False):
+    """A reusable array from ``workspace`` (a dict, or None for a fresh one each call); a new
+    one is zero-filled when ``zeros``."""
+    buf = None if workspace is None else workspace.get(key)
     if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-        buf = workspace[key] = xp.empty(shape, dtype=dtype)
+        buf = (xp.zeros if zeros else xp.empty)(shape, dtype=dtype)
+        if workspace is not None:
+            workspace[key] = buf
     return buf
+
+
+def batch_chunks(n, column_bytes, positions, xp):
+    """Slices of the batch, sizes as equal as possible, for chunked im2col.
+
+    On the CPU a chunk's columns take about ``CHUNK_BYTES`` (they stay in cache from im2col to
+    the GEMM) with at least ``MIN_CHUNK_COLUMNS`` output positions (a GEMM wide enough to run
+    at speed); ``column_bytes`` and ``positions`` are one image's. On a GPU the whole batch is
+    one chunk.
+    """
+    if xp is not np:
+        return [slice(0, n)]
+    size = max(1, CHUNK_BYTES // column_bytes, -(-MIN_CHUNK_COLUMNS // positions))
+    count = max(1, -(-n // size))
+    bounds = [n * i // count for i in range(count + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def _valid(offset, stride, size, out):
@@ -58,86 +80,170 @@ def _window_slices(ki, kj, stride, pad, in_hw, out_hw):
     return out, src
 
 
-def im2col(x, kh, kw, stride, pad, xp, out=None):
-    """x: (N, C, H, W) -> cols (C*kh*kw, N*OH*OW), rows (c, ki, kj), columns (n, i, j).
+def fill_columns(x, cols6, stride, pad, padding_zeroed=False):
+    """Write the windows of x (N, C, H, W) into ``cols6``, a (C, kh, kw, N, OH, OW) array or
+    view: ``cols6[c, ki, kj, n, i, j] = x_padded[n, c, i*stride + ki, j*stride + kj]``.
 
-    Reads x in place (no padded copy): the entries that fall on the padding are zeroed.
-    out: optional (C, kh, kw, N, OH, OW) array to write into (a reused buffer).
+    Reads x in place (no padded copy): the entries on the padding are zeroed, unless
+    ``padding_zeroed`` says they are zero already (they lie at the same places for the same
+    geometry, so a reused buffer zeroed once stays so).
     """
-    n, c, h, w = x.shape
-    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    h, w = x.shape[2:]
+    kh, kw, _, oh, ow = cols6.shape[1:]
     planes = x.transpose(1, 0, 2, 3)                              # (C, N, H, W) view
-    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype) if out is None else out
     for ki in range(kh):
         for kj in range(kw):
             window = _window_slices(ki, kj, stride, pad, (h, w), (oh, ow))
-            dst = cols[:, ki, kj]
+            dst = cols6[:, ki, kj]
             if window is None:
-                dst[...] = 0
+                if not padding_zeroed:
+                    dst[...] = 0
                 continue
             (rows, columns), (src_rows, src_columns) = window
-            if pad:
+            if pad and not padding_zeroed:
                 dst[:, :, :rows.start] = 0
                 dst[:, :, rows.stop:] = 0
                 dst[:, :, rows, :columns.start] = 0
                 dst[:, :, rows, columns.stop:] = 0
             dst[:, :, rows, columns] = planes[:, :, src_rows, src_columns]
-    return cols.reshape(c * kh * kw, n * oh * ow)
 
 
-def col2im(gcols, x_shape, kh, kw, stride, pad, xp):
-    """Adjoint of ``im2col``: gcols (C*kh*kw, N*OH*OW) -> (N, C, H, W), overlaps summed in the
-    order (ki, kj)."""
-    n, c, h, w = x_shape
-    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-    cols6 = gcols.reshape(c, kh, kw, n, oh, ow)
-    gx = xp.zeros((c, n, h, w), dtype=gcols.dtype)
+def add_columns(cols6, gx, stride, pad):
+    """Adjoint of ``fill_columns``: add the windows of ``cols6`` (C, kh, kw, N, OH, OW) into
+    gx (N, C, H, W), overlaps summed in the order (ki, kj); the padding's share is dropped."""
+    h, w = gx.shape[2:]
+    kh, kw, _, oh, ow = cols6.shape[1:]
+    planes = gx.transpose(1, 0, 2, 3)                             # (C, N, H, W) view
     for ki in range(kh):
         for kj in range(kw):
             window = _window_slices(ki, kj, stride, pad, (h, w), (oh, ow))
             if window is not None:
                 (rows, columns), (src_rows, src_columns) = window
-                gx[:, :, src_rows, src_columns] += cols6[:, ki, kj, :, rows, columns]
-    return xp.ascontiguousarray(gx.transpose(1, 0, 2, 3))
+                planes[:, :, src_rows, src_columns] += cols6[:, ki, kj, :, rows, columns]
+
+
+def im2col(x, kh, kw, stride, pad, xp, out=None):
+    """x: (N, C, H, W) -> cols (C*kh*kw, N*OH*OW), rows (c, ki, kj) like
+    ``weight.reshape(O, -1)``, columns (n, i, j); out: optional (C, kh, kw, N, OH, OW) array
+    to write into."""
+    n, c, h, w = x.shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype) if out is None else out
+    fill_columns(x, cols, stride, pad)
+    return cols.reshape(c * kh * kw, n * oh * ow)
+
+
+def col2im(gcols, x_shape, kh, kw, stride, pad, xp):
+    """Adjoint of ``im2col``: gcols (C*kh*kw, N*OH*OW) -> gx (N, C, H, W)."""
+    n, c, h, w = x_shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    gx = xp.zeros(x_shape, dtype=gcols.dtype)
+    add_columns(gcols.reshape(c, kh, kw, n, oh, ow), gx, stride, pad)
+    return gx
+
+
+def _per_image(rows, positions):
+    """The chunk layout: one GEMM per image (columns (m, C*kh*kw, OH*OW), the product lands
+    in NCHW as is) when an image has ``PER_IMAGE_MIN_POSITIONS`` output positions or more, or
+    the columns have at most ``PER_IMAGE_MAX_ROWS`` rows (GEMMs so small that copying their
+    products into NCHW would cost more than they do); else one GEMM per chunk (columns
+    (C*kh*kw, m*OH*OW), the product copied into NCHW)."""
+    return positions >= PER_IMAGE_MIN_POSITIONS or rows <= PER_IMAGE_MAX_ROWS
+
+
+def _chunk_columns(x, kh, kw, stride, pad, xp, workspace):
+    """im2col of one chunk of the batch into the workspace's buffer for its size, in the
+    layout ``_per_image`` picks: (m, C*kh*kw, P) or (C*kh*kw, m*P)."""
+    m, c, h, w = x.shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    if _per_image(c * kh * kw, oh * ow):
+        buf = _buffer(workspace, ("cols", m), (m, c, kh, kw, oh, ow), x.dtype, xp, zeros=True)
+        fill_columns(x, buf.transpose(1, 2, 3, 0, 4, 5), stride, pad, padding_zeroed=True)
+        return buf.reshape(m, c * kh * kw, oh * ow)
+    buf = _buffer(workspace, ("cols", m), (c, kh, kw, m, oh, ow), x.dtype, xp, zeros=True)
+    fill_columns(x, buf, stride, pad, padding_zeroed=True)
+    return buf.reshape(c * kh * kw, m * oh * ow)
+
+
+def _column_view(cols, m, kh, kw, oh, ow):
+    """The (C, kh, kw, m, OH, OW) view of a chunk's columns in either layout."""
+    if cols.ndim == 3:
+        return cols.reshape(m, -1, kh, kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
+    return cols.reshape(-1, kh, kw, m, oh, ow)
+
+
+def _chunks(x, weight_shape, stride, pad, xp):
+    n, c, h, w = x.shape
+    kh, kw = weight_shape[2:]
+    positions = _out_size(h, kh, stride, pad) * _out_size(w, kw, stride, pad)
+    return batch_chunks(n, c * kh * kw * positions * x.dtype.itemsize, positions, xp)
 
 
 def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
 
+    Chunk by chunk of the batch (``batch_chunks``): the chunk's im2col columns, then weights
+    times columns in the layout ``_per_image`` picks. The cache keeps x, not the columns:
+    backward recomputes them chunk by chunk, which costs less than a round trip of the whole
+    batch's columns through memory.
     workspace: optional dict of buffers reused from call to call (the layer's).
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
-    out = _buffer(workspace, "cols", (c, kh, kw, n, oh, ow), x.dtype, xp)
-    cols = im2col(x, kh, kw, stride, pad, xp, out)
-    y_onp = _buffer(workspace, "y", (o, n * oh * ow), x.dtype, xp)
-    xp.matmul(weight.reshape(o, -1), cols, out=y_onp)                     # one GEMM
-    y_onp = y_onp.reshape(o, n, oh * ow)
-    y = xp.empty((n, o, oh, ow), dtype=y_onp.dtype)
-    y_nop = y.reshape(n, o, oh * ow).transpose(1, 0, 2)      # (O, N, P) view of the NCHW output
-    if bias is None:
-        y_nop[...] = y_onp
-    else:
-        xp.add(y_onp, bias[:, None, None], out=y_nop)
-    return y, (cols, x.shape, weight, stride, pad, bias is not None)
+    w2 = weight.reshape(o, -1)
+    y = xp.empty((n, o, oh, ow), dtype=x.dtype)
+    for part in _chunks(x, weight.shape, stride, pad, xp):
+        m = part.stop - part.start
+        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, workspace)
+        y_part = y[part].reshape(m, o, oh * ow)
+        if cols.ndim == 3:
+            xp.matmul(w2, cols, out=y_part)                  # one GEMM per image
+            if bias is not None:
+                y_part += bias[:, None]
+            continue
+        y_om = _buffer(workspace, ("y", m), (o, m * oh * ow), x.dtype, xp)
+        xp.matmul(w2, cols, out=y_om)                        # one GEMM per chunk
+        y_om = y_om.reshape(o, m, oh * ow)
+        if bias is None:
+            y_part.transpose(1, 0, 2)[...] = y_om
+        else:
+            xp.add(y_om, bias[:, None, None], out=y_part.transpose(1, 0, 2))
+    return y, (x, weight, stride, pad, bias is not None)
 
 
 def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
-    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None)."""
-    cols, x_shape, weight, stride, pad, has_bias = cache
+    """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None).
+
+    Chunk by chunk as in the forward; the weight gradient adds the chunks' in batch order.
+    """
+    x, weight, stride, pad, has_bias = cache
     n, o, oh, ow = gy.shape
-    gy_onp = _buffer(workspace, "gy", (o, n, oh * ow), gy.dtype, xp)
-    gy_onp[...] = gy.reshape(n, o, oh * ow).transpose(1, 0, 2)
-    gy2 = gy_onp.reshape(o, n * oh * ow)
-    gweight = xp.matmul(gy2, cols.T).reshape(weight.shape)    # BLAS reads cols.T in place
-    gbias = gy2.sum(axis=1) if has_bias else None
-    gx = None
-    if need_gx:
-        gcols = _buffer(workspace, "gcols", cols.shape, cols.dtype, xp)
-        xp.matmul(weight.reshape(o, -1).T, gy2, out=gcols)    # (C*kh*kw, N*OH*OW)
-        gx = col2im(gcols, x_shape, *weight.shape[2:], stride, pad, xp)
-    return gx, gweight, gbias
+    kh, kw = weight.shape[2:]
+    w2 = weight.reshape(o, -1)
+    gweight = xp.zeros(w2.shape, dtype=gy.dtype)
+    gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
+    gx = xp.empty(x.shape, dtype=gy.dtype) if need_gx else None
+    for part in _chunks(x, weight.shape, stride, pad, xp):
+        m = part.stop - part.start
+        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, workspace)
+        gy3 = gy[part].reshape(m, o, oh * ow)
+        if cols.ndim == 3:                                   # one GEMM per image
+            gy2 = gy3
+            gweight += xp.matmul(gy3, cols.transpose(0, 2, 1)).sum(axis=0)
+        else:                                                # one GEMM per chunk
+            gy_om = _buffer(workspace, ("gy", m), (o, m, oh * ow), gy.dtype, xp)
+            gy_om[...] = gy3.transpose(1, 0, 2)
+            gy2 = gy_om.reshape(o, m * oh * ow)
+            gweight += xp.matmul(gy2, cols.T)                # BLAS reads cols.T in place
+        if has_bias:
+            gbias += gy3.sum(axis=(0, 2))
+        if need_gx:
+            gcols = _buffer(workspace, ("gcols", m), cols.shape, cols.dtype, xp)
+            xp.matmul(w2.T, gy2, out=gcols)
+            gx[part] = 0
+            add_columns(_column_view(gcols, m, kh, kw, oh, ow), gx[part], stride, pad)
+    return gx, gweight.reshape(weight.shape), gbias
 
 
 class Conv2d(Layer):

@@ -1,4 +1,5 @@
-"""Convolution as one GEMM over the whole batch: layout, agreement with a direct sum, padding read
+"""Convolution as im2col + GEMMs over chunks of the batch: layout, agreement with a direct sum in
+both chunk layouts (one GEMM per chunk, one per image) and with chunks of any size, padding read
 as zeros without a padded copy, numba == numpy bit for bit, gradients."""
 import numpy as np
 import pytest
@@ -14,6 +15,25 @@ GEOMETRIES = [(3, 1, 1), (3, 1, 0), (3, 2, 1), (1, 2, 0), (1, 1, 0), (5, 3, 2), 
 
 def _backends():
     return ["numpy"] + (["numba"] if "numba" in arraybn.available_backends() else [])
+
+
+@pytest.fixture(params=["one chunk, one GEMM", "one chunk, per image", "chunks of 2, one GEMM each",
+                        "chunks of 2, per image"])
+def layout(request, monkeypatch):
+    """Force the chunk size and the chunk layout that the geometry would otherwise pick."""
+    if "chunks of 2" in request.param:
+        monkeypatch.setattr(plain, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(plain, "MIN_CHUNK_COLUMNS", 1)
+        monkeypatch.setattr(plain, "batch_chunks", _pairs)
+    per_image = "per image" in request.param
+    monkeypatch.setattr(plain, "PER_IMAGE_MIN_POSITIONS", 0 if per_image else 10 ** 9)
+    monkeypatch.setattr(plain, "PER_IMAGE_MAX_ROWS", 10 ** 9 if per_image else -1)
+    return request.param
+
+
+def _pairs(n, column_bytes, positions, xp):
+    """Chunks of two images (the last one alone when n is odd): two buffer sizes in turn."""
+    return [slice(lo, min(n, lo + 2)) for lo in range(0, n, 2)]
 
 
 def _need_numba():
@@ -46,10 +66,12 @@ def test_im2col_lays_out_the_whole_batch_for_one_gemm(rng):
 
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("k,stride,pad", GEOMETRIES)
-def test_conv_forward_and_backward_match_the_direct_sum_float64(rng, backend, k, stride, pad):
+def test_conv_forward_and_backward_match_the_direct_sum_float64(rng, backend, k, stride, pad,
+                                                                 layout):
     be = arraybn.get_backend(backend)
     layer = Conv2d("conv", 3, 4, k, stride=stride, padding=pad, bias=True, rng=rng, backend=be,
                    dtype=np.float64)
+    layer.forward(rng.standard_normal((5, 3, 9, 8)), True)    # dirty the reused buffers first
     x = rng.standard_normal((5, 3, 9, 8))
     w, b = layer.weight.data, layer.bias.data
     y = layer.forward(x, True)
@@ -117,3 +139,57 @@ def test_conv_gradients_by_centred_differences(rng, backend, k, stride, pad):
     assert_grad_close(loss, x, gx, rng)
     for p in layer.parameters():
         assert_grad_close(loss, p.data, p.grad, rng)
+
+
+@pytest.mark.parametrize("n,column_bytes,positions,expected", [
+    (100, 288 * 784 * 4, 784, [2] * 50),          # columns of 0.9 MB an image: 1024 positions
+    (100, 9 * 676 * 4, 676, [33, 33, 34]),          # 24 KB an image: 43 fit, sizes evened out
+    (5, 1 << 30, 2048, [1] * 5),                   # bigger than the budget: one image a chunk
+    (3, 4, 4, [3]),                                # all of a small batch in one chunk
+    (0, 36, 9, [0]),                               # an empty batch is one empty chunk
+])
+def test_batch_chunks_cover_the_batch_in_even_cache_sized_pieces(n, column_bytes, positions,
+                                                                  expected):
+    chunks = plain.batch_chunks(n, column_bytes, positions, np)
+    assert [c.stop - c.start for c in chunks] == expected
+    assert chunks[0].start == 0 and chunks[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+
+
+def test_batch_chunks_leave_a_gpu_batch_whole():
+    class FakeCupy:
+        pass
+    assert plain.batch_chunks(100, 1 << 20, 784, FakeCupy()) == [slice(0, 100)]
+
+
+@pytest.mark.parametrize("shape,weight,expected", [
+    ((128, 1, 28, 28), (6, 1, 3, 3), True),        # LeNet-5 conv1: many positions
+    ((128, 6, 13, 13), (16, 6, 3, 3), True),       # LeNet-5 conv2: 54 im2col rows
+    ((100, 16, 28, 28), (32, 16, 1, 1), True),     # a 1x1 shortcut: 16 rows
+    ((100, 64, 14, 14), (64, 64, 3, 3), False),    # VGG-8 conv4: 196 positions, 576 rows
+    ((100, 128, 7, 7), (128, 128, 3, 3), False),   # VGG-8 conv6
+])
+def test_the_chunk_layout_follows_the_geometry(shape, weight, expected):
+    x = np.zeros((2,) + shape[1:], np.float32)
+    stride = 2 if weight[2] == 1 else 1
+    pad = 1 if weight[2] == 3 and shape[2] in (14, 7) else 0
+    cols = plain._chunk_columns(x, *weight[2:], stride, pad, np, None)
+    assert (cols.ndim == 3) is expected
+
+
+def test_chunked_float32_agrees_with_one_chunk_to_rounding(rng, monkeypatch):
+    """Chunks change only the order in which the weight gradient's terms are added."""
+    x = rng.standard_normal((7, 3, 10, 9)).astype(np.float32)
+    gy = rng.standard_normal((7, 4, 10, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    def run():
+        y, cache = plain.conv2d_forward(x, w, None, 1, 1, np)
+        return (y,) + plain.conv2d_backward(gy, cache, np)[:2]
+
+    whole = run()
+    monkeypatch.setattr(plain, "batch_chunks", _pairs)
+    chunked = run()
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1], whole[1])
+    np.testing.assert_allclose(chunked[2], whole[2], rtol=1e-5, atol=1e-5)
