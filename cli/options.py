@@ -12,7 +12,7 @@ from click.core import ParameterSource
 from arraybn.backends import BACKEND_NAMES
 from arraybn.data import DATASETS
 from arraybn.errors import ConfigError
-from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES
+from arraybn.nn import BN_CHOICES, BN_POSITIONS, INIT_SCHEMES, MODEL_NAMES, SCHEDULES
 from arraybn.stages.config import (DTYPES, EMA_STATS, OPTIMIZERS, POSTPROC_METHODS, TEST_STATS,
                                    TRAIN_STATS, PostprocConfig, TestConfig, TrainConfig)
 
@@ -90,6 +90,11 @@ train_options = stack(
     click.option("--width", type=click.IntRange(1), default=DEFAULTS.width, show_default=True,
                  help="plain/resnet: channels of the first stage (doubled at each of the two "
                       "downsamplings)."),
+    click.option("--init", type=click.Choice(INIT_SCHEMES), default=DEFAULTS.init,
+                 show_default=True,
+                 help="Conv and dense weights: PyTorch's default U(+-1/sqrt(fan_in)), or "
+                      "kaiming-normal N(0, 2/fan_in) with zero biases (He et al. 2015; deep "
+                      "nets without BN)."),
     click.option("--bn", type=click.Choice(BN_CHOICES), default=DEFAULTS.bn, show_default=True,
                  help="Batch normalization variant."),
     click.option("--bn-position", type=click.Choice(BN_POSITIONS), default=DEFAULTS.bn_position,

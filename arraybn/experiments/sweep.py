@@ -22,6 +22,7 @@ from arraybn.errors import UserError
 from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
                                               SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
+from arraybn.stages.config import TrainConfig
 from arraybn.stages.pipeline import STAGES, run_pipeline, stage_done
 from arraybn.stages.train import PARTIAL_DIR
 
@@ -33,9 +34,12 @@ def _read_record(run_dir):
 
 
 def _changes(old, new):
-    """Top-level parts and training keys whose stored values differ (new variants are fine)."""
-    changed = [f"train.{k}" for k in sorted(new["train"])
-               if old.get("train", {}).get(k) != new["train"][k]]
+    """Top-level parts and training keys whose stored values differ (new variants are fine).
+
+    A training option missing from the stored record was added to arraybn after the run was
+    made, which then had its default (e.g. ``init``)."""
+    stored = {**TrainConfig().to_dict(), **old.get("train", {})}
+    changed = [f"train.{k}" for k in sorted(new["train"]) if stored.get(k) != new["train"][k]]
     changed += [part for part in ("postproc", "test") if old.get(part) != new[part]]
     old_variants = old.get("variants", {})
     changed += [f"variant {name}" for name, spec in new["variants"].items()

@@ -14,3 +14,4 @@ DROPOUT = 0.0
 MLP_HIDDEN = (256, 128)      # hidden widths of the 'mlp' model
 DEPTH = 20                   # convolutions of "plain"; 6n + 2 layers of "resnet"
 WIDTH = 16                   # first-stage channels of "plain" and "resnet" (doubled per stage)
+INIT = "kaiming-uniform"     # weight init: PyTorch's default (see arraybn.nn.initialisation)

@@ -15,6 +15,7 @@ from arraybn.nn.conv import Conv2d, MaxPool2d
 from arraybn.nn.deep_models import DEEP_MODEL_NAMES, build_deep, check_config
 from arraybn.nn.fused import fuse_bn_blocks
 from arraybn.nn.groupnorm import GroupNorm
+from arraybn.nn.initialisation import INIT_SCHEMES, initialise
 from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
 
 MODEL_NAMES = ("lenet5", "mlp") + DEEP_MODEL_NAMES
@@ -193,7 +194,7 @@ def _mlp(b, in_shape, num_classes, hidden):
 
 def _check_config(cfg):
     checks = [("name", MODEL_NAMES), ("bn", BN_CHOICES), ("bn_position", BN_POSITIONS),
-              ("dtype", ("float32", "float64"))]
+              ("dtype", ("float32", "float64")), ("init", INIT_SCHEMES)]
     for key, allowed in checks:
         if cfg[key] not in allowed:
             raise ValueError(f"{key}={cfg[key]!r} is not one of {', '.join(allowed)}")
@@ -212,8 +213,8 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
                 bn_eps=defaults.BN_EPS, renorm_rmax=defaults.RENORM_RMAX,
                 renorm_dmax=defaults.RENORM_DMAX, track_running_stats=True,
                 hidden=defaults.MLP_HIDDEN, depth=defaults.DEPTH, width=defaults.WIDTH,
-                dtype="float32"):
-    """Build a model of MODEL_NAMES; PyTorch-default init from a Generator seeded by ``seed``.
+                dtype="float32", init=defaults.INIT):
+    """Build a model of MODEL_NAMES; weights from Generators seeded by ``seed``.
 
     lenet5 (seed text): conv1 6@3x3, BN, ReLU, maxpool 2 -> conv2 16@3x3, BN, ReLU, maxpool 2 ->
     flatten -> fc1 120, BN, ReLU -> fc2 84, BN, ReLU -> fc3 num_classes (logits).
@@ -223,6 +224,8 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
     bn: 'none' | 'full' | 'mean-only' | 'ghost' | 'renorm' | 'group' (GroupNorm, see
     ``arraybn.nn.groupnorm``); bn_position 'before'/'after' the ReLU
     (a layer followed directly by BN has no bias). Dropout follows each hidden dense block.
+    init: 'kaiming-uniform' (PyTorch's default) or 'kaiming-normal' (He et al. 2015, for deep
+    nets without BN); see ``arraybn.nn.initialisation``.
     ``model.config`` records every argument except the backend.
     """
     config = dict(name=name, bn=bn, bn_position=bn_position, seed=int(seed),
@@ -232,10 +235,11 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
                   bn_eps=float(bn_eps), renorm_rmax=float(renorm_rmax),
                   renorm_dmax=float(renorm_dmax), track_running_stats=bool(track_running_stats),
                   hidden=[int(h) for h in hidden], depth=int(depth), width=int(width),
-                  dtype=np.dtype(dtype).name)
+                  dtype=np.dtype(dtype).name, init=init)
     _check_config(config)
     be = get_backend(backend)
-    seeds = np.random.SeedSequence(config["seed"]).spawn(2)
+    # streams of the seed: the layers' default init, dropout masks, a non-default init
+    seeds = np.random.SeedSequence(config["seed"]).spawn(3)
     builder = _Builder(config, be, np.dtype(dtype), np.random.default_rng(seeds[0]),
                        np.random.default_rng(seeds[1]))
     if name == "lenet5":
@@ -245,4 +249,5 @@ def build_model(name, *, bn=defaults.BN, bn_position=defaults.BN_POSITION, backe
     else:
         build_deep(builder, name, tuple(config["in_shape"]), config["num_classes"],
                    config["depth"], config["width"])
+    initialise(_leaf_layers(builder.layers), init, np.random.default_rng(seeds[2]), be.xp)
     return Network(builder.layers, config, be, dtype, builder.dropout_rng)

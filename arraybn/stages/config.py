@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 
 from arraybn.data import DATASETS, AugmentConfig
 from arraybn.errors import ConfigError
-from arraybn.nn import BN_CHOICES, BN_POSITIONS, MODEL_NAMES, SCHEDULES, defaults
+from arraybn.nn import (BN_CHOICES, BN_POSITIONS, INIT_SCHEMES, MODEL_NAMES, SCHEDULES,
+                        defaults)
 from arraybn.nn.deep_models import check_config as check_deep_model
 from arraybn.stages.artifacts import StageError
 
@@ -52,6 +53,7 @@ class TrainConfig:
     hidden: tuple = defaults.MLP_HIDDEN
     depth: int = defaults.DEPTH
     width: int = defaults.WIDTH
+    init: str = defaults.INIT
     dropout: float = defaults.DROPOUT
     ghost_batch_size: int = defaults.GHOST_BATCH_SIZE
     bn_momentum: float = defaults.BN_MOMENTUM
@@ -95,7 +97,7 @@ class TrainConfig:
         """Every problem of this configuration, one message each (empty when it is valid)."""
         choices = {"dataset": DATASETS, "model": MODEL_NAMES, "bn": BN_CHOICES,
                    "bn_position": BN_POSITIONS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "stats": TRAIN_STATS, "dtype": DTYPES}
+                   "stats": TRAIN_STATS, "dtype": DTYPES, "init": INIT_SCHEMES}
         bad_choices = [key for key, allowed in choices.items() if getattr(self, key) not in allowed]
         problems = [f"{key} must be one of {', '.join(choices[key])}; got {getattr(self, key)!r}"
                     for key in bad_choices]
@@ -158,7 +160,8 @@ class TrainConfig:
                     ghost_batch_size=self.ghost_batch_size, bn_momentum=self.bn_momentum,
                     bn_eps=self.bn_eps, renorm_rmax=self.renorm_rmax,
                     renorm_dmax=self.renorm_dmax, track_running_stats=self.stats == "running",
-                    hidden=self.hidden, depth=self.depth, width=self.width, dtype=self.dtype)
+                    hidden=self.hidden, depth=self.depth, width=self.width, dtype=self.dtype,
+                    init=self.init)
 
     def to_dict(self):
         data = asdict(self)

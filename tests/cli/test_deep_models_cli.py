@@ -45,6 +45,15 @@ def test_deep_model_options_reach_the_model(tmp_path, data_dir):
         assert weights["fc.weight"].shape == (10, 8)
 
 
+def test_the_init_option_reaches_the_manifest(tmp_path, data_dir):
+    result = _train(tmp_path / "run", data_dir, "--model", "plain", "--depth", "4", "--width",
+                    "3", "--bn", "none", "--init", "kaiming-normal")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["config"]["init"] == "kaiming-normal"
+    wrong = _train(tmp_path / "other", data_dir, "--init", "xavier")
+    assert wrong.exit_code == 2 and "'xavier' is not one of" in wrong.output
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--model", "resnet", "--depth", "10"), "6n + 2"),
     (("--model", "plain", "--dropout", "0.3"), "no hidden dense layer"),

@@ -1,4 +1,5 @@
 """Sweeps: parsing and validation of the TOML file, resuming, changed specifications, failures."""
+import json
 import os
 
 import pytest
@@ -186,3 +187,18 @@ bn = "full"
     log = (tmp_path / "runs" / "fails" / "sweep.log").read_text()
     assert "FAILED: StageError: " in log and "Traceback" not in log     # a user error: one line
     assert (tmp_path / "runs" / "works" / "test" / "metrics.json").is_file()
+
+
+def test_init_in_a_grid_and_a_record_made_before_the_option(data_dir, tmp_path):
+    path = write_sweep(tmp_path / "s.toml", data_dir, "[grid]\nbn = ['none']\n"
+                       "init = ['kaiming-uniform', 'kaiming-normal']\n", head='name = "{init}"\n')
+    sweep = load_sweep(path, tmp_path / "runs")
+    assert [o["status"] for o in run_sweep(sweep, echo=quiet)] == ["ok", "ok"]
+    for name in ("kaiming-uniform", "kaiming-normal"):
+        manifest = json.loads((tmp_path / "runs" / name / "train" / "manifest.json").read_text())
+        assert manifest["config"]["init"] == name
+    record_path = tmp_path / "runs" / "kaiming-uniform" / "sweep-run.json"
+    record = json.loads(record_path.read_text())
+    del record["train"]["init"]                        # as written before the option existed
+    record_path.write_text(json.dumps(record))
+    assert [status for _, status, _ in plan_sweep(sweep)] == ["done", "done"]

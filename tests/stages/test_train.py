@@ -112,6 +112,24 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(tmp_path, data_d
         _train(run, data_dir)
 
 
+def test_the_init_is_recorded_and_kept_by_resume(tmp_path, data_dir):
+    options = dict(init="kaiming-normal", bn="none")
+    _train(tmp_path / "whole", data_dir, **options)
+    run = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted):
+        _train(run, data_dir, on_step=_stop_at(1, 2), **options)
+    with pytest.raises(StageError, match=r"init='kaiming-uniform' \(checkpoint: "
+                                         r"'kaiming-normal'\)"):
+        run_train(run, {"init": "kaiming-uniform"}, resume=True, echo=quiet)
+    manifest = run_train(run, None, resume=True, echo=quiet)
+    assert manifest["config"]["init"] == "kaiming-normal"
+    assert file_sha(run, "train", "model.npz") == file_sha(tmp_path / "whole", "train", "model.npz")
+    default = _train(tmp_path / "default", data_dir, bn="none")
+    assert default["config"]["init"] == "kaiming-uniform"
+    assert file_sha(tmp_path / "default", "train", "model.npz") != file_sha(run, "train",
+                                                                            "model.npz")
+
+
 def test_resume_a_finished_run_with_more_epochs(tmp_path, data_dir):
     run = tmp_path / "run"
     _train(run, data_dir, epochs=1)
