@@ -160,6 +160,18 @@ class Backend(abc.ABC):
         """
         return None
 
+    def augment_ops(self):
+        """The trainer's augmentation kernel, or None to use the NumPy reference.
+
+        An object with ``affine_crop(images, inverse, offset, shift, fill) -> out``: images
+        (N, C, H, W) float32/float64 on this backend's device, warped bilinearly through the
+        inverse affine maps (host float64 (N, 2, 2) and (N, 2)) and shifted by whole pixels
+        (host integers (N, 2), the crop window) in one pass; the values of
+        ``arraybn.data.augment.warp_affine`` followed by ``crop_at`` (see
+        ``numba_augment_kernels``).
+        """
+        return None
+
     # -- arrays, inference coefficients and checks a GPU backend defers ------------------------
 
     foreign_array_hint = "use backend='cupy' or move it to the host with x.get()"

@@ -88,6 +88,11 @@ class NumbaBackend(Backend):
         from arraybn.backends import numba_conv_kernels     # compiled only when conv layers ask
         return numba_conv_kernels
 
+    def augment_ops(self):
+        """``numba_augment_kernels``: the affine warp and random crop in one pass."""
+        from arraybn.backends import numba_augment_kernels   # compiled when training augments
+        return numba_augment_kernels
+
     def _tasks(self, x3):
         """Channel ranges to share among threads; 0 means run serially on this thread."""
         if x3.size < self.parallel_min_size:

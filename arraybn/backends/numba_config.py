@@ -1,10 +1,12 @@
-"""The one place Numba compile flags are set, for ``numba_kernels`` and ``numba_conv_kernels``.
+"""The one place Numba compile flags are set, for every ``numba_*_kernels`` module.
 
 Every kernel is cached on disk (``cache=True``), releases the GIL, bounds checks are off, and
 errors follow NumPy (``error_model="numpy"``: a division by zero gives inf/nan instead of a
 Python exception, which lets Numba vectorize the loops). Of fastmath only FMA contraction is on,
 which rounds once where a multiply-add would round twice; no reassociation, since these kernels
-compute statistics whose summation order is part of their accuracy. ``parallel`` is per kernel.
+compute statistics whose summation order is part of their accuracy. ``parallel`` is per kernel,
+and so is ``contract``: a kernel whose results must equal NumPy's bit for bit (the augmentation
+resampler) turns contraction off, since NumPy rounds every product and sum separately.
 """
 import functools
 import sys
@@ -17,19 +19,22 @@ from arraybn.backends import compile_notice
 FLAGS = dict(fastmath={"contract"}, nogil=True, error_model="numpy", boundscheck=False)
 
 
-def jit(parallel=False):
-    """``njit`` with ``FLAGS`` and ``cache=True`` (``parallel`` where it pays).
+def jit(parallel=False, contract=True):
+    """``njit`` with ``FLAGS`` and ``cache=True`` (``parallel`` where it pays; ``contract=False``:
+    no fastmath at all, every operation rounded as NumPy rounds it).
 
     Numba writes its cache next to the kernel's module, or in its user-wide cache directory when
     that is read-only; if neither can be written, the kernels still work, compiled once per
     process (with one warning per module).
     """
+    flags = FLAGS if contract else dict(FLAGS, fastmath=False)
+
     def decorate(func):
         try:
-            return njit(cache=True, parallel=parallel, **FLAGS)(func)
+            return njit(cache=True, parallel=parallel, **flags)(func)
         except RuntimeError:                 # numba: "cannot cache function ...: no locator"
             _warn_not_cached(sys.modules[func.__module__].__file__)
-            return njit(cache=False, parallel=parallel, **FLAGS)(func)
+            return njit(cache=False, parallel=parallel, **flags)(func)
     return decorate
 
 

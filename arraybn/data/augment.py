@@ -9,6 +9,11 @@ content moves by a whole number of pixels in [-crop, crop] along each axis, as i
 cropping of the second seed text and He et al. 2016 (pad 4 on CIFAR's 32x32). For 28x28 images
 we suggest ``crop=2``: pad 4 on 32 pixels is 1/8 of the width (3.5 pixels of 28), and
 Fashion-MNIST's objects fill the frame more closely than CIFAR's, so 2 keeps them inside.
+
+The NumPy functions here are the reference. The trainer draws a batch's transforms
+(``draw_transforms``) and applies them with ``apply_transforms``, which on a backend with an
+augmentation kernel (``Backend.augment_ops``: numba, cupy) warps and crops in one pass on that
+backend, giving the reference's values bit for bit; the draws are the same on every backend.
 """
 from dataclasses import asdict, dataclass
 
@@ -71,7 +76,10 @@ def warp_affine(images, inverse, offset, fill=0.0):
     centre = np.array([(height - 1) / 2.0, (width - 1) / 2.0])
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     grid = np.stack([rows.ravel(), cols.ravel()], 0) - centre[:, None]          # (2, HW)
-    src = inverse @ grid + (centre + offset)[:, :, None]                       # (N, 2, HW)
+    # element-wise, not ``inverse @ grid``: BLAS may fuse the products into an FMA depending on
+    # the CPU, and the backends' kernels repeat exactly these roundings (see augment_ops)
+    src = (inverse[:, :, 0, None] * grid[0] + inverse[:, :, 1, None] * grid[1]
+           + (centre + offset)[:, :, None])                                   # (N, 2, HW)
     top_left = np.floor(src)
     frac = (src - top_left).astype(images.dtype)
     r0, c0 = top_left[:, 0].astype(np.int64), top_left[:, 1].astype(np.int64)
@@ -115,12 +123,74 @@ def crop_at(images, offsets, pad, fill=0.0):
                    rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def augment_batch(images, rng, config=AugmentConfig(), fill=0.0):
-    """A randomly transformed copy of ``images`` (N, C, H, W), one transform per image: the
-    affine map, then (when ``config.crop`` > 0) the random crop."""
-    n, _, height, width = images.shape
+@dataclass(frozen=True)
+class Transforms:
+    """One batch's random transforms: the affine maps ``inverse`` (N, 2, 2) and ``offset``
+    (N, 2) of ``random_affine``, and, with a crop, the window ``corners`` (N, 2) of
+    ``random_crop_offsets`` over a padding of ``pad`` pixels (``corners`` None: no crop)."""
+    inverse: np.ndarray
+    offset: np.ndarray
+    corners: np.ndarray = None
+    pad: int = 0
+
+    def __getitem__(self, rows):
+        """The transforms of the images ``rows`` (a slice or index array)."""
+        corners = None if self.corners is None else self.corners[rows]
+        return Transforms(self.inverse[rows], self.offset[rows], corners, self.pad)
+
+    def window_shifts(self):
+        """(N, 2) int64: crop pixel (i, j) is warped pixel (i, j) + shift (fill outside the
+        frame): ``corners - pad``, zeros without a crop."""
+        if self.corners is None:
+            return np.zeros((len(self.inverse), 2), dtype=np.int64)
+        return self.corners.astype(np.int64) - self.pad
+
+
+def draw_transforms(n, height, width, rng, config=AugmentConfig()):
+    """``n`` random transforms for images of ``height`` x ``width``: the affine maps, then (when
+    ``config.crop`` > 0) the crop windows, drawn from ``rng`` in that order."""
     inverse, offset = random_affine(n, height, width, rng, config)
-    out = warp_affine(images, inverse, offset, fill)
-    if config.crop:
-        out, _ = random_crop(out, config.crop, rng, fill)
-    return out
+    corners = random_crop_offsets(n, config.crop, rng) if config.crop else None
+    return Transforms(inverse, offset, corners, int(config.crop))
+
+
+def apply_transforms(images, transforms, fill=0.0, backend=None):
+    """``images`` (N, C, H, W) float32/float64 warped and cropped by ``transforms`` (one per
+    image); an array of the input's shape and dtype.
+
+    With a ``backend`` whose ``augment_ops()`` has a kernel (numba, cupy), the kernel does both
+    in one pass on the backend's device and gives the same values as the NumPy reference
+    (``warp_affine``, then ``crop_at``), which runs otherwise.
+    """
+    n = _checked_shape(images)[0]
+    if len(transforms.inverse) != n:
+        raise ValueError(f"{len(transforms.inverse)} transforms for a batch of {n} images; "
+                         "draw one per image")
+    kernels = None if backend is None else backend.augment_ops()
+    if kernels is not None:
+        return kernels.affine_crop(backend.xp.asarray(images), transforms.inverse,
+                                   transforms.offset, transforms.window_shifts(), fill)
+    out = warp_affine(images, transforms.inverse, transforms.offset, fill)
+    if transforms.corners is None:
+        return out
+    return crop_at(out, transforms.corners, transforms.pad, fill)
+
+
+def _checked_shape(images):
+    """The shape of ``images``, once it is a float32/float64 (N, C, H, W) batch."""
+    shape = getattr(images, "shape", ())
+    if len(shape) != 4:
+        raise ValueError(f"augmentation needs images of shape (N, C, H, W), got shape {shape}; "
+                         "single-channel images (N, H, W) become (N, 1, H, W) with images[:, None]")
+    if images.dtype not in (np.float32, np.float64):
+        raise TypeError(f"augmentation needs float32 or float64 images, got {images.dtype}; "
+                        "convert them with images.astype(numpy.float32)")
+    return shape
+
+
+def augment_batch(images, rng, config=AugmentConfig(), fill=0.0, backend=None):
+    """A randomly transformed copy of ``images`` (N, C, H, W), one transform per image: the
+    affine map, then (when ``config.crop`` > 0) the random crop; on ``backend``'s kernel where
+    it has one (see ``apply_transforms``)."""
+    n, _, height, width = _checked_shape(images)
+    return apply_transforms(images, draw_transforms(n, height, width, rng, config), fill, backend)

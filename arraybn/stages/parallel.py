@@ -24,8 +24,7 @@ trainer has one code path.
 import numpy as np
 
 from arraybn.backends.arrays import to_host
-from arraybn.data import (augment_batch, crop_at, random_affine, random_crop_offsets,
-                          warp_affine)
+from arraybn.data import apply_transforms, draw_transforms
 from arraybn.distributed import check_group_size
 from arraybn.core.moments import group_moments
 from arraybn.errors import ConfigError
@@ -77,8 +76,15 @@ class SingleProcess:
     def rows(self, index):
         return index
 
-    def augment(self, images, rng, config, fill, n_global):
-        return augment_batch(images, rng, config, fill)
+    def augment(self, images, rng, config, fill, n_global, backend=None):
+        """``images`` transformed by ``n_global`` transforms drawn from ``rng``, on ``backend``'s
+        augmentation kernel where it has one (``arraybn.data.apply_transforms``)."""
+        transforms = draw_transforms(n_global, images.shape[2], images.shape[3], rng, config)
+        return apply_transforms(images, transforms[self._augmented_rows(len(images))], fill,
+                                backend)
+
+    def _augmented_rows(self, n_local):
+        return slice(0, n_local)
 
     def reduce_step(self, model, loss_sum, correct, count, interrupt):
         return loss_sum, correct, count, interrupt
@@ -111,15 +117,9 @@ class DataParallel(SingleProcess):
             layer.shard = (start, len(index))
         return index[start:stop]
 
-    def augment(self, images, rng, config, fill, n_global):
-        """Transforms drawn for the whole global batch; this rank's rows warped."""
-        inverse, offset = random_affine(n_global, images.shape[2], images.shape[3], rng, config)
-        rows = slice(self._start, self._start + images.shape[0])
-        out = warp_affine(images, inverse[rows], offset[rows], fill)
-        if config.crop:                                # drawn after the affine maps, as one
-            corners = random_crop_offsets(n_global, config.crop, rng)       # process does
-            out = crop_at(out, corners[rows], config.crop, fill)
-        return out
+    def _augmented_rows(self, n_local):
+        """This rank's rows of the global batch's transforms (all drawn, as one process does)."""
+        return slice(self._start, self._start + n_local)
 
     def reduce_step(self, model, loss_sum, correct, count, interrupt):
         """Sum every rank's gradients (set back into ``.grad``), average the running buffers

@@ -178,7 +178,7 @@ class Trainer:
         if config.augments:
             rng = step_rng(config.seed, self.epoch, self.step)
             images = self.parallel.augment(images, rng, config.augment_config(), self.fill,
-                                           len(index))
+                                           len(index), model.backend)
         self.optimizer.lr = self.schedule(self.global_step)
         if self.tracker is not None and self.tracker.due(self.global_step):
             self._measure_layers(images, labels, len(index))

@@ -81,8 +81,10 @@ def _assert_same_history(got, want):
     (2, dict(augment_crop=1)),
     (2, dict(model="resnet", depth=8, width=2)),
     (2, dict(model="plain", depth=4, width=2, bn="group", augment_crop=1)),
+    (3, dict(augment=True, augment_crop=2, backend="numba")),    # the one-pass kernel
 ], ids=["mlp K=2", "lenet uneven dropout augment K=3", "empty slice K=3", "adam mean-only",
-        "renorm", "affine+crop K=3", "crop only K=2", "resnet8 K=2", "plain group K=2"])
+        "renorm", "affine+crop K=3", "crop only K=2", "resnet8 K=2", "plain group K=2",
+        "numba affine+crop K=3"])
 def test_threads_train_the_one_process_model(ranks, changes):
     config, splits = _config(**changes), _splits()
     want = _train(config, splits)
