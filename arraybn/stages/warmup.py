@@ -4,7 +4,9 @@ Numba compiles a kernel on its first call and keeps the machine code in its cach
 cache the LeNet-5 pipeline spends about 20 CPU-seconds compiling before its first training step.
 ``warm_up`` runs the real pipeline (train, postproc, test) for one epoch on a tiny synthetic
 dataset in a temporary directory, so it compiles exactly what such a run calls, and leaves
-nothing behind but the cache. ``make setup`` runs it once after installing.
+nothing behind but the cache. It trains with augmentation (affine maps and a random crop), so
+that the augmentation kernel's signatures are compiled too; a run without it calls a subset.
+``make setup`` runs it once after installing.
 """
 import os
 import tempfile
@@ -40,7 +42,7 @@ def warm_up(models=("lenet5",), dtypes=("float32",), backend="numba", echo=print
         for model in models:
             for dtype in dtypes:
                 config = TrainConfig(model=model, dtype=dtype, backend=backend, data_dir=data_dir,
-                                     epochs=1, val_split=0.25)
+                                     epochs=1, val_split=0.25, augment=True, augment_crop=1)
                 started = time.perf_counter()
                 run_pipeline(os.path.join(tmp, f"{model}-{dtype}"), config, echo=lambda *_: None)
                 seconds[model, dtype] = time.perf_counter() - started
