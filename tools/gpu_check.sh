@@ -9,8 +9,8 @@
 #   info       arraybn info (is the cupy backend usable, and if not, why)
 #   pytest     pytest -m gpu: the kernels, the BN core and the subnormal cases on the GPU
 #   benchmark  benchmarks/bn_kernels_cuda.py (arraybn vs cuDNN), short
-#   train      arraybn run --backend cupy, 1 epoch on a 4096-image Fashion-MNIST subset
-#              (a generated MNIST-format set when the dataset is not installed)
+#   train      arraybn run --backend cupy --augment --augment-crop 2, 1 epoch on a 4096-image
+#              Fashion-MNIST subset (a generated MNIST-format set when the dataset is not installed)
 # summary.txt lists every step with its exit code and seconds. Exits non-zero if any step
 # failed, and at once with "no CUDA GPU" on a machine without one.
 set -uo pipefail
@@ -90,7 +90,7 @@ train() {
   data=$(dataset_dir) || return 1
   echo "dataset: $data"
   cli run "$OUT_DIR/run" --force --backend cupy --epochs 1 --train-subset 4096 \
-    --data-dir "$data"
+    --augment --augment-crop 2 --data-dir "$data"
 }
 
 export -f has_cupy choose_python setup cli dataset_dir train    # run by bash -c under timeout

@@ -1,4 +1,4 @@
-"""Compiling ``cuda/bn_kernels.cu`` with NVRTC ourselves, once per architecture, cached on disk.
+"""Compiling ``cuda/*.cu`` with NVRTC ourselves, once per architecture, cached on disk.
 
 Why not ``cupy.RawModule(code=...)``: every CuPy source compile goes through
 ``cupy.cuda.compiler._compile_with_cache_cuda``, which appends ``-ftz=true`` after the caller's
@@ -142,8 +142,10 @@ def _write_atomically(path, data):
         raise
 
 
-def build(nvrtc, source, name_expressions, compute_capability, cache_dir=None):
-    """(path of the binary to load, KernelImage) for a device of ``compute_capability``.
+def build(nvrtc, source, name_expressions, compute_capability, cache_dir=None,
+          filename="bn_kernels.cu"):
+    """(path of the binary to load, KernelImage) for a device of ``compute_capability``;
+    ``filename`` names the source in NVRTC's messages.
 
     From the disk cache when an intact entry exists, else compiled and stored. When the cache
     directory cannot be written, the binary goes to a private temporary directory instead.
@@ -155,7 +157,7 @@ def build(nvrtc, source, name_expressions, compute_capability, cache_dir=None):
     found = cache.load(key)
     if found is not None:
         return found
-    image = compile_source(nvrtc, source, name_expressions, options, kind)
+    image = compile_source(nvrtc, source, name_expressions, options, kind, filename)
     try:
         return cache.store(key, image), image
     except OSError:

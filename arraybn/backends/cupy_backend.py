@@ -33,6 +33,7 @@ import numpy as np
 
 from arraybn.backends import cuda_build
 from arraybn.backends.base import Backend, BackendUnavailableError
+from arraybn.backends.cupy_augment import CupyAugmentKernels
 from arraybn.backends.cupy_deferred import SINK, DeferredChecks
 from arraybn.backends.cupy_geometry import (MAX_THREADS, VECTOR_BYTES, ceil_div, elementwise_vec,
                                             reduction_layout, reduction_plan)
@@ -100,7 +101,14 @@ class CupyBackend(Backend):
         self._resident = {}       # (device id, name) -> blocks of MAX_THREADS resident at once
         self._checks = {}         # device id -> DeferredChecks
         self._label = None
+        self._augment = None      # CupyAugmentKernels, made when a job first augments
         self._module(cupy.cuda.runtime.getDevice())
+
+    def augment_ops(self):
+        """``cupy_augment.CupyAugmentKernels``: the affine warp and random crop in one pass."""
+        if self._augment is None:
+            self._augment = CupyAugmentKernels(self.xp, self._nvrtc, self._cache_dir)
+        return self._augment
 
     # -- the four kernels of the contract ---------------------------------------------------
 
