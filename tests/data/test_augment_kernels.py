@@ -5,6 +5,10 @@ give the same values bit for bit (same float64 coordinates, same rounding of the
 data type, same order of the blend, no FMA contraction), for every kind of transform alone and
 combined. The draws are checked to be the ones the trainer made before the kernels existed.
 """
+import importlib.util
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -154,3 +158,16 @@ def test_the_numba_kernel_checks_its_arguments(images, maps, error, message):
 def test_only_backends_with_a_kernel_offer_one():
     assert arraybn.get_backend("numpy").augment_ops() is None
     assert callable(arraybn.get_backend("numba").augment_ops().affine_crop)
+
+
+def test_the_speed_benchmark_checks_equality_and_prints_its_table(monkeypatch, capsys):
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        monkeypatch.setenv(variable, "1")          # what the script would set, undone afterwards
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "augment_speed.py"
+    spec = importlib.util.spec_from_file_location("augment_speed", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.main(["--batch", "3", "--size", "9", "--repeats", "1"])
+    table = capsys.readouterr().out
+    assert "3 9x9 float32 images" in table
+    assert len(re.findall(r"\| [\d.]+x +\|", table)) == len(benchmark.CASES)
