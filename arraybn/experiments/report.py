@@ -10,6 +10,16 @@ leaves the test numbers out, sets ``stale`` and says in the note which commands 
 It is marked rather than refused: a report over a sweep's root is a survey, and one retrained
 run should not hide the table of all the others; but an old model's test accuracy printed next
 to a new model's validation accuracy would be read as one result, so it is never shown.
+
+Two outcomes of training are results too (of a learning-rate sweep, say), and the ``flag``
+column names them, the note saying more:
+- ``diverged (epoch E, step S)``: training diverged (``RUN/train-checkpoint/diverged.json``,
+  written also when it diverged before its first checkpoint); S is blank when it diverged in
+  the validation at the end of epoch E.
+- ``at chance``: the final validation accuracy (the test accuracy when the run holds out no
+  validation split) is below chance + CHANCE_MARGIN, chance being 1 / the number of classes:
+  the network learned nothing (dead ReLUs, a learning rate too large or too small), while its
+  loss stays finite so that it does not count as diverged.
 """
 import csv
 import glob
@@ -20,6 +30,7 @@ import re
 from arraybn.errors import UserError
 from arraybn.experiments.sweep_config import VARIANTS_DIR
 from arraybn.stages.artifacts import StageError, read_json_if_exists, stage_dir
+from arraybn.stages.train import read_divergence
 
 COLUMNS = (  # (key, header)
     ("name", "run"), ("model", "model"), ("bn", "BN"), ("bn_position", "BN position"),
@@ -27,9 +38,13 @@ COLUMNS = (  # (key, header)
     ("train_seconds", "train s"), ("seconds_per_epoch", "s/epoch"),
     ("train_acc", "train acc"), ("val_acc", "val acc"), ("test_loss", "test loss"),
     ("test_acc", "test acc"), ("stats", "statistics"), ("test_seconds", "test s"),
-    ("stale", "stale"), ("note", "note"))
+    ("stale", "stale"), ("flag", "flag"), ("note", "note"))
 PERCENT_KEYS = ("train_acc", "val_acc", "test_acc")
 STAGE_MARKERS = ("train", "test", "sweep-run.json", "train-checkpoint")
+TEXT_KEYS = ("name", "stats", "flag", "note", "model", "bn", "bn_position")
+CHANCE_MARGIN = 0.02        # accuracy below chance + 2 points: "at chance"
+# Manifests written before they recorded num_classes: every dataset arraybn reads has 10.
+DEFAULT_NUM_CLASSES = 10
 
 
 class NoRunsFound(UserError, FileNotFoundError):
@@ -83,15 +98,19 @@ def describe_stats(metrics, postproc, config):
     return stats
 
 
+def _config_part(config):
+    """The row's columns that come from the training config."""
+    return {"model": config.get("model"), "bn": config.get("bn"),
+            "bn_position": config.get("bn_position") if config.get("bn") != "none" else "",
+            "batch_size": config.get("batch_size")}
+
+
 def _train_part(manifest):
     config = manifest.get("config", {})
     metrics = manifest.get("metrics", {})
     seconds = manifest.get("timings", {}).get("train_seconds")
     epochs = metrics.get("epochs")
-    return {"model": config.get("model"), "bn": config.get("bn"),
-            "backend": manifest.get("backend"),
-            "bn_position": config.get("bn_position") if config.get("bn") != "none" else "",
-            "batch_size": config.get("batch_size"), "epochs": epochs,
+    return {**_config_part(config), "backend": manifest.get("backend"), "epochs": epochs,
             "train_images": manifest.get("dataset", {}).get("sizes", {}).get("train"),
             "train_seconds": seconds,
             "seconds_per_epoch": seconds / epochs if seconds is not None and epochs else None,
@@ -116,6 +135,30 @@ def stale_test_note(run_dir, train, postproc, test):
     return None
 
 
+def divergence_note(record, retrained):
+    """``(flag, note)`` for a divergence record (``arraybn.stages.train.read_divergence``)."""
+    step = record.get("step")
+    where = ("" if "epoch" not in record else f" (epoch {record['epoch']}"
+             f"{'' if step is None else f', step {step}'})")
+    lr = record.get("config", {}).get("lr")
+    note = f"diverged{'' if lr is None else f' at lr {lr:g}'}: {record['error']}"
+    if retrained:
+        return None, f"a later training {note}; train/ holds the earlier model"
+    return f"diverged{where}", note
+
+
+def chance_note(row, num_classes):
+    """The note of a run whose final accuracy is at chance (see the module), else None."""
+    which, accuracy = (("validation", row["val_acc"]) if row["val_acc"] is not None
+                       else ("test", row["test_acc"]))
+    chance = 1.0 / num_classes
+    if accuracy is None or accuracy >= chance + CHANCE_MARGIN:
+        return None
+    return (f"at chance: {which} accuracy {100 * accuracy:.2f}% is below chance + "
+            f"{100 * CHANCE_MARGIN:g} points ({100 * (chance + CHANCE_MARGIN):.2f}% for "
+            f"{num_classes} classes)")
+
+
 def run_row(run_dir, name=None):
     """One row for ``run_dir``: the ``COLUMNS`` keys, plus 'run_dir', 'history' (path of
     history.csv) and 'postproc' (the options of the postproc its test used, or None).
@@ -124,33 +167,56 @@ def run_row(run_dir, name=None):
     row["stale"] = False
     row.update(name=name or os.path.basename(os.path.normpath(run_dir)), run_dir=run_dir,
                history=None, postproc=None)
-    notes = []
     try:
         train = read_json_if_exists(os.path.join(stage_dir(run_dir, "train"), "manifest.json"))
         test = read_json_if_exists(os.path.join(stage_dir(run_dir, "test"), "metrics.json"))
         postproc = read_json_if_exists(os.path.join(stage_dir(run_dir, "postproc"), "manifest.json"))
+        diverged = read_divergence(run_dir)
     except StageError as exc:
         row["note"] = str(exc)
         return row
-    if train is None:
-        notes.append(f"no train stage: run `arraybn train {run_dir}`")
-    else:
-        row.update(_train_part(train))
-        row["history"] = os.path.join(stage_dir(run_dir, "train"), "history.csv")
-    stale = None if test is None else stale_test_note(run_dir, train, postproc, test)
-    if test is None:
-        notes.append(f"no test stage: run `arraybn test {run_dir}`")
-    elif stale:
-        row["stale"] = True
-        notes.append(stale)
-    else:
-        row.update(test_loss=test.get("loss"), test_acc=test.get("accuracy"),
-                   test_seconds=test.get("timings", {}).get("seconds"),
-                   stats=describe_stats(test, postproc, (train or {}).get("config", {})))
-        if test.get("stats") == "postproc" and postproc:
-            row["postproc"] = postproc.get("postproc")
+    notes = _add_training(row, run_dir, train, diverged)
+    if test is not None or train is not None or diverged is None:   # a diverged run: no model
+        notes += _add_test(row, run_dir, train, postproc, test)
+    at_chance = train is not None and chance_note(row, train.get("num_classes",
+                                                                 DEFAULT_NUM_CLASSES))
+    if at_chance and row["flag"] is None:
+        row["flag"] = "at chance"
+        notes.insert(0, at_chance)
     row["note"] = "; ".join(notes)
     return row
+
+
+def _add_training(row, run_dir, train, diverged):
+    """Fill ``row`` from the train stage and the divergence record; returns the notes."""
+    notes = []
+    if diverged is not None:
+        row["flag"], note = divergence_note(diverged, retrained=train is not None)
+        notes.append(note)
+        if train is None:
+            row.update(_config_part(diverged.get("config", {})))
+    if train is not None:
+        row.update(_train_part(train))
+        row["history"] = os.path.join(stage_dir(run_dir, "train"), "history.csv")
+    elif diverged is None:
+        notes.append(f"no train stage: run `arraybn train {run_dir}`")
+    return notes
+
+
+def _add_test(row, run_dir, train, postproc, test):
+    """Fill ``row`` from the test stage unless it is stale; returns the notes."""
+    if test is None:
+        return [f"no test stage: run `arraybn test {run_dir}`"]
+    stale = stale_test_note(run_dir, train, postproc, test)
+    if stale:
+        row["stale"] = True
+        return [stale]
+    row.update(test_loss=test.get("loss"), test_acc=test.get("accuracy"),
+               test_seconds=test.get("timings", {}).get("seconds"),
+               stats=describe_stats(test, postproc, (train or {}).get("config", {})))
+    if test.get("stats") == "postproc" and postproc:
+        row["postproc"] = postproc.get("postproc")
+    return []
 
 
 def collect_rows(patterns, variants=True):
@@ -194,9 +260,7 @@ def markdown_table(rows, columns=COLUMNS):
     used = [(key, header) for key, header in columns
             if any(format_cell(key, row.get(key)) for row in rows)]
     lines = ["| " + " | ".join(header for _, header in used) + " |",
-             "|" + "|".join("---:" if key not in ("name", "stats", "note", "model", "bn",
-                                                  "bn_position") else "---"
-                            for key, _ in used) + "|"]
+             "|" + "|".join("---" if key in TEXT_KEYS else "---:" for key, _ in used) + "|"]
     for row in rows:
         cells = [format_cell(key, row.get(key)).replace("|", "\\|") for key, _ in used]
         lines.append("| " + " | ".join(cells) + " |")

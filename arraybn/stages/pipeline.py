@@ -7,7 +7,7 @@ from arraybn.stages.config import PostprocConfig, TestConfig
 from arraybn.stages.postproc import run_postproc
 from arraybn.stages.run_lock import holding_run_lock
 from arraybn.stages.testing import run_test
-from arraybn.stages.train import PARTIAL_DIR, fresh_config, run_train
+from arraybn.stages.train import fresh_config, has_checkpoint, run_train
 
 STAGES = ("train", "postproc", "test")
 STAGE_OUTPUTS = {"train": "manifest.json", "postproc": "manifest.json", "test": "metrics.json"}
@@ -52,7 +52,7 @@ def _must_run(run_dir, stage, keep_done, redo, earlier_ran):
 
 
 def _train(run_dir, config, force, resume, keep_done, echo, on_step):
-    if keep_done and not force and os.path.isdir(os.path.join(run_dir, PARTIAL_DIR)):
+    if keep_done and not force and has_checkpoint(run_dir):
         echo("train: resuming the interrupted run")
         config, resume = {"epochs": fresh_config(config).epochs}, True
     return run_train(run_dir, config, force=force, resume=resume, echo=echo, on_step=on_step)

@@ -4,7 +4,12 @@
 checkpoint.json (final state, to train further with ``--resume --epochs M``), manifest.json.
 While training runs, ``RUN/train-checkpoint/`` holds the checkpoint of the last finished epoch
 (or of the step where Ctrl-C stopped it); ``--resume`` continues from it exactly, and it is
-removed once the stage is complete.
+removed once the stage is complete. A run that diverges leaves
+``RUN/train-checkpoint/diverged.json`` (``read_divergence``): where it diverged, the error and
+the config, also when it diverged before its first checkpoint; a diverged run is a result (of a
+learning-rate sweep, say), and ``arraybn report`` shows it. Until a new run's checkpoint replaces
+the record, ``--resume`` refuses the checkpoint it followed and a fresh ``train`` needs
+``--force``.
 """
 import contextlib
 import csv
@@ -20,7 +25,7 @@ from arraybn.stages.artifacts import (StageError, check_can_write, load_npz, out
                                       read_json_if_exists, read_manifest, replacing, save_npz,
                                       stage_dir, staging, verify_artifact, write_json,
                                       write_json_atomic)
-from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model
+from arraybn.stages.common import base_manifest, dataset_record, load_data, make_model, now_utc
 from arraybn.stages.config import RESUMABLE_CHANGES, TrainConfig
 from arraybn.stages.divergence import TrainingDiverged
 from arraybn.stages.interrupts import SIGNAL_NAMES, StageInterrupted, interruptible_stage
@@ -32,7 +37,7 @@ from arraybn.stages.training_loop import HISTORY_FIELDS, ForcedInterrupt, Traine
 
 PARTIAL_DIR = "train-checkpoint"
 CHECKPOINT_NPZ, CHECKPOINT_JSON = "checkpoint.npz", "checkpoint.json"
-# Beside a checkpoint whose run diverged after it: resuming would diverge again.
+# The record of a run that diverged (after its checkpoint, if any: resuming would diverge again).
 DIVERGED_JSON = "diverged.json"
 
 
@@ -91,13 +96,13 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
         trainer.fit()
     except ForcedInterrupt:
         last = ("the checkpoint of the last finished epoch is in " + saver.directory
-                if _has_checkpoint(run_dir) else "no checkpoint was saved")
+                if has_checkpoint(run_dir) else "no checkpoint was saved")
         raise TrainingInterrupted(f"training aborted by a second "
                                   f"{SIGNAL_NAMES[trainer.stopped_by]}; {last}. "
                                   f"Resume with `arraybn train {run_dir} --resume`",
                                   trainer.stopped_by) from None
     except (TrainingDiverged, NonFiniteStatisticsError) as exc:
-        raise _with_advice(exc, _after_divergence(run_dir, exc, config)) from None
+        raise _with_advice(exc, _after_divergence(run_dir, exc, trainer, writer)) from None
     except KeyboardInterrupt:
         raise TrainingInterrupted(
             f"training interrupted by {SIGNAL_NAMES[trainer.stopped_by]} at epoch "
@@ -106,6 +111,7 @@ def run_train(run_dir, config=None, *, force=False, resume=False, echo=print, on
             trainer.stopped_by) from None
     manifest = base_manifest("train", config, backend)
     manifest.update(dataset=dataset_record(raw, splits, norm), resumed=bool(resume),
+                    num_classes=model.config["num_classes"],
                     inputs={os.path.basename(p): sha256_file(p) for p in raw.files.values()},
                     parallel=parallel_record(comm, config.bn_sync))
     if comm is not None:
@@ -133,25 +139,37 @@ def fresh_config(config):
 
 def _check_fresh(run_dir, force):
     check_can_write(run_dir, "train", force)
-    diverged = _divergence_of_checkpoint(run_dir)
-    if diverged and _has_checkpoint(run_dir) and not force:
+    diverged = read_divergence(run_dir)
+    if diverged and not force:
         raise StageError(f"{os.path.join(run_dir, PARTIAL_DIR)} holds a run that diverged "
-                         f"({diverged}); start over with a lower --lr and --force")
-    if _has_checkpoint(run_dir) and not force:
+                         f"({diverged['error']}); start over with a lower --lr and --force")
+    if has_checkpoint(run_dir) and not force:
         raise StageError(f"{os.path.join(run_dir, PARTIAL_DIR)} holds an interrupted training "
                          f"run; continue it with `arraybn train {run_dir} --resume`, or start "
                          f"over with --force")
 
 
-def _after_divergence(run_dir, error, config):
-    """Mark a checkpoint the run diverged after (so that --resume refuses it) and say what is
-    kept and what to do."""
+def _after_divergence(run_dir, error, trainer, writer):
+    """Record the divergence (``read_divergence``; the writing rank only) and say what is kept
+    and what to do."""
+    path = os.path.join(run_dir, PARTIAL_DIR, DIVERGED_JSON)
+    if writer:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_json_atomic(path, _divergence_record(error, trainer))
     kept = (f"{stage_dir(run_dir, 'train')} is as it was"
-            if os.path.isdir(stage_dir(run_dir, "train")) else "nothing was written")
-    if _has_checkpoint(run_dir):
-        write_json_atomic(os.path.join(run_dir, PARTIAL_DIR, DIVERGED_JSON), {"error": str(error)})
-    return (f"{kept}. Lower --lr (it was {config.lr:g}) and start over with "
+            if os.path.isdir(stage_dir(run_dir, "train")) else "no model was written")
+    return (f"{kept}; the divergence is recorded in {path}. Lower --lr (it was "
+            f"{trainer.config.lr:g}) and start over with "
             f"`arraybn train {run_dir} --force --lr ...`")
+
+
+def _divergence_record(error, trainer):
+    """Where training diverged (epoch, step: 1-based; step None: in the validation at the end of
+    the epoch), the error and the run's config."""
+    in_validation = trainer.step >= trainer.steps_per_epoch
+    return {"error": str(error), "epoch": trainer.epoch + 1,
+            "step": None if in_validation else trainer.step + 1,
+            "config": trainer.config.to_dict(), "created": now_utc()}
 
 
 def _with_advice(error, advice):
@@ -161,13 +179,15 @@ def _with_advice(error, advice):
     return TrainingDiverged(f"{error}. {advice}")
 
 
-def _divergence_of_checkpoint(run_dir):
-    """The recorded divergence of the run that wrote RUN/train-checkpoint, or None."""
+def read_divergence(run_dir):
+    """The record of the latest training of ``run_dir`` if it diverged, else None: a dict with
+    'error' and, unless it was written by an older arraybn, 'epoch', 'step' (see
+    ``_divergence_record``) and 'config'."""
     record = read_json_if_exists(os.path.join(run_dir, PARTIAL_DIR, DIVERGED_JSON))
-    return None if record is None else record.get("error", "training diverged")
+    return None if record is None else {"error": "training diverged", **record}
 
 
-def _has_checkpoint(run_dir):
+def has_checkpoint(run_dir):
     """Whether ``RUN/train-checkpoint/`` holds a checkpoint: the one test of an interrupted run
     that both ``--resume`` and a fresh ``train`` use."""
     return os.path.isfile(os.path.join(run_dir, PARTIAL_DIR, CHECKPOINT_JSON))
@@ -256,13 +276,15 @@ def _read_checkpoint(directory, run_dir):
 
 def _resume_point(run_dir, requested):
     """``(arrays, info, config)`` to continue from: the interrupted run, else the finished one."""
-    diverged = _divergence_of_checkpoint(run_dir)
-    if diverged and _has_checkpoint(run_dir):
-        raise StageError(f"cannot resume {run_dir}: the run diverged after its checkpoint "
-                         f"({diverged}), and with the same settings it would diverge again; "
-                         f"start over with a lower --lr: `arraybn train {run_dir} --force "
+    diverged = read_divergence(run_dir)
+    checkpoint = has_checkpoint(run_dir)
+    if diverged and (checkpoint or not os.path.isdir(stage_dir(run_dir, "train"))):
+        when = "after its checkpoint" if checkpoint else "before its first checkpoint"
+        raise StageError(f"cannot resume {run_dir}: the run diverged {when} "
+                         f"({diverged['error']}), and with the same settings it would diverge "
+                         f"again; start over with a lower --lr: `arraybn train {run_dir} --force "
                          f"--lr ...`")
-    if _has_checkpoint(run_dir):
+    if has_checkpoint(run_dir):
         arrays, info = _read_checkpoint(os.path.join(run_dir, PARTIAL_DIR), run_dir)
         return arrays, info, _resume_config(info["config"], requested, run_dir)
     if not os.path.isdir(stage_dir(run_dir, "train")):

@@ -3,6 +3,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -129,3 +130,63 @@ def test_runs_of_a_directory_come_in_natural_order(tmp_path):
         (tmp_path / name / "train" / "manifest.json").write_text("{}")
     assert [os.path.basename(r) for r in find_runs([str(tmp_path)])] == \
         ["full-lr1.0", "full-lr3.0", "full-lr10.0"]
+
+
+def _with_train_metrics(source, run, **metrics):
+    """A copy of the run ``source`` at ``run`` whose train manifest has ``metrics`` (and
+    ``num_classes`` when given)."""
+    shutil.copytree(source, run, symlinks=True)
+    path = run / "train" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if "num_classes" in metrics:
+        manifest["num_classes"] = metrics.pop("num_classes")
+    manifest["metrics"].update(metrics)
+    path.write_text(json.dumps(manifest))
+    return run
+
+
+def test_a_run_at_chance_is_flagged(sweep_root, tmp_path):
+    source = sweep_root / "bnnone"
+    assert json.loads((source / "train" / "manifest.json").read_text())["num_classes"] == 10
+    for name, metrics in [("stuck", dict(val_acc=0.119)), ("learns", dict(val_acc=0.121)),
+                          ("two-classes", dict(val_acc=0.515, num_classes=2))]:
+        _with_train_metrics(source, tmp_path / "runs" / name, **metrics)
+    no_val = _with_train_metrics(source, tmp_path / "runs" / "no-val", val_acc=None)
+    metrics_path = no_val / "test" / "metrics.json"
+    metrics_path.write_text(json.dumps({**json.loads(metrics_path.read_text()), "accuracy": 0.1}))
+    rows = {r["name"]: r for r in collect_rows([tmp_path / "runs"])}
+    assert rows["stuck"]["flag"] == "at chance" and rows["learns"]["flag"] is None
+    assert rows["stuck"]["note"] == ("at chance: validation accuracy 11.90% is below chance + 2 "
+                                     "points (12.00% for 10 classes)")
+    assert rows["two-classes"]["flag"] == "at chance" and "for 2 classes" in \
+        rows["two-classes"]["note"]
+    assert rows["no-val"]["flag"] == "at chance" and "test accuracy 10.00%" in \
+        rows["no-val"]["note"]
+    table = markdown_table(list(rows.values()))
+    assert "| flag |" in table.splitlines()[0] and "| at chance |" in table
+
+
+def test_a_diverged_run_shows_where_it_diverged(sweep_root, data_dir, tmp_path):
+    from arraybn.stages import run_train
+    from arraybn.stages.divergence import TrainingDiverged
+    from tests.stages.helpers import quiet, tiny_config
+    run = tmp_path / "runs" / "lr1e6"
+    with pytest.raises(TrainingDiverged):
+        run_train(run, tiny_config(data_dir, optimizer="adam", lr=1e6, bn="none"), echo=quiet)
+    retrained = tmp_path / "runs" / "retrained"
+    shutil.copytree(sweep_root / "bnnone", retrained, symlinks=True)
+    config = json.loads((retrained / "train" / "manifest.json").read_text())["config"]
+    with pytest.raises(TrainingDiverged):
+        run_train(retrained, {**config, "optimizer": "adam", "lr": 1e6}, force=True, echo=quiet)
+    rows = {r["name"]: r for r in collect_rows([tmp_path / "runs"])}
+    row = rows["lr1e6"]
+    assert re.fullmatch(r"diverged \(epoch 1, step [123]\)", row["flag"]), row["flag"]
+    assert row["note"].startswith("diverged at lr 1e+06: training diverged at epoch 1, step ")
+    assert "no train stage" not in row["note"] and "no test stage" not in row["note"]
+    assert (row["model"], row["bn"], row["batch_size"], row["val_acc"]) == ("lenet5", "none", 16,
+                                                                             None)
+    old = rows["retrained"]
+    assert old["flag"] is None and old["val_acc"] is not None and old["test_acc"] is not None
+    assert old["note"].startswith("a later training diverged at lr 1e+06") and \
+        old["note"].endswith("train/ holds the earlier model")
+    assert "| diverged (epoch 1, step" in markdown_table(list(rows.values()))

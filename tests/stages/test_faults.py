@@ -11,6 +11,7 @@ from arraybn.core import NonFiniteStatisticsError
 from arraybn.nn.layers import Dense
 from arraybn.stages import StageError, TrainingInterrupted, run_train
 from arraybn.stages.divergence import TrainingDiverged
+from arraybn.stages.train import has_checkpoint, read_divergence
 from tests.stages.helpers import file_sha, quiet, stage_leftovers, tiny_config
 
 
@@ -104,6 +105,34 @@ def test_an_exploding_loss_is_divergence_without_numpy_warnings(tmp_path, data_d
                      r"\(100 x log 10 for 10 classes", message), message
     assert f"{run}/train is as it was" in message and "Lower --lr (it was 1e+06)" in message
     assert file_sha(run, "train", "model.npz") == before and stage_leftovers(run) == []
+    assert read_divergence(run)["config"]["lr"] == 1e6
+
+
+def test_a_run_that_diverges_before_its_first_checkpoint_is_recorded(tmp_path, data_dir):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="the divergence is recorded in") as error:
+        _train(run, data_dir, epochs=3, optimizer="adam", lr=1e6)
+    record = read_divergence(run)
+    assert record["epoch"] == 1 and 1 <= record["step"] <= 3            # 3 steps per epoch
+    assert record["error"].startswith(f"training diverged at epoch 1, step {record['step']}: ")
+    assert record["error"] in str(error.value) and record["config"]["lr"] == 1e6
+    assert not (run / "train").exists() and not has_checkpoint(run) and stage_leftovers(run) == []
+    with pytest.raises(StageError, match="diverged before its first checkpoint.*--force --lr"):
+        run_train(run, None, resume=True, echo=quiet)
+    with pytest.raises(StageError, match="holds a run that diverged.*--force"):
+        _train(run, data_dir, epochs=1)
+    _train(run, data_dir, epochs=1, force=True)
+    assert read_divergence(run) is None and not (run / "train-checkpoint").exists()
+
+
+def test_a_divergence_in_the_validation_has_no_step(tmp_path, data_dir, monkeypatch):
+    def overflowing(*args):
+        raise FloatingPointError("overflow")
+    monkeypatch.setattr("arraybn.stages.training_loop.evaluate", overflowing)
+    with pytest.raises(TrainingDiverged, match="validation loss at its end is not finite"):
+        _train(tmp_path / "run", data_dir)
+    record = read_divergence(tmp_path / "run")
+    assert (record["epoch"], record["step"]) == (1, None)
 
 
 def _poison(monkeypatch, layer_name, armed, where="forward"):
@@ -141,8 +170,9 @@ def test_resume_refuses_a_checkpoint_that_diverged_and_train_agrees(tmp_path, da
                                                                     monkeypatch):
     run, armed = tmp_path / "run", []
     _poison(monkeypatch, "fc2", armed)
-    with pytest.raises(NonFiniteStatisticsError, match="epoch 2, step 2, bn4: .*nothing was "
-                                                       "written. Lower --lr"):      # BN saw it
+    with pytest.raises(NonFiniteStatisticsError, match="epoch 2, step 2, bn4: .*no model was "
+                                                       "written; the divergence is recorded in "
+                                                       ".*diverged.json. Lower --lr"):  # BN saw it
         _train(run, data_dir, epochs=3, on_step=_arm_at(armed, 2, 1))
     monkeypatch.undo()
     with pytest.raises(StageError, match="diverged after its checkpoint.*--force --lr"):
