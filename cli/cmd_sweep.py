@@ -35,8 +35,11 @@ def sweep_command(config_file, jobs, dry_run, root, force):
     """Train, post-process and test every run of a sweep file (see docs/EXPERIMENTS.md).
 
     The whole file is validated before anything runs. Finished runs are skipped; a failing run
-    does not stop the others, and the command then exits with status 1. Under
-    `mpiexec -n K`, rank 0 schedules the runs on the other K-1 ranks (an MPI pool).
+    does not stop the others, and the command then exits with status 1. A run that diverged is
+    a result, not a failure, and is not trained again; one that another live process is
+    making is skipped. With --jobs, Ctrl-C or SIGTERM stops every worker (trainings save a
+    checkpoint; the same command goes on). Under `mpiexec -n K`, rank 0 schedules the runs on
+    the other K-1 ranks (an MPI pool).
     """
     comm = mpi_world()
     if comm is not None and jobs > 1:

@@ -7,24 +7,34 @@ training resumes from its checkpoint); a run whose specification changed is an e
 ``force``, which redoes what changed: new training options retrain (and delete the variants,
 which belong to the old model), new postproc/test/variant options redo only those stages. New
 variants are simply added.
+
+A run that diverged (``arraybn.stages.train.read_divergence``) is a result, not a failure: it is
+reported as diverged and not trained again unless its training options change (with
+``force``). A run whose directory another live process holds (``RunLocked``: a second sweep over
+the same root) is skipped as running elsewhere. With ``jobs > 1``, Ctrl-C or SIGTERM stops the
+runs in progress and every worker process (``arraybn.experiments.process_pool``).
 """
 import concurrent.futures
+import contextlib
 import json
-import multiprocessing
 import os
 import shutil
 import socket
 import time
 import traceback
 
+from arraybn.core import NonFiniteStatisticsError
 from arraybn.distributed import import_mpi
 from arraybn.errors import UserError
+from arraybn.experiments.process_pool import limit_threads, run_in_processes
 from arraybn.experiments.sweep_config import (RUN_RECORD, SWEEP_LOG, VARIANTS_DIR,
                                               SweepConfigError)
 from arraybn.stages.artifacts import read_json_if_exists, write_json_atomic
 from arraybn.stages.config import TrainConfig
+from arraybn.stages.divergence import TrainingDiverged
 from arraybn.stages.pipeline import STAGES, run_pipeline, stage_done
-from arraybn.stages.train import PARTIAL_DIR
+from arraybn.stages.run_lock import RunLocked, run_lock
+from arraybn.stages.train import PARTIAL_DIR, read_divergence
 
 
 # --- planning: what is done, what changed -------------------------------------------------------
@@ -57,8 +67,9 @@ def _missing_stages(spec):
 
 
 def run_status(spec):
-    """``(status, changes)``: 'new', 'done', 'partial' (changes: what is missing) or 'changed'
-    (changes: the parts of the specification that differ, 'train' for a foreign run)."""
+    """``(status, changes)``: 'new', 'done', 'diverged' (its training diverged), 'partial'
+    (changes: what is missing) or 'changed' (changes: the parts of the specification that differ,
+    'train' for a foreign run)."""
     record = _read_record(spec.run_dir)
     if record is None:
         if os.path.isdir(os.path.join(spec.run_dir, "train")) or \
@@ -68,6 +79,8 @@ def run_status(spec):
     changed = _changes(record, spec.record())
     if changed:
         return "changed", changed
+    if read_divergence(spec.run_dir) is not None:
+        return "diverged", []
     missing = _missing_stages(spec)
     return ("partial", missing) if missing else ("done", [])
 
@@ -114,7 +127,12 @@ def execute_run(spec, changes=(), echo=None):
     change retrains and redoes everything, a postproc/test/variant change redoes only that.
     """
     os.makedirs(spec.run_dir, exist_ok=True)
-    log = _RunLog(spec.run_dir, spec.name, echo)
+    with run_lock(spec.run_dir):       # RunLocked before anything of a run in use is touched
+        _make_run(spec, changes, _RunLog(spec.run_dir, spec.name, echo))
+    return _test_accuracy(spec.run_dir)
+
+
+def _make_run(spec, changes, log):
     redo = {change.split(".")[0] for change in changes} & set(STAGES)    # 'train.lr' -> 'train'
     if "train" in redo:
         shutil.rmtree(os.path.join(spec.run_dir, VARIANTS_DIR), ignore_errors=True)
@@ -129,7 +147,6 @@ def execute_run(spec, changes=(), echo=None):
         changed = retrained or f"variant {variant.name}" in changes
         run_pipeline(vdir, spec.config, variant.postproc, variant.test, keep_done=True,
                      redo=("postproc", "test") if changed else (), echo=log)
-    return _test_accuracy(spec.run_dir)
 
 
 def _test_accuracy(run_dir):
@@ -137,40 +154,49 @@ def _test_accuracy(run_dir):
         return json.load(f)["accuracy"]
 
 
+def _outcome(spec, status, started=None, **details):
+    seconds = None if started is None else time.perf_counter() - started
+    return {"name": spec.name, "run_dir": spec.run_dir, "status": status, "seconds": seconds,
+            **details}
+
+
 def _run_safely(spec, changes, echo):
     """``execute_run`` that reports a failure instead of raising (Ctrl-C still stops)."""
     started = time.perf_counter()
     try:
-        accuracy = execute_run(spec, changes, echo)
-        return {"name": spec.name, "run_dir": spec.run_dir, "status": "ok",
-                "test_accuracy": accuracy, "seconds": time.perf_counter() - started}
+        return _outcome(spec, "ok", started, test_accuracy=execute_run(spec, changes, echo))
+    except RunLocked as exc:          # a live process makes this run: not a failure of it
+        outcome = _outcome(spec, "running elsewhere", started, holder=exc.holder)
+        line = f"skipped (running elsewhere: {exc.holder})"
     except Exception as exc:  # one failing run must not stop the sweep
+        record = (read_divergence(spec.run_dir)
+                  if isinstance(exc, (TrainingDiverged, NonFiniteStatisticsError)) else None)
         detail = (f"{type(exc).__name__}: {exc}" if isinstance(exc, UserError)   # said in full
                   else "".join(traceback.format_exception(exc)))                  # a bug: where
-        try:
-            _RunLog(spec.run_dir, spec.name, None)(f"FAILED: {detail}")
-        except OSError:
-            pass
-        return {"name": spec.name, "run_dir": spec.run_dir, "status": "failed",
-                "error": f"{type(exc).__name__}: {exc}",
-                "seconds": time.perf_counter() - started}
+        status = "failed" if record is None else "diverged"  # diverged: a result, not a failure
+        error = f"{type(exc).__name__}: {exc}" if record is None else record["error"]
+        outcome = _outcome(spec, status, started, error=error)
+        line = f"{status.upper()}: {detail}"
+    with contextlib.suppress(OSError):
+        _RunLog(spec.run_dir, spec.name, None)(line)
+    return outcome
 
 
-def _limit_threads(threads):
-    """Worker initializer: share the cores between the parallel runs (numba's thread pool)."""
-    try:
-        import numba
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    except ImportError:
-        pass
+def _earlier_outcome(spec, status):
+    """The outcome of a run the plan finds done or diverged (it is not run again)."""
+    if status == "diverged":
+        return _outcome(spec, "diverged", error=read_divergence(spec.run_dir)["error"])
+    return _outcome(spec, "skipped", test_accuracy=_test_accuracy(spec.run_dir))
 
 
 def run_sweep(sweep, *, jobs=1, force=False, echo=print, comm=None):
     """Run every run of ``sweep`` that is not done; returns one outcome dict per run.
 
-    Outcomes: {name, run_dir, status: 'ok' | 'skipped' | 'failed', test_accuracy, error,
-    seconds}. A failing run is reported, the others go on. ``jobs > 1`` runs that many runs in
-    parallel processes, each with ``cpu_count // jobs`` numba threads. ``comm`` (an
+    Outcomes: {name, run_dir, status: 'ok' | 'skipped' (done before) | 'diverged' (now or
+    before) | 'running elsewhere' | 'failed', test_accuracy, error, holder, seconds}. A failing
+    run is reported, the others go on. ``jobs > 1`` runs that many runs in parallel processes,
+    each with ``cpu_count // jobs`` numba threads; Ctrl-C or SIGTERM then raises
+    ``SweepInterrupted`` once every worker has stopped. ``comm`` (an
     ``MPICommunicator`` of K > 1 ranks, this being rank 0): the runs go to the MPI pool of
     ranks 1..K-1, which call ``serve_sweep_runs(comm)`` meanwhile.
     """
@@ -178,12 +204,15 @@ def run_sweep(sweep, *, jobs=1, force=False, echo=print, comm=None):
         raise SweepConfigError(MPI_JOBS_MESSAGE)
     plan = plan_sweep(sweep, force)
     todo = [(spec, changes if status == "changed" else ())
-            for spec, status, changes in plan if status != "done"]
-    outcomes = {spec.name: {"name": spec.name, "run_dir": spec.run_dir, "status": "skipped",
-                            "test_accuracy": _test_accuracy(spec.run_dir)}
-                for spec, status, _ in plan if status == "done"}
-    if outcomes:
-        echo(f"{len(outcomes)} of {len(plan)} runs are done already (skipped)")
+            for spec, status, changes in plan if status not in ("done", "diverged")]
+    outcomes = {spec.name: _earlier_outcome(spec, status)
+                for spec, status, _ in plan if status in ("done", "diverged")}
+    for status, words in (("done", "are done already (skipped)"),
+                          ("diverged", "diverged before: not run again (change their training "
+                                       "options and pass --force to retrain them)")):
+        count = sum(plan_status == status for _, plan_status, _ in plan)
+        if count:
+            echo(f"{count} of {len(plan)} runs {words}")
     if comm is not None:
         _run_on_mpi_pool(todo, comm, outcomes, echo)
     elif jobs <= 1:
@@ -195,24 +224,21 @@ def run_sweep(sweep, *, jobs=1, force=False, echo=print, comm=None):
 
 
 def _run_parallel(todo, jobs, outcomes, echo):
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_limit_threads, initargs=(threads,)) as pool:
-        futures = [pool.submit(_run_safely, spec, changes, None) for spec, changes in todo]
-        _collect(pool, futures, outcomes, echo)
+    reported = []
 
-
-def _collect(pool, futures, outcomes, echo):
-    """Store each outcome as its run finishes; Ctrl-C cancels the runs not yet started."""
-    try:
-        for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
-            outcome = future.result()
-            outcomes[outcome["name"]] = outcome
-            echo(f"[{count}/{len(futures)}] {describe_outcome(outcome)}")
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+    def on_result(index, status, value):
+        spec = todo[index][0]
+        if status == "not started":
+            return
+        if status == "interrupted":
+            value = _outcome(spec, "interrupted", error=value)
+            with contextlib.suppress(OSError):
+                _RunLog(spec.run_dir, spec.name, None)(f"interrupted: {value['error']}")
+        outcomes[spec.name] = value
+        reported.append(spec.name)
+        echo(f"[{len(reported)}/{len(todo)}] {describe_outcome(value)}")
+    run_in_processes(_run_safely, [(spec, changes, None) for spec, changes in todo], jobs,
+                     max(1, (os.cpu_count() or 1) // jobs), on_result)
 
 
 # --- an MPI pool: `mpiexec -n K arraybn sweep FILE` -----------------------------------------
@@ -231,7 +257,7 @@ def _mpi_pool(comm):
     workers_on_node = node.Get_size() - node.allreduce(int(comm.rank == 0))
     node.Free()
     if comm.rank != 0:
-        _limit_threads(max(1, (os.cpu_count() or 1) // max(1, workers_on_node)))
+        limit_threads(max(1, (os.cpu_count() or 1) // max(1, workers_on_node)))
     return MPICommExecutor(comm.mpi_comm, root=0)
 
 
@@ -250,6 +276,18 @@ def _run_on_worker(spec, changes):
     return _run_safely(spec, changes, None)
 
 
+def _collect(pool, futures, outcomes, echo):
+    """Store each outcome as its run finishes; Ctrl-C cancels the runs not yet started."""
+    try:
+        for count, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            outcome = future.result()
+            outcomes[outcome["name"]] = outcome
+            echo(f"[{count}/{len(futures)}] {describe_outcome(outcome)}")
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+
+
 def _run_on_mpi_pool(todo, comm, outcomes, echo):
     with _mpi_pool(comm) as pool:
         futures = [pool.submit(_run_on_worker, spec, changes) for spec, changes in todo]
@@ -257,10 +295,14 @@ def _run_on_mpi_pool(todo, comm, outcomes, echo):
 
 
 def describe_outcome(outcome):
-    if outcome["status"] == "failed":
-        return f"{outcome['name']}: FAILED ({outcome['error']}); log: " \
-               f"{os.path.join(outcome['run_dir'], SWEEP_LOG)}"
+    name, status = outcome["name"], outcome["status"]
+    if status in ("failed", "diverged", "interrupted"):
+        word = "FAILED" if status == "failed" else status
+        return (f"{name}: {word} ({outcome['error']}); log: "
+                f"{os.path.join(outcome['run_dir'], SWEEP_LOG)}")
+    if status == "running elsewhere":
+        return f"{name}: skipped (running elsewhere: {outcome['holder']})"
     accuracy = f"test accuracy {100 * outcome['test_accuracy']:.2f}%"
-    if outcome["status"] == "skipped":
-        return f"{outcome['name']}: done already ({accuracy})"
-    return f"{outcome['name']}: {accuracy} ({outcome['seconds']:.0f} s)"
+    if status == "skipped":
+        return f"{name}: done already ({accuracy})"
+    return f"{name}: {accuracy} ({outcome['seconds']:.0f} s)"

@@ -36,7 +36,8 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C raises KeyboardInterrupt."""
 
 
-def _raise_terminated(signum, frame):
+def raise_terminated(signum, frame):
+    """A SIGTERM handler that raises ``Terminated``, as Ctrl-C raises KeyboardInterrupt."""
     raise Terminated
 
 
@@ -67,7 +68,7 @@ def signal_of(interrupt):
 def interruptible(stage, target):
     """Run a stage that writes ``target``: SIGTERM acts like Ctrl-C, and either becomes a
     StageInterrupted saying that nothing was written."""
-    with handling({signal.SIGTERM: _raise_terminated}):
+    with handling({signal.SIGTERM: raise_terminated}):
         try:
             yield
         except StageInterrupted:

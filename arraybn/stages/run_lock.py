@@ -32,7 +32,12 @@ _held = {}        # real path of a run directory -> how many nested holds this p
 
 
 class RunLocked(StageError):
-    """Another process holds the run directory's lock."""
+    """Another process holds the run directory's lock (a live one: the lock ends with its
+    holder); ``holder`` describes it, e.g. 'pid 123 on host'."""
+
+    def __init__(self, message, holder):
+        super().__init__(message)
+        self.holder = holder
 
 
 @contextlib.contextmanager
@@ -93,11 +98,11 @@ def _acquire(path, run_dir):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _describe_holder(fd)
+            holder, details = _describe_holder(fd)
             os.close(fd)
-            raise RunLocked(f"{run_dir} is in use by {holder}; two stages must not write one run "
-                            f"at a time. Wait for it to finish (or stop it), then run this "
-                            f"command again") from None
+            raise RunLocked(f"{run_dir} is in use by {holder}{details}; two stages must not write "
+                            f"one run at a time. Wait for it to finish (or stop it), then run this "
+                            f"command again", holder) from None
         if _still_linked(fd, path):
             _write_holder(fd)
             return fd
@@ -120,12 +125,13 @@ def _write_holder(fd):
 
 
 def _describe_holder(fd):
+    """``(who, details)`` of the lock's holder: 'pid N on HOST' and its command and start."""
     try:
         holder = json.loads(os.pread(fd, 65536, 0).decode())
-        return (f"pid {holder['pid']} on {holder['host']} (`{holder['command']}`, started "
-                f"{holder['started']})")
+        return (f"pid {holder['pid']} on {holder['host']}",
+                f" (`{holder['command']}`, started {holder['started']})")
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process (it has not written its details yet)"
+        return "another process", " (it has not written its details yet)"
 
 
 def remove_stale_temporaries(run_dir):

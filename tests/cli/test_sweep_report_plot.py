@@ -118,3 +118,14 @@ def test_plot_errors_are_messages(swept, tmp_path, monkeypatch):
     missing = invoke("plot", root, "--kind", "curves", "--out", tmp_path / "x.png")
     assert missing.exit_code == 1 and "pip install 'arraybn[plot]'" in missing.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_diverged_run_is_reported_and_is_not_a_failure(tmp_path):
+    data_dir = make_dataset(tmp_path / "data")
+    path = write_sweep(tmp_path / "s.toml", data_dir, "[[runs]]\nname = 'explodes'\nbn = 'none'\n"
+                                                      "optimizer = 'adam'\nlr = 1e6\n")
+    result = invoke("sweep", path, "--root", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "explodes: diverged (training diverged at epoch 1, step" in result.output
+    report = invoke("report", tmp_path / "runs")
+    assert report.exit_code == 0 and "| diverged (epoch 1, step " in report.output

@@ -1,12 +1,14 @@
 """Sweeps: parsing and validation of the TOML file, resuming, changed specifications, failures."""
 import json
 import os
+import socket
 
 import pytest
 
-from arraybn.experiments.sweep import plan_sweep, run_sweep
+from arraybn.experiments.sweep import describe_outcome, plan_sweep, run_sweep
 from arraybn.experiments.sweep_config import SweepConfigError, load_sweep, parse_sweep
 from tests.stages.helpers import file_sha, quiet
+from tests.stages.test_run_lock import lock_holder  # noqa: F401 - a fixture
 
 TINY_TRAIN = """
 [train]
@@ -202,3 +204,42 @@ def test_init_in_a_grid_and_a_record_made_before_the_option(data_dir, tmp_path):
     del record["train"]["init"]                        # as written before the option existed
     record_path.write_text(json.dumps(record))
     assert [status for _, status, _ in plan_sweep(sweep)] == ["done", "done"]
+
+
+def test_a_run_locked_by_a_live_process_is_skipped_not_failed(data_dir, tmp_path, lock_holder):
+    path = write_sweep(tmp_path / "s.toml", data_dir, "[[runs]]\nname = 'busy'\nbn = 'none'\n"
+                                                      "[[runs]]\nname = 'free'\nbn = 'none'\n")
+    busy = tmp_path / "runs" / "busy"
+    holder = lock_holder(busy)
+    outcomes = run_sweep(load_sweep(path, tmp_path / "runs"), echo=quiet)
+    assert [o["status"] for o in outcomes] == ["running elsewhere", "ok"]
+    who = f"pid {holder.pid} on {socket.gethostname()}"
+    assert outcomes[0]["holder"] == who
+    assert describe_outcome(outcomes[0]) == f"busy: skipped (running elsewhere: {who})"
+    log = (busy / "sweep.log").read_text()
+    assert f"skipped (running elsewhere: {who})" in log and "FAILED" not in log
+    assert sorted(os.listdir(busy)) == [".lock", "sweep.log"]         # nothing else touched
+
+
+def test_a_diverged_run_is_a_result_and_is_not_trained_again(data_dir, tmp_path):
+    path = write_sweep(tmp_path / "s.toml", data_dir,
+                       "[[runs]]\nname = 'explodes'\nbn = 'none'\noptimizer = 'adam'\nlr = 1e6\n"
+                       "[[runs]]\nname = 'trains'\nbn = 'none'\n")
+    root = tmp_path / "runs"
+    outcomes = run_sweep(load_sweep(path, root), echo=quiet)
+    assert [o["status"] for o in outcomes] == ["diverged", "ok"]
+    assert outcomes[0]["error"].startswith("training diverged at epoch 1, step ")
+    log = (root / "explodes" / "sweep.log").read_text()
+    assert "DIVERGED: TrainingDiverged: training diverged at epoch 1" in log and "FAILED" not in log
+    record = root / "explodes" / "train-checkpoint" / "diverged.json"
+    written = record.stat().st_mtime_ns
+    sweep = load_sweep(path, root)
+    assert [status for _, status, _ in plan_sweep(sweep)] == ["diverged", "done"]
+    messages = []
+    again = run_sweep(sweep, echo=messages.append)
+    assert [o["status"] for o in again] == ["diverged", "skipped"]
+    assert again[0]["error"] == outcomes[0]["error"] and record.stat().st_mtime_ns == written
+    assert "1 of 2 runs diverged before: not run again" in messages[1]
+    path.write_text(path.read_text().replace("lr = 1e6", "lr = 1e-3"))
+    retrained = run_sweep(load_sweep(path, root), force=True, echo=quiet)
+    assert retrained[0]["status"] == "ok" and not record.exists()
