@@ -8,9 +8,9 @@ warped pixel is the bilinear blend of the four source pixels around its source p
 Each image is first copied into a frame one pixel wide of ``fill``, so that a tap outside the
 image is a clamped index onto the frame instead of a branch; then, row by row, one loop finds
 the taps and weights of the row's pixels and one blends them per channel. Both loops are
-branch-free and vectorise (0.46 ms for 128 28x28 float32 images on one thread, against 0.9 ms
-for the same maths with a branch per tap). Rows of the crop window that lie on the padding are
-not computed.
+branch-free and vectorise (0.46 ms for 128 28x28 float32 images on one thread, against about
+1 ms for the same maths with a branch per tap). Rows of the crop window that lie on the padding
+are not computed.
 
 Same numbers as NumPy because every operation is NumPy's, in its order: source coordinates in
 float64 (two products, their sum, then the image's ``centre + offset``), the fractional parts
