@@ -5,7 +5,8 @@ split), batch 128, SGD with momentum, 2 epochs; the time is the second epoch's (
 validation): ``seconds`` in arraybn's history.csv, and the same span in PyTorch
 (``nn.Sequential`` LeNet-5 + BN with arraybn's layout, ``torch.optim.SGD``, ``F.cross_entropy``,
 validation under ``no_grad`` over the same validation split, in batches of 1000, the same batch
-order, and with ``--augment`` the same augmentation function). Every run is a fresh process with
+order, and with ``--augment`` the same random maps, applied the usual PyTorch way:
+``F.affine_grid`` + ``F.grid_sample``). Every run is a fresh process with
 BLAS, OpenMP, Numba and PyTorch threads all set to the thread count; runs are interleaved
 (arraybn, torch, arraybn, ...) so that load from other processes hits both alike; the median of
 ``--rounds`` is kept. A "machine limit" line gives what the hardware allows for one step: the
@@ -84,7 +85,7 @@ def torch_epochs(args):
     import torch.nn.functional as F
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from train_speed import torch_lenet5
-    from arraybn.data import augment_batch, batch_indices, step_rng
+    from arraybn.data import batch_indices, step_rng
     from arraybn.stages.common import load_data
     from arraybn.stages.config import TrainConfig
     torch.set_num_threads(args.thread_counts[0])
@@ -100,13 +101,12 @@ def torch_epochs(args):
         net.train()
         for step, index in enumerate(batch_indices(len(train), BATCH, seed=config.seed,
                                                    epoch=epoch, drop_last=True)):
-            images = train.images[index]
+            images = torch.from_numpy(np.ascontiguousarray(train.images[index]))
             if args.augment:
-                images = augment_batch(images, step_rng(config.seed, epoch, step),
-                                       config.augment_config(), -norm[0] / norm[1])
+                images = torch_augment(images, step_rng(config.seed, epoch, step), config,
+                                       -norm[0] / norm[1])
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(torch.from_numpy(np.ascontiguousarray(images))),
-                                   torch.from_numpy(train.labels[index]))
+            loss = F.cross_entropy(net(images), torch.from_numpy(train.labels[index]))
             loss.backward()
             opt.step()
         net.eval()
@@ -116,6 +116,26 @@ def torch_epochs(args):
                 F.cross_entropy(logits, val_labels[lo:lo + config.eval_batch_size])
         seconds = time.perf_counter() - started
     return seconds
+
+
+def torch_augment(images, rng, config, fill):
+    """arraybn's random affine maps (same draws) applied with ``F.affine_grid`` and bilinear
+    ``F.grid_sample``, the background ``fill`` outside the image."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from arraybn.data import random_affine
+    n, _, height, width = images.shape
+    inverse, offset = random_affine(n, height, width, rng, config.augment_config())
+    # arraybn maps (row, col) about the centre; affine_grid maps (x=col, y=row) in [-1, 1]
+    theta = np.zeros((n, 2, 3))
+    theta[:, :, :2] = inverse[:, ::-1, ::-1]
+    theta[:, 0, 2] = offset[:, 1] / ((width - 1) / 2)
+    theta[:, 1, 2] = offset[:, 0] / ((height - 1) / 2)
+    grid = F.affine_grid(torch.from_numpy(theta).to(images.dtype), list(images.shape),
+                         align_corners=True)
+    return F.grid_sample(images - fill, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=True) + fill
 
 
 # ----------------------------------------------------------------------------- machine limit
