@@ -13,7 +13,7 @@ BLAS, OpenMP, Numba and PyTorch threads all set to the thread count; runs are in
 step's GEMM FLOPs over the measured SGEMM rate of the same shapes, and its tensor bytes over the
 measured copy bandwidth. Usage::
 
-    python3 benchmarks/train_epoch.py --threads 1,2 --rounds 3 [--augment]
+    python3 benchmarks/train_epoch.py --threads 1,2 --rounds 3 [--augment] [--coretype Haswell]
 """
 import argparse
 import csv
@@ -37,6 +37,10 @@ def parse_args(argv=None):
     parser.add_argument("--augment", action="store_true", help="random affine augmentation")
     parser.add_argument("--blas-one", action="store_true",
                         help="also time arraybn with one BLAS/OpenMP thread and Numba's count")
+    parser.add_argument("--coretype", metavar="NAME",
+                        help="also time arraybn with OPENBLAS_CORETYPE=NAME (e.g. Haswell), or "
+                             "'auto': with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset, the "
+                             "kernel OpenBLAS picks for this CPU")
     parser.add_argument("--contender", choices=("torch", "limit"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.thread_counts = [int(t) for t in args.threads.split(",")]
@@ -45,17 +49,23 @@ def parse_args(argv=None):
     return args
 
 
-def thread_env(threads, blas_threads=None):
-    """Every thread variable at ``threads``; BLAS and OpenMP at ``blas_threads`` when given."""
+def thread_env(threads, blas_threads=None, coretype=None):
+    """Every thread variable at ``threads``; BLAS and OpenMP at ``blas_threads`` when given;
+    OpenBLAS's kernel forced to ``coretype``, or left to OpenBLAS for 'auto'."""
     env = dict(os.environ, **{var: str(threads) for var in THREAD_VARS})
     if blas_threads is not None:
         env.update({var: str(blas_threads) for var in THREAD_VARS[:3]})
+    if coretype == "auto":
+        env.pop("OPENBLAS_CORETYPE", None)
+        env.pop("OPENBLAS_L2_SIZE", None)
+    elif coretype:
+        env["OPENBLAS_CORETYPE"] = coretype
     return env
 
 
 # ----------------------------------------------------------------------------- contenders
 
-def arraybn_epoch(threads, augment, blas_threads=None):
+def arraybn_epoch(threads, augment, blas_threads=None, coretype=None):
     """Second-epoch seconds of ``arraybn train`` (history.csv), in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
@@ -64,7 +74,7 @@ def arraybn_epoch(threads, augment, blas_threads=None):
                    str(JOB["train_subset"]), "--optimizer", JOB["optimizer"], "--backend",
                    JOB["backend"], "--batch-size", str(BATCH), "--force"]
         subprocess.run(command + (["--augment"] if augment else []),
-                       env=thread_env(threads, blas_threads),
+                       env=thread_env(threads, blas_threads, coretype),
                        check=True, capture_output=True, text=True)
         with open(os.path.join(run_dir, "train", "history.csv"), newline="") as file:
             return float(list(csv.DictReader(file))[-1]["seconds"])
@@ -214,13 +224,17 @@ def machine_limit():
 
 def measure(args):
     """{threads: {'arraybn': [s...], 'pytorch': [s...]}} over interleaved fresh processes."""
-    times = {t: {"arraybn": [], "pytorch": [], "blas1": []} for t in args.thread_counts}
+    times = {t: {"arraybn": [], "pytorch": [], "blas1": [], "coretype": []}
+             for t in args.thread_counts}
     for _ in range(args.rounds):
         for threads in args.thread_counts:
             times[threads]["arraybn"].append(arraybn_epoch(threads, args.augment))
             times[threads]["pytorch"].append(float(child(args, "torch", threads)))
             if args.blas_one:
                 times[threads]["blas1"].append(arraybn_epoch(threads, args.augment, 1))
+            if args.coretype:
+                times[threads]["coretype"].append(
+                    arraybn_epoch(threads, args.augment, coretype=args.coretype))
     return times
 
 
@@ -239,6 +253,11 @@ def print_table(args, times):
             blas1 = statistics.median(runs["blas1"])
             print(f"{threads:>7} {blas1:10.2f} {'':>10} {blas1 / theirs:6.2f}x   arraybn with "
                   f"1 BLAS thread: {', '.join(f'{s:.2f}' for s in runs['blas1'])}")
+        if runs["coretype"]:
+            forced = statistics.median(runs["coretype"])
+            print(f"{threads:>7} {forced:10.2f} {'':>10} {forced / theirs:6.2f}x   arraybn with "
+                  f"OPENBLAS_CORETYPE={args.coretype}: "
+                  f"{', '.join(f'{s:.2f}' for s in runs['coretype'])}")
     for threads in args.thread_counts:
         print(f"machine limit, {threads} thread(s): "
               + child(args, "limit", threads).strip())
