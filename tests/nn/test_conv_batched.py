@@ -1,6 +1,7 @@
 """Convolution as im2col + GEMMs over chunks of the batch: layout, agreement with a direct sum in
-both chunk layouts (one GEMM per chunk, one per image) and with chunks of any size, padding read
-as zeros without a padded copy, numba == numpy bit for bit, gradients."""
+every chunk layout (one GEMM per chunk, one per image, one per image on the flattened plane) and
+with chunks of any size, padding read as zeros without a padded copy, numba == numpy bit for bit,
+gradients."""
 import numpy as np
 import pytest
 
@@ -18,9 +19,10 @@ def _backends():
 
 
 @pytest.fixture(params=["one chunk, one GEMM", "one chunk, per image", "chunks of 2, one GEMM each",
-                        "chunks of 2, per image"])
+                        "chunks of 2, per image", "chunks of 2, per image, never flat"])
 def layout(request, monkeypatch):
-    """Force the chunk size and the chunk layout that the geometry would otherwise pick."""
+    """Force the chunk size and the chunk layout that the geometry would otherwise pick (per
+    image: flat where stride 1 and no padding allow it, unless 'never flat')."""
     if "chunks of 2" in request.param:
         monkeypatch.setattr(plain, "CHUNK_BYTES", 1)
         monkeypatch.setattr(plain, "MIN_CHUNK_COLUMNS", 1)
@@ -28,6 +30,8 @@ def layout(request, monkeypatch):
     per_image = "per image" in request.param
     monkeypatch.setattr(plain, "PER_IMAGE_MIN_POSITIONS", 0 if per_image else 10 ** 9)
     monkeypatch.setattr(plain, "PER_IMAGE_MAX_ROWS", 10 ** 9 if per_image else -1)
+    if "never flat" in request.param:
+        monkeypatch.setattr(plain, "_flat_windows", lambda stride, pad: False)
     return request.param
 
 
@@ -124,8 +128,29 @@ def test_im2col_reads_the_padding_as_zeros(rng, k, stride, pad):
             np.testing.assert_array_equal(cols[:, ki, kj], expected)
 
 
+@pytest.mark.parametrize("kh,kw", [(3, 3), (2, 4), (1, 1)])
+def test_flat_columns_hold_the_windows_and_add_back_in_the_same_order(rng, kh, kw):
+    """Stride 1, no padding: the flattened plane's columns are im2col's where j < OW, and adding
+    them back (wrapped-around columns zero) gives col2im's sums bit for bit, float32."""
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    oh, ow = 6 - kh + 1, 7 - kw + 1
+    flat = np.zeros((2, 3, kh, kw, oh * 7), np.float32)
+    plain.fill_flat_columns(x, flat)
+    flat6 = flat.reshape(2, 3, kh, kw, oh, 7)
+    cols = plain.im2col(x, kh, kw, 1, 0, np).reshape(3, kh, kw, 2, oh, ow)
+    np.testing.assert_array_equal(flat6[..., :ow], cols.transpose(3, 0, 1, 2, 4, 5))
+    grad = rng.standard_normal(flat6.shape).astype(np.float32)
+    grad[..., ow:] = 0
+    gx = np.zeros(x.shape, np.float32)
+    plain.add_flat_columns(grad.reshape(flat.shape), gx)
+    expected = np.zeros(x.shape, np.float32)
+    plain.add_columns(np.ascontiguousarray(grad[..., :ow]).transpose(1, 2, 3, 0, 4, 5), expected,
+                      1, 0)
+    np.testing.assert_array_equal(gx, expected)
+
+
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (1, 2, 0), (3, 2, 1)])
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (1, 2, 0), (3, 2, 1), (3, 1, 0)])
 def test_conv_gradients_by_centred_differences(rng, backend, k, stride, pad):
     layer = Conv2d("conv", 3, 4, k, stride=stride, padding=pad, bias=True, rng=rng,
                    backend=arraybn.get_backend(backend), dtype=np.float64)
@@ -162,19 +187,21 @@ def test_batch_chunks_leave_a_gpu_batch_whole():
     assert plain.batch_chunks(100, 1 << 20, 784, FakeCupy()) == [slice(0, 100)]
 
 
-@pytest.mark.parametrize("shape,weight,expected", [
-    ((128, 1, 28, 28), (6, 1, 3, 3), True),        # LeNet-5 conv1: many positions
-    ((128, 6, 13, 13), (16, 6, 3, 3), True),       # LeNet-5 conv2: 54 im2col rows
-    ((100, 16, 28, 28), (32, 16, 1, 1), True),     # a 1x1 shortcut: 16 rows
-    ((100, 64, 14, 14), (64, 64, 3, 3), False),    # VGG-8 conv4: 196 positions, 576 rows
-    ((100, 128, 7, 7), (128, 128, 3, 3), False),   # VGG-8 conv6
+@pytest.mark.parametrize("shape,weight,stride,pad,expected", [
+    ((128, 1, 28, 28), (6, 1, 3, 3), 1, 0, "flat"),          # LeNet-5 conv1: many positions
+    ((128, 6, 13, 13), (16, 6, 3, 3), 1, 0, "flat"),         # LeNet-5 conv2: 54 im2col rows
+    ((100, 32, 28, 28), (32, 32, 3, 3), 1, 1, "image"),      # VGG-8 conv2: 784 positions
+    ((100, 16, 28, 28), (32, 16, 1, 1), 2, 0, "image"),      # a 1x1 shortcut: 16 rows
+    ((100, 64, 14, 14), (64, 64, 3, 3), 1, 1, "chunk"),      # VGG-8 conv4: 196 positions
+    ((100, 128, 7, 7), (128, 128, 3, 3), 1, 1, "chunk"),     # VGG-8 conv6: 576+ rows
 ])
-def test_the_chunk_layout_follows_the_geometry(shape, weight, expected):
+def test_the_chunk_layout_follows_the_geometry(shape, weight, stride, pad, expected):
     x = np.zeros((2,) + shape[1:], np.float32)
-    stride = 2 if weight[2] == 1 else 1
-    pad = 1 if weight[2] == 3 and shape[2] in (14, 7) else 0
+    rows, (h, w), k = weight[1] * weight[2] * weight[3], shape[2:], weight[2]
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     cols = plain._chunk_columns(x, *weight[2:], stride, pad, np, None)
-    assert (cols.ndim == 3) is expected
+    assert cols.shape == {"flat": (2, rows, oh * w), "image": (2, rows, oh * ow),
+                          "chunk": (rows, 2 * oh * ow)}[expected]
 
 
 def test_chunked_float32_agrees_with_one_chunk_to_rounding(rng, monkeypatch):
