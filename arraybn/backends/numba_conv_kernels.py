@@ -1,10 +1,12 @@
 """Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks' kernels).
 
 Used by ``MaxPool2d`` (and ``arraybn.nn.fused``) on the 'numba' backend only. Convolutions are
-the plain ``arraybn.nn.conv`` ones on every CPU backend: one BLAS GEMM per convolution over the
-whole batch (a direct convolution loop in Numba was 3-10x slower than im2col + GEMM), and im2col
-and col2im as NumPy strided slice copies/adds in the whole-batch layout, which measured 1.3-3x
-faster than Numba loops over the same layout (batch 100-128, one thread). The public functions
+the plain ``arraybn.nn.conv`` ones on every CPU backend: BLAS GEMMs over cache-sized chunks of
+the batch (a direct convolution loop in Numba was 3-10x slower than im2col + GEMM), with im2col
+and col2im as NumPy strided slice copies/adds. Numba loops for those did not pay: 1.3-3x slower
+over the whole batch's columns (third session); on one cache-sized chunk (fourth session, 1
+thread) 2-2.5x slower for im2col, and 0.5-1.2x NumPy's time for col2im depending on the layer,
+too little over a step to keep a second code path. The public functions
 are plain Python that validate and allocate; the ``@njit`` kernels are private and write into
 preallocated outputs, in parallel over the batch. Compile flags come from ``numba_config.jit``,
 shared with the BN kernels.
