@@ -14,6 +14,15 @@ from arraybn.nn.flat import FlatParameters
 
 
 class Optimizer:
+    """Base of SGD and Adam: ``_apply(data, grad, state)`` is the update rule on arrays.
+
+    The parameters become views into one flat array (``arraybn.nn.flat``) when they share a
+    dtype, and so does each optimizer buffer (momentum, Adam's averages); a step is then a few
+    whole-array operations, the same arithmetic per element as a step per parameter, so the
+    results are bit-identical. ``flat_grad()`` gathers the gradients into one array, e.g. to
+    all-reduce it in place before ``step()``, which then uses it as it is. A parameter without
+    a gradient (or buffers only partly there) makes that step go parameter by parameter.
+    """
     kind = "abstract"
     _buffer_names = ()
 
@@ -31,17 +40,62 @@ class Optimizer:
         self.params, self.lr, self.weight_decay = params, float(lr), float(weight_decay)
         self.steps = 0
         self.state = {name: {} for name in names}
+        xp = backend_for(self.params[0].data).xp
+        self._flat = (FlatParameters(self.params, xp)
+                      if FlatParameters.possible(self.params, xp) else None)
+        self._flat_state = None          # {buffer: flat array} whose views are the state's
+        self._gathered = None            # the flat gradient flat_grad() returned, until step()
+
+    def flat_grad(self):
+        """The gradients of every parameter as one flat array (None if some has none, or the
+        parameters could not share a flat array); ``step()`` uses this array, changes made to
+        it in place (an all-reduce) included."""
+        self._gathered = None if self._flat is None else self._flat.gather_grads()
+        return self._gathered
 
     def step(self):
         """Update every parameter from its ``.grad`` (those with grad None are skipped)."""
         self.steps += 1
-        for p in self.params:
-            if p.grad is None:
-                continue
-            grad = p.grad
-            if self.weight_decay:
-                grad = grad + self.weight_decay * p.data
-            self._update(p, grad, self.state[p.name])
+        grad, self._gathered = self._gathered, None
+        if grad is None and self._flat is not None:
+            grad = self._flat.gather_grads()
+        flat_state = self._flat_buffers() if grad is not None else None
+        if flat_state is None:
+            self._flat_state = None
+            for p in self.params:
+                if p.grad is not None:
+                    self._apply(p.data, self._decayed(p.grad, p.data), self.state[p.name])
+            return
+        data = self._flat.data
+        self._apply(data, self._decayed(grad, data), flat_state)
+        if self._flat_state is None:
+            self._adopt(flat_state)
+
+    def _decayed(self, grad, data):
+        return grad + self.weight_decay * data if self.weight_decay else grad
+
+    def _flat_buffers(self):
+        """The flat buffers (empty before the first step, made from the per-parameter ones
+        after ``load_state_dict``); None when those are only partly there."""
+        if self._flat_state is not None:
+            return self._flat_state
+        states = [self.state[p.name] for p in self.params]
+        if not any(states):
+            return {}
+        if any(set(state) != set(self._buffer_names) for state in states):
+            return None
+        return {name: self._flat.xp.concatenate([state[name].reshape(-1) for state in states])
+                for name in self._buffer_names}
+
+    def _adopt(self, flat_state):
+        """Make the flat buffers the state: each parameter's buffer becomes a view of its slice
+        (the buffers appear after the first step's ``_apply``)."""
+        if set(flat_state) != set(self._buffer_names):
+            return
+        for name, flat in flat_state.items():
+            for p, view in zip(self.params, self._flat.views(flat)):
+                self.state[p.name][name] = view
+        self._flat_state = flat_state
 
     def state_dict(self):
         out = {"kind": self.kind, "lr": self.lr, "steps": self.steps}
@@ -72,6 +126,7 @@ class Optimizer:
             buffer, name = key.split(".", 1)
             p = by_name[name]
             self.state[name][buffer] = _device_like(state[key], p.data)
+        self._flat_state = None               # the state holds fresh copies now
 
 
 def _device_like(value, like):
@@ -81,16 +136,8 @@ def _device_like(value, like):
 
 class SGD(Optimizer):
     """PyTorch ``torch.optim.SGD`` (dampening 0): buf = momentum * buf + g (buf = g at first),
-    then p -= lr * (g + momentum * buf if nesterov else buf).
-
-    The parameters become views into one flat array (``arraybn.nn.flat``) when they share a
-    dtype, and a step is then a few whole-array operations (the same arithmetic per element,
-    so results are bit-identical to a step per parameter). ``flat_grad()`` gathers the
-    gradients into one array, e.g. to all-reduce it in place before ``step()``, which then uses
-    it as it is.
-    """
+    then p -= lr * (g + momentum * buf if nesterov else buf)."""
     kind = "sgd"
-    _buffer_names = ("momentum_buffer",)
 
     def __init__(self, params, lr, momentum=0.9, nesterov=False, weight_decay=0.0):
         super().__init__(params, lr, weight_decay)
@@ -99,66 +146,9 @@ class SGD(Optimizer):
         if nesterov and momentum == 0:
             raise ValueError("Nesterov momentum needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
-        xp = backend_for(self.params[0].data).xp
-        self._flat = (FlatParameters(self.params, xp)
-                      if FlatParameters.possible(self.params, xp) else None)
-        self._flat_momentum = None       # flat buffer whose views are the state's buffers
-        self._gathered = None            # the flat gradient flat_grad() returned, until step()
+        self._buffer_names = ("momentum_buffer",) if self.momentum else ()
 
-    def flat_grad(self):
-        """The gradients of every parameter as one flat array (None if some has none, or the
-        parameters could not share a flat array); ``step()`` uses this array, changes made to
-        it in place (an all-reduce) included."""
-        self._gathered = None if self._flat is None else self._flat.gather_grads()
-        return self._gathered
-
-    def step(self):
-        grad, self._gathered = self._gathered, None
-        if grad is None and self._flat is not None:
-            grad = self._flat.gather_grads()
-        momentum_buffer = self._flat_momentum_buffer() if grad is not None else False
-        if momentum_buffer is False:
-            self._flat_momentum = None
-            return super().step()
-        self.steps += 1
-        data = self._flat.data
-        if self.weight_decay:
-            grad = grad + self.weight_decay * data
-        if self.momentum:
-            if momentum_buffer is None:
-                momentum_buffer = self._set_flat_momentum(grad.copy())
-            else:
-                momentum_buffer *= self.momentum
-                momentum_buffer += grad
-            grad = grad + self.momentum * momentum_buffer if self.nesterov else momentum_buffer
-        data -= data.dtype.type(self.lr) * grad
-
-    def _flat_momentum_buffer(self):
-        """The flat momentum buffer (None before the first step); False when the state's
-        buffers are only partly there (the per-parameter path then handles it)."""
-        if not self.momentum:
-            return None
-        buffers = [self.state[p.name].get("momentum_buffer") for p in self.params]
-        if self._flat_momentum is not None:
-            return self._flat_momentum
-        if all(b is None for b in buffers):
-            return None
-        if any(b is None for b in buffers):
-            return False
-        return self._set_flat_momentum(self._flat.xp.concatenate([b.reshape(-1)
-                                                                  for b in buffers]))
-
-    def _set_flat_momentum(self, flat):
-        self._flat_momentum = flat
-        for p, view in zip(self.params, self._flat.views(flat)):
-            self.state[p.name]["momentum_buffer"] = view
-        return flat
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self._flat_momentum = None            # the state holds fresh copies now
-
-    def _update(self, p, grad, state):
+    def _apply(self, data, grad, state):
         if self.momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
@@ -167,7 +157,7 @@ class SGD(Optimizer):
                 buf *= self.momentum
                 buf += grad
             grad = grad + self.momentum * buf if self.nesterov else buf
-        p.data -= p.data.dtype.type(self.lr) * grad
+        data -= data.dtype.type(self.lr) * grad
 
 
 class Adam(Optimizer):
@@ -181,7 +171,7 @@ class Adam(Optimizer):
             raise ValueError(f"need betas in [0, 1) (two of them) and eps > 0; got {betas}, {eps}")
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
 
-    def _update(self, p, grad, state):
+    def _apply(self, data, grad, state):
         beta1, beta2 = self.betas
         if "exp_avg" not in state:
             state["exp_avg"] = grad * 0
@@ -194,4 +184,4 @@ class Adam(Optimizer):
         correction1 = 1 - beta1 ** self.steps
         correction2 = 1 - beta2 ** self.steps
         denom = v ** 0.5 / math.sqrt(correction2) + self.eps
-        p.data -= (m / denom) * p.data.dtype.type(self.lr / correction1)
+        data -= (m / denom) * data.dtype.type(self.lr / correction1)

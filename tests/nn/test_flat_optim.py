@@ -1,8 +1,13 @@
-"""SGD over one flat parameter array: bit-identical to a step per parameter, state round trips."""
+"""SGD and Adam over one flat parameter array: bit-identical to a step per parameter, state
+round trips."""
 import numpy as np
 import pytest
 
-from arraybn.nn import SGD, Parameter, build_model, softmax_cross_entropy
+from arraybn.nn import SGD, Adam, Parameter, build_model, softmax_cross_entropy
+
+OPTIMIZERS = [(SGD, dict(momentum=0.9)), (SGD, dict(momentum=0.9, nesterov=True)),
+              (SGD, dict(momentum=0.0)), (SGD, dict(momentum=0.5, weight_decay=1e-2)),
+              (Adam, dict()), (Adam, dict(betas=(0.5, 0.9), weight_decay=1e-2))]
 
 
 def _params(seed=0, dtype=np.float32):
@@ -11,9 +16,9 @@ def _params(seed=0, dtype=np.float32):
             for i, shape in enumerate([(3, 2), (4,), (2, 2, 2)])]
 
 
-def _per_parameter(sgd):
-    sgd._flat = None                      # forces the per-parameter path (the reference)
-    return sgd
+def _per_parameter(opt):
+    opt._flat = None                      # forces the per-parameter path (the reference)
+    return opt
 
 
 def _set_grads(params, step):
@@ -22,11 +27,10 @@ def _set_grads(params, step):
             p.data.dtype)
 
 
-@pytest.mark.parametrize("options", [dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
-                                     dict(momentum=0.0), dict(momentum=0.5, weight_decay=1e-2)])
-def test_flat_steps_are_bit_identical_to_per_parameter_steps(options):
+@pytest.mark.parametrize("kind,options", OPTIMIZERS)
+def test_flat_steps_are_bit_identical_to_per_parameter_steps(kind, options):
     flat_params, ref_params = _params(), _params()
-    flat, ref = SGD(flat_params, 0.1, **options), _per_parameter(SGD(ref_params, 0.1, **options))
+    flat, ref = kind(flat_params, 0.1, **options), _per_parameter(kind(ref_params, 0.1, **options))
     assert flat._flat is not None
     for step in range(4):
         _set_grads(flat_params, step)
@@ -63,13 +67,14 @@ def test_step_uses_the_flat_gradient_as_changed_in_place():
         np.testing.assert_array_equal(a.data, b.data)
 
 
-def test_state_round_trip_continues_identically():
+@pytest.mark.parametrize("kind,options", OPTIMIZERS)
+def test_state_round_trip_continues_identically(kind, options):
     a_params, b_params = _params(), _params()
-    a = SGD(a_params, 0.1, momentum=0.9)
+    a = kind(a_params, 0.1, **options)
     for step in range(2):
         _set_grads(a_params, step)
         a.step()
-    b = SGD(b_params, 0.1, momentum=0.9)
+    b = kind(b_params, 0.1, **options)
     for p, q in zip(b_params, a_params):
         p.data[...] = q.data
     b.load_state_dict({k: np.asarray(v) for k, v in a.state_dict().items()})
@@ -78,24 +83,32 @@ def test_state_round_trip_continues_identically():
         opt.step()
     for p, q in zip(a_params, b_params):
         np.testing.assert_array_equal(p.data, q.data)
+    assert b._flat_state is not None      # the loaded buffers went flat again
 
 
-def test_a_missing_gradient_takes_the_per_parameter_path():
-    params = _params()
-    sgd = SGD(params, 0.1)
-    _set_grads(params, 0)
-    params[1].grad = None
-    kept = params[1].data.copy()
-    sgd.step()
-    np.testing.assert_array_equal(params[1].data, kept)
-    _set_grads(params, 1)
-    sgd.step()                            # momentum of p1 starts now, the others continue
-    assert sgd.state_dict()["steps"] == 2
+@pytest.mark.parametrize("kind,options", OPTIMIZERS)
+def test_a_missing_gradient_takes_the_per_parameter_path(kind, options):
+    """A step without p1's gradient leaves p1 alone; later steps (p1's buffers start late) match
+    an optimizer that went parameter by parameter throughout."""
+    params, ref_params = _params(), _params()
+    opt, ref = kind(params, 0.1, **options), _per_parameter(kind(ref_params, 0.1, **options))
+    for step in range(4):
+        for ps, o in ((params, opt), (ref_params, ref)):
+            _set_grads(ps, step)
+            if step == 0:
+                ps[1].grad = None
+            o.step()
+        if step == 0:
+            np.testing.assert_array_equal(params[1].data, _params()[1].data)
+        for a, b in zip(params, ref_params):
+            np.testing.assert_array_equal(a.data, b.data)
+    assert opt.state_dict()["steps"] == 4
 
 
-def test_a_model_trains_identically_with_flat_and_per_parameter_sgd():
+@pytest.mark.parametrize("kind", [SGD, Adam])
+def test_a_model_trains_identically_with_flat_and_per_parameter_steps(kind):
     models = [build_model("lenet5", backend="numpy", seed=3, dropout=0.0) for _ in range(2)]
-    opts = [SGD(models[0].parameters(), 0.05), _per_parameter(SGD(models[1].parameters(), 0.05))]
+    opts = [kind(models[0].parameters(), 0.05), _per_parameter(kind(models[1].parameters(), 0.05))]
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((8, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 8)
     for _ in range(3):
@@ -105,3 +118,11 @@ def test_a_model_trains_identically_with_flat_and_per_parameter_sgd():
             opt.step()
     for key, value in models[1].state_dict().items():
         np.testing.assert_array_equal(models[0].state_dict()[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("model,flat", [("lenet5", True), ("vgg8", False)])
+def test_only_small_models_go_flat(model, flat):
+    """LeNet-5's 60k parameter values share one array; VGG-8's 585k, where gathering every
+    gradient each step costs more than it saves, stay per parameter."""
+    opt = Adam(build_model(model, backend="numpy", seed=0).parameters(), 0.01)
+    assert (opt._flat is not None) is flat
