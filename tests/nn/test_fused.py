@@ -177,3 +177,34 @@ def test_a_network_without_pooling_fuses_bn_and_relu():
     assert isinstance(layers[1], FusedBNBlock) and layers[1].k == 1
     assert isinstance(Network(layers, {"in_shape": [1, 28, 28]}, be, np.float32,
                               np.random.default_rng(0)).layers[1], FusedBNBlock)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True), (False, False)])
+def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_after, relu_before):
+    """Blocks without pooling (k = 1) take one-pass kernels; they must give the window kernels'
+    results bit for bit: same rounding, same order of the float64 sums."""
+    from arraybn.backends import numba_fused_kernels as kernels
+    rng = np.random.default_rng(5)
+    x = _data(dtype, shape=(4, 3, 7, 6))
+    x[0, 0, 0, :3] = [0.0, -0.0, np.float32(1e-30)]             # ReLU edges, a tiny positive
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    center, a, b = rng.standard_normal(3), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
+    y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, 1)
+    y_ref, argmax_ref = np.empty_like(x), np.empty(x.shape, np.uint8)
+    kernels._normalize_pool(x, center, a, b, relu_after, 1, np.empty(x.shape[2:], dtype), y_ref,
+                            argmax_ref)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    w = rng.uniform(0.5, 1.5, 3)
+    gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
+                                                     relu_before, 1)
+    sums_ref = np.empty(3), np.empty(3)
+    kernels._pooled_sums(gy, x, argmax, center, 1, *sums_ref)
+    np.testing.assert_array_equal(sum_gy, sums_ref[0])
+    np.testing.assert_array_equal(sum_gy_xc, sums_ref[1])
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    gx_ref = np.empty_like(x)
+    kernels._unpool_gx(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
+                       -a * (sum_gy / count), 1, relu_before, gx_ref)
+    np.testing.assert_array_equal(gx, gx_ref)
