@@ -108,3 +108,17 @@ def to_backend(be, *arrays):
     out = tuple(be.xp.asarray(a) if a is not None else None for a in arrays)
     return out if len(out) > 1 else out[0]
 
+
+
+@pytest.fixture
+def chunk_threads(monkeypatch):
+    """``chunk_threads(count)``: every convolution runs its chunks on ``count`` threads, however
+    small; the number of threads is restored afterwards."""
+    from arraybn.nn import chunk_threads as module
+    before = module.threads()
+
+    def use(count):
+        monkeypatch.setattr(module, "MIN_PARALLEL_FLOPS", 0)
+        module.set_threads(count)
+    yield use
+    module.set_threads(before)

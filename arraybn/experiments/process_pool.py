@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 
+from arraybn.nn import chunk_threads
 from arraybn.stages.interrupts import (SIGNAL_NAMES, StageInterrupted, Terminated, handling,
                                        raise_terminated, signal_of)
 
@@ -35,7 +36,9 @@ _worker = {"stop": None, "busy": False}     # the signal that asked to stop; a t
 
 
 def limit_threads(threads):
-    """Share the cores between the parallel tasks (numba's thread pool)."""
+    """Share the cores between the parallel tasks: numba's thread pool and the convolutions'
+    chunk threads (OpenBLAS then runs on one thread)."""
+    chunk_threads.set_threads(max(1, threads))
     try:
         import numba
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))

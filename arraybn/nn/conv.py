@@ -21,6 +21,7 @@ sees them).
 """
 import numpy as np
 
+from arraybn.nn.chunk_threads import CHUNK_MULTIPLE, parallel_chunks, run_chunks
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
 CHUNK_BYTES = 1 << 20         # im2col columns per chunk of the batch: about one core's L2 cache
@@ -48,18 +49,21 @@ def _buffer(workspace, key, shape, dtype, xp, zeros=False):
     return buf
 
 
-def batch_chunks(n, column_bytes, positions, xp):
+def batch_chunks(n, column_bytes, positions, xp, multiple=1):
     """Slices of the batch, sizes as equal as possible, for chunked im2col.
 
     On the CPU a chunk's columns take about ``CHUNK_BYTES`` (they stay in cache from im2col to
     the GEMM) with at least ``MIN_CHUNK_COLUMNS`` output positions (a GEMM wide enough to run
-    at speed); ``column_bytes`` and ``positions`` are one image's. On a GPU the whole batch is
-    one chunk.
+    at speed); ``column_bytes`` and ``positions`` are one image's. The number of chunks is a
+    ``multiple`` (as the batch allows), so that threads get equal shares: rounded down (chunks
+    a little over the cache budget keep the GEMMs wide), or up from fewer. On a GPU the whole
+    batch is one chunk.
     """
     if xp is not np:
         return [slice(0, n)]
     size = max(1, CHUNK_BYTES // column_bytes, -(-MIN_CHUNK_COLUMNS // positions))
-    count = max(1, -(-n // size))
+    count = -(-n // size)
+    count = max(1, count // multiple * multiple if count >= multiple else min(n, multiple))
     bounds = [n * i // count for i in range(count + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
@@ -231,11 +235,23 @@ def _column_view(cols, m, kh, kw, oh, ow):
     return cols.reshape(-1, kh, kw, m, oh, ow)
 
 
+def _slot_workspace(workspace, slot):
+    """The buffers of chunk thread ``slot`` (see ``run_chunks``) in a layer's workspace."""
+    return None if workspace is None else workspace.setdefault(("thread", slot), {})
+
+
 def _chunks(x, weight_shape, stride, pad, xp):
+    """The chunks of the batch (``batch_chunks``) and whether they run on several threads
+    (``parallel_chunks``: then a multiple of ``CHUNK_MULTIPLE`` of them, whatever the number
+    of threads, so the results do not depend on it)."""
     n, c, h, w = x.shape
-    kh, kw = weight_shape[2:]
+    o, _, kh, kw = weight_shape
     positions = _out_size(h, kh, stride, pad) * _out_size(w, kw, stride, pad)
-    return batch_chunks(n, c * kh * kw * positions * x.dtype.itemsize, positions, xp)
+    rows = c * kh * kw
+    parallel = parallel_chunks(2 * n * positions * o * rows)     # the forward GEMMs' flops
+    parts = batch_chunks(n, rows * positions * x.dtype.itemsize, positions, xp,
+                         CHUNK_MULTIPLE if parallel else 1)
+    return parts, parallel
 
 
 def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
@@ -254,22 +270,25 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    for part in _chunks(x, weight.shape, stride, pad, xp):
-        m = part.stop - part.start
-        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, workspace)
+
+    def forward_chunk(part, slot):
+        m, ws = part.stop - part.start, _slot_workspace(workspace, slot)
+        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         y_part = y[part].reshape(m, o, oh * ow)
         if layout == "image":
             xp.matmul(w2, cols, out=y_part)                  # one GEMM per image
             if bias is not None:
                 y_part += bias[:, None]
         elif layout == "flat":
-            y_flat = _buffer(workspace, ("y", m), (m, o, oh, w), x.dtype, xp)
+            y_flat = _buffer(ws, ("y", m), (m, o, oh, w), x.dtype, xp)
             xp.matmul(w2, cols, out=y_flat.reshape(m, o, oh * w))   # one GEMM per image
             _copy_out(y_flat[..., :ow], bias, y[part], xp)
         else:
-            y_om = _buffer(workspace, ("y", m), (o, m * oh * ow), x.dtype, xp)
+            y_om = _buffer(ws, ("y", m), (o, m * oh * ow), x.dtype, xp)
             xp.matmul(w2, cols, out=y_om)                    # one GEMM per chunk
             _copy_out(y_om.reshape(o, m, oh * ow), bias, y_part.transpose(1, 0, 2), xp)
+
+    run_chunks(forward_chunk, *_chunks(x, weight.shape, stride, pad, xp))
     return y, (x, weight, stride, pad, bias is not None)
 
 
@@ -296,36 +315,43 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
     kh, kw = weight.shape[2:]
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     w2 = weight.reshape(o, -1)
-    gweight = xp.zeros(w2.shape, dtype=gy.dtype)
-    gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
     gx = xp.empty(x.shape, dtype=gy.dtype) if need_gx else None
-    for part in _chunks(x, weight.shape, stride, pad, xp):
-        m = part.stop - part.start
-        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, workspace)
+
+    def backward_chunk(part, slot):
+        """This chunk's weight (and bias) gradient; writes its rows of gx."""
+        m, ws = part.stop - part.start, _slot_workspace(workspace, slot)
+        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         gy3 = gy[part].reshape(m, o, oh * ow)
         if layout == "flat":
-            gy_flat = _buffer(workspace, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
+            gy_flat = _buffer(ws, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
             gy_flat[..., :ow] = gy[part]                     # the rest stays zero
             gy2 = gy_flat.reshape(m, o, oh * w)
         else:
             gy2 = gy3
         if layout != "chunk":                                # one GEMM per image
-            gweight += xp.matmul(gy2, cols.transpose(0, 2, 1)).sum(axis=0)
+            gweight = xp.matmul(gy2, cols.transpose(0, 2, 1)).sum(axis=0)
         else:                                                # one GEMM per chunk
-            gy_om = _buffer(workspace, ("gy", m), (o, m, oh * ow), gy.dtype, xp)
+            gy_om = _buffer(ws, ("gy", m), (o, m, oh * ow), gy.dtype, xp)
             gy_om[...] = gy3.transpose(1, 0, 2)
             gy2 = gy_om.reshape(o, m * oh * ow)
-            gweight += xp.matmul(gy2, cols.T)                # BLAS reads cols.T in place
-        if has_bias:
-            gbias += gy3.sum(axis=(0, 2))
+            gweight = xp.matmul(gy2, cols.T)                 # BLAS reads cols.T in place
         if need_gx:
-            gcols = _buffer(workspace, ("gcols", m), cols.shape, cols.dtype, xp)
+            gcols = _buffer(ws, ("gcols", m), cols.shape, cols.dtype, xp)
             xp.matmul(w2.T, gy2, out=gcols)
             gx[part] = 0
             if layout == "flat":
                 add_flat_columns(gcols.reshape(m, -1, kh, kw, oh * w), gx[part])
             else:
                 add_columns(_column_view(gcols, m, kh, kw, oh, ow), gx[part], stride, pad)
+        return gweight, gy3.sum(axis=(0, 2)) if has_bias else None
+
+    partials = run_chunks(backward_chunk, *_chunks(x, weight.shape, stride, pad, xp))
+    gweight = xp.zeros(w2.shape, dtype=gy.dtype)
+    gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
+    for chunk_gweight, chunk_gbias in partials:                 # in batch order
+        gweight += chunk_gweight
+        if has_bias:
+            gbias += chunk_gbias
     return gx, gweight.reshape(weight.shape), gbias
 
 

@@ -243,3 +243,18 @@ def test_a_diverged_run_is_a_result_and_is_not_trained_again(data_dir, tmp_path)
     path.write_text(path.read_text().replace("lr = 1e6", "lr = 1e-3"))
     retrained = run_sweep(load_sweep(path, root), force=True, echo=quiet)
     assert retrained[0]["status"] == "ok" and not record.exists()
+
+
+def test_a_sweep_worker_shares_the_cores_with_the_convolutions_chunks_too():
+    """limit_threads (each of a sweep's jobs workers): numba's threads and the convolutions'
+    chunk threads alike."""
+    from arraybn.experiments.process_pool import limit_threads
+    from arraybn.nn import chunk_threads
+    before = chunk_threads.threads()
+    try:
+        limit_threads(1)
+        assert chunk_threads.threads() == 1
+        limit_threads(3)
+        assert chunk_threads.threads() == 3
+    finally:
+        chunk_threads.set_threads(before)

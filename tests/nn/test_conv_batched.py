@@ -19,14 +19,19 @@ def _backends():
 
 
 @pytest.fixture(params=["one chunk, one GEMM", "one chunk, per image", "chunks of 2, one GEMM each",
-                        "chunks of 2, per image", "chunks of 2, per image, never flat"])
-def layout(request, monkeypatch):
-    """Force the chunk size and the chunk layout that the geometry would otherwise pick (per
-    image: flat where stride 1 and no padding allow it, unless 'never flat')."""
+                        "chunks of 2, per image", "chunks of 2, per image, never flat",
+                        "chunks of 2 on 3 threads, one GEMM each",
+                        "chunks of 2 on 3 threads, per image"])
+def layout(request, monkeypatch, chunk_threads):
+    """Force the chunk size, the chunk layout that the geometry would otherwise pick (per
+    image: flat where stride 1 and no padding allow it, unless 'never flat') and, for '3
+    threads', chunks on 3 threads."""
     if "chunks of 2" in request.param:
         monkeypatch.setattr(plain, "CHUNK_BYTES", 1)
         monkeypatch.setattr(plain, "MIN_CHUNK_COLUMNS", 1)
         monkeypatch.setattr(plain, "batch_chunks", _pairs)
+    if "3 threads" in request.param:
+        chunk_threads(3)
     per_image = "per image" in request.param
     monkeypatch.setattr(plain, "PER_IMAGE_MIN_POSITIONS", 0 if per_image else 10 ** 9)
     monkeypatch.setattr(plain, "PER_IMAGE_MAX_ROWS", 10 ** 9 if per_image else -1)
@@ -35,7 +40,7 @@ def layout(request, monkeypatch):
     return request.param
 
 
-def _pairs(n, column_bytes, positions, xp):
+def _pairs(n, column_bytes, positions, xp, multiple=1):
     """Chunks of two images (the last one alone when n is odd): two buffer sizes in turn."""
     return [slice(lo, min(n, lo + 2)) for lo in range(0, n, 2)]
 
@@ -166,16 +171,20 @@ def test_conv_gradients_by_centred_differences(rng, backend, k, stride, pad):
         assert_grad_close(loss, p.data, p.grad, rng)
 
 
-@pytest.mark.parametrize("n,column_bytes,positions,expected", [
-    (100, 288 * 784 * 4, 784, [2] * 50),          # columns of 0.9 MB an image: 1024 positions
-    (100, 9 * 676 * 4, 676, [33, 33, 34]),          # 24 KB an image: 43 fit, sizes evened out
-    (5, 1 << 30, 2048, [1] * 5),                   # bigger than the budget: one image a chunk
-    (3, 4, 4, [3]),                                # all of a small batch in one chunk
-    (0, 36, 9, [0]),                               # an empty batch is one empty chunk
+@pytest.mark.parametrize("n,column_bytes,positions,multiple,expected", [
+    (100, 288 * 784 * 4, 784, 1, [2] * 50),       # columns of 0.9 MB an image: 1024 positions
+    (100, 9 * 676 * 4, 676, 1, [33, 33, 34]),       # 24 KB an image: 43 fit, sizes evened out
+    (5, 1 << 30, 2048, 1, [1] * 5),                # bigger than the budget: one image a chunk
+    (3, 4, 4, 1, [3]),                             # all of a small batch in one chunk
+    (0, 36, 9, 1, [0]),                            # an empty batch is one empty chunk
+    (100, 1152 * 49 * 4, 49, 4, [25] * 4),         # VGG-8 conv6: 5 chunks of 21 -> 4 of 25
+    (100, 288 * 196 * 4, 196, 4, [6, 6, 6, 7] * 4),    # VGG-8 conv3: 17 of 6 -> 16
+    (100, 9 * 676 * 4, 676, 4, [25] * 4),          # 3 chunks -> 4: every thread gets a share
+    (3, 4, 4, 4, [1] * 3),                         # ... as far as the batch allows
 ])
 def test_batch_chunks_cover_the_batch_in_even_cache_sized_pieces(n, column_bytes, positions,
-                                                                  expected):
-    chunks = plain.batch_chunks(n, column_bytes, positions, np)
+                                                                  multiple, expected):
+    chunks = plain.batch_chunks(n, column_bytes, positions, np, multiple)
     assert [c.stop - c.start for c in chunks] == expected
     assert chunks[0].start == 0 and chunks[-1].stop == n
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
