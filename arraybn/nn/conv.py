@@ -304,8 +304,9 @@ def _copy_out(product, bias, out, xp):
 def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
     """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None).
 
-    Chunk by chunk as in the forward; the weight gradient adds the chunks' in batch order. In
-    the 'flat' layout gy is copied onto the flattened plane with zeros in the wrapped-around
+    Chunk by chunk as in the forward; the weight gradient adds the chunks' in batch order. The
+    input gradient of a 'same' convolution is a forward convolution of gy (``_input_gradient``);
+    of any other, the column gradients W.T @ gy added back by col2im. In the 'flat' layout gy is copied onto the flattened plane with zeros in the wrapped-around
     columns, so those columns add nothing to the weight gradient and their column gradients
     are zero (``add_flat_columns`` adds them; the sums equal ``add_columns``').
     """
@@ -315,7 +316,9 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
     kh, kw = weight.shape[2:]
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     w2 = weight.reshape(o, -1)
-    gx = xp.empty(x.shape, dtype=gy.dtype) if need_gx else None
+    transposed = need_gx and _same_padding(kh, kw, stride, pad)
+    columns_gx = need_gx and not transposed
+    gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
 
     def backward_chunk(part, slot):
         """This chunk's weight (and bias) gradient; writes its rows of gx."""
@@ -335,7 +338,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
             gy_om[...] = gy3.transpose(1, 0, 2)
             gy2 = gy_om.reshape(o, m * oh * ow)
             gweight = xp.matmul(gy2, cols.T)                 # BLAS reads cols.T in place
-        if need_gx:
+        if columns_gx:
             gcols = _buffer(ws, ("gcols", m), cols.shape, cols.dtype, xp)
             xp.matmul(w2.T, gy2, out=gcols)
             gx[part] = 0
@@ -352,7 +355,28 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
         gweight += chunk_gweight
         if has_bias:
             gbias += chunk_gbias
+    if transposed:
+        gx = _input_gradient(gy, weight, pad, xp, workspace)
     return gx, gweight.reshape(weight.shape), gbias
+
+
+def _same_padding(kh, kw, stride, pad):
+    """Whether the input gradient is the forward convolution of gy that ``_input_gradient``
+    computes: stride 1, a square kernel and 'same' padding (2 * pad == k - 1), so that it has
+    the forward's geometry with the channels swapped."""
+    return stride == 1 and kh == kw and 2 * pad == kh - 1
+
+
+def _input_gradient(gy, weight, pad, xp, workspace):
+    """gx = gy convolved with the weights flipped in space and transposed in channels, for a
+    'same' convolution (``_same_padding``): gx[n, c, i, j] = sum over (o, ki, kj) of
+    gy[n, o, i + pad - ki, j + pad - kj] * weight[o, c, ki, kj]. One GEMM of depth O*kh*kw
+    per chunk instead of depth O plus a col2im of kh*kw strided adds: ResNet-20's 16-channel
+    convolution 13.1 -> 7.0 ms, VGG-8 conv2 30.9 -> 19.4 ms (1 thread). Not used without
+    'same' padding: LeNet-5's conv2 (3x3, no padding) would pad gy by 2, 1.07 -> 2.09 ms."""
+    flipped = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    ws = None if workspace is None else workspace.setdefault("input gradient", {})
+    return conv2d_forward(gy, flipped, None, 1, pad, xp, ws)[0]
 
 
 class Conv2d(Layer):

@@ -229,3 +229,28 @@ def test_chunked_float32_agrees_with_one_chunk_to_rounding(rng, monkeypatch):
     np.testing.assert_array_equal(chunked[0], whole[0])
     np.testing.assert_array_equal(chunked[1], whole[1])
     np.testing.assert_allclose(chunked[2], whole[2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_a_same_convolutions_input_gradient_as_a_forward_convolution_equals_col2ims(
+        rng, monkeypatch, k, dtype, rtol):
+    """stride 1, padding (k - 1) / 2: gy convolved with the flipped, transposed weights; the
+    column path (col2im) as the reference, element by element."""
+    x = rng.standard_normal((6, 3, 7, 9)).astype(dtype)
+    w = rng.standard_normal((5, 3, k, k)).astype(dtype)
+    y, cache = plain.conv2d_forward(x, w, None, 1, (k - 1) // 2, np)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    assert plain._same_padding(k, k, 1, (k - 1) // 2)
+    transposed = plain.conv2d_backward(gy, cache, np)[0]
+    monkeypatch.setattr(plain, "_same_padding", lambda kh, kw, stride, pad: False)
+    columns = plain.conv2d_backward(gy, cache, np)[0]
+    scale = np.abs(columns).max()
+    np.testing.assert_allclose(transposed, columns, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("k,stride,pad,same", [(3, 1, 1, True), (1, 1, 0, True), (3, 1, 0, False),
+                                               (3, 2, 1, False), (5, 1, 1, False),
+                                               (1, 2, 0, False)])
+def test_only_same_convolutions_take_the_transposed_input_gradient(k, stride, pad, same):
+    assert plain._same_padding(k, k, stride, pad) is same
