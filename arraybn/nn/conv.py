@@ -19,6 +19,8 @@ which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend 
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
 sees them).
 """
+import functools
+
 import numpy as np
 
 from arraybn.nn.chunk_threads import CHUNK_MULTIPLE, parallel_chunks, run_chunks
@@ -75,9 +77,12 @@ def _valid(offset, stride, size, out):
     return lo, max(lo, hi)
 
 
+@functools.lru_cache(maxsize=4096)
 def _window_slices(ki, kj, stride, pad, in_hw, out_hw):
     """For the window offset (ki, kj): the output slices that read inside the input (the rest
-    reads the zero padding) and the input slices they read; None if all of it is padding."""
+    reads the zero padding) and the input slices they read; None if all of it is padding.
+    Cached: im2col asks for the same few geometries chunk after chunk (ResNet-20: 11,000
+    calls a step, 30 ms of Python at one thread)."""
     (h, w), (oh, ow) = in_hw, out_hw
     i0, i1 = _valid(ki - pad, stride, h, oh)
     j0, j1 = _valid(kj - pad, stride, w, ow)
