@@ -20,12 +20,18 @@ are bit-identical; the window loops cost 10x in the forward and 2.8x in the back
 VGG-8's conv1 size (100 x 32 x 28 x 28, one thread: 8.7 -> 0.83 ms and 14.8 -> 5.3 ms).
 
 The public functions validate and allocate; the ``@njit`` kernels write into preallocated arrays.
-They run on the calling thread: at LeNet-5's sizes one pass costs less than waking a second one.
+Blocks with pooling run on the calling thread: at LeNet-5's sizes one pass costs less than
+waking a second one. Blocks without pooling of at least ``PARALLEL_MIN_SIZE`` values share their
+channels among Numba's threads (``*_parallel``); each channel's sums are added in the same order
+as on one thread, so the results are bit-identical for any number of threads.
 """
+import numba
 import numpy as np
+from numba import prange
 
 from arraybn.backends.numba_config import jit
 
+PARALLEL_MIN_SIZE = 1 << 18   # values from which blocks without pooling share out their channels
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -52,18 +58,28 @@ def _normalize_pool(x, center, a, b, relu_after, k, plane, y, argmax):
 
 
 @jit()
-def _normalize_relu(x, center, a, b, relu_after, y, argmax):
-    """k = 1 (no pooling): ``_normalize_pool`` in one pass per plane, no window loops."""
+def _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax):
+    """k = 1 (no pooling): ``_normalize_pool`` in one pass per plane, no window loops, for
+    channels lo..hi-1."""
     n_ch = x.shape[1]
     x2, y2, am2 = _planes(x), _planes(y), _planes(argmax)
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, ac, bc = center[c], a[c], b[c]
-        for q in range(x2.shape[1]):
-            y2[p, q] = (np.float64(x2[p, q]) - mu) * ac + bc        # rounds once, as the plane
-            inactive = relu_after and not y2[p, q] > 0
-            y2[p, q] = 0 if inactive else y2[p, q]
-            am2[p, q] = INACTIVE if inactive else 0
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, ac, bc = n * n_ch + c, center[c], a[c], b[c]
+            for q in range(x2.shape[1]):
+                y2[p, q] = (np.float64(x2[p, q]) - mu) * ac + bc    # rounds once, as the plane
+                inactive = relu_after and not y2[p, q] > 0
+                y2[p, q] = 0 if inactive else y2[p, q]
+                am2[p, q] = INACTIVE if inactive else 0
+
+
+@jit(parallel=True)
+def _normalize_relu_parallel(x, center, a, b, relu_after, tasks, y, argmax):
+    """``_normalize_relu`` with the channels shared out among ``tasks``."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _normalize_relu(x, center, a, b, relu_after, t * n_ch // tasks, (t + 1) * n_ch // tasks,
+                        y, argmax)
 
 
 @jit()
@@ -148,35 +164,54 @@ def _pooled_sums(gy, x, argmax, mean, k, sum_gy, sum_gy_xc):
 
 
 @jit()
-def _sums(gy, x, argmax, mean, sum_gy, sum_gy_xc):
-    """k = 1: ``_pooled_sums`` without the window offsets (the same order of additions)."""
+def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
+    """k = 1: ``_pooled_sums`` without the window offsets (the same order of additions: each
+    channel's planes in batch order), for channels lo..hi-1."""
     n_ch = gy.shape[1]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
-    sum_gy[:] = 0.0
-    sum_gy_xc[:] = 0.0
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, s, s_xc = mean[c], 0.0, 0.0
-        for q in range(x2.shape[1]):
-            _, g = _active(am2[p, q], gy2[p, q])
-            s += g
-            s_xc += g * (np.float64(x2[p, q]) - mu)
-        sum_gy[c] += s
-        sum_gy_xc[c] += s_xc
+    sum_gy[lo:hi] = 0.0
+    sum_gy_xc[lo:hi] = 0.0
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
+            for q in range(x2.shape[1]):
+                _, g = _active(am2[p, q], gy2[p, q])
+                s += g
+                s_xc += g * (np.float64(x2[p, q]) - mu)
+            sum_gy[c] += s
+            sum_gy_xc[c] += s_xc
+
+
+@jit(parallel=True)
+def _sums_parallel(gy, x, argmax, mean, tasks, sum_gy, sum_gy_xc):
+    """``_sums`` with the channels shared out among ``tasks`` (each channel's sums as on one
+    thread)."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _sums(gy, x, argmax, mean, t * n_ch // tasks, (t + 1) * n_ch // tasks, sum_gy, sum_gy_xc)
 
 
 @jit()
-def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, gx):
-    """k = 1: ``_unpool_gx`` in one pass per plane."""
+def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx):
+    """k = 1: ``_unpool_gx`` in one pass per plane, for channels lo..hi-1."""
     n_ch = x.shape[1]
     x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, ag, ax, bc = mean[c], a_gy[c], a_x[c], b[c]
-        for q in range(x2.shape[1]):
-            rest = (np.float64(x2[p, q]) - mu) * ax + bc
-            value = ag * np.float64(gy2[p, q]) + rest if am2[p, q] != INACTIVE else rest
-            gx2[p, q] = 0 if relu_before and not x2[p, q] > 0 else value
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, ag, ax, bc = n * n_ch + c, mean[c], a_gy[c], a_x[c], b[c]
+            for q in range(x2.shape[1]):
+                rest = (np.float64(x2[p, q]) - mu) * ax + bc
+                value = ag * np.float64(gy2[p, q]) + rest if am2[p, q] != INACTIVE else rest
+                gx2[p, q] = 0 if relu_before and not x2[p, q] > 0 else value
+
+
+@jit(parallel=True)
+def _bn_gx_parallel(gy, x, argmax, mean, a_gy, a_x, b, relu_before, tasks, gx):
+    """``_bn_gx`` with the channels shared out among ``tasks``."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, t * n_ch // tasks,
+               (t + 1) * n_ch // tasks, gx)
 
 
 @jit()
@@ -203,6 +238,15 @@ def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, gx):
         if relu_before:
             for q in range(size):
                 gx2[p, q] = gx2[p, q] if x2[p, q] > 0 else 0
+
+
+def _tasks(x):
+    """Channel ranges to share among Numba's threads for a block without pooling; 0: run on
+    the calling thread (below ``PARALLEL_MIN_SIZE`` values, or one thread)."""
+    if x.size < PARALLEL_MIN_SIZE:
+        return 0
+    tasks = min(numba.get_num_threads(), x.shape[1])
+    return tasks if tasks > 1 else 0
 
 
 def _check_input(x):
@@ -235,8 +279,11 @@ def bn_pool_forward(x, center, a, b, relu_after, k):
     y = np.empty((n, c, h // k, w // k), dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=np.uint8)
     center, a, b = (_channels(v, c) for v in (center, a, b))
-    if k == 1:
-        _normalize_relu(x, center, a, b, bool(relu_after), y, argmax)
+    tasks = _tasks(x) if k == 1 else 0
+    if tasks:
+        _normalize_relu_parallel(x, center, a, b, bool(relu_after), tasks, y, argmax)
+    elif k == 1:
+        _normalize_relu(x, center, a, b, bool(relu_after), 0, c, y, argmax)
     else:
         _normalize_pool(x, center, a, b, bool(relu_after), int(k), np.empty((h, w), x.dtype), y,
                         argmax)
@@ -259,8 +306,11 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     channels = x.shape[1]
     mean, scale, w = (_channels(v, channels) for v in (mean, scale, w))
     sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-    if k == 1:
-        _sums(gy, x, argmax, mean, sum_gy, sum_gy_xc)
+    tasks = _tasks(x) if k == 1 else 0
+    if tasks:
+        _sums_parallel(gy, x, argmax, mean, tasks, sum_gy, sum_gy_xc)
+    elif k == 1:
+        _sums(gy, x, argmax, mean, 0, channels, sum_gy, sum_gy_xc)
     else:
         _pooled_sums(gy, x, argmax, mean, int(k), sum_gy, sum_gy_xc)
     count = x.shape[0] * x.shape[2] * x.shape[3]
@@ -269,8 +319,10 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     else:                 # statistics are constants: gx = scale * g
         a_x = b = np.zeros(channels)
     gx = np.empty_like(x)
-    if k == 1:
-        _bn_gx(gy, x, argmax, mean, scale, a_x, b, bool(relu_before), gx)
+    if tasks:
+        _bn_gx_parallel(gy, x, argmax, mean, scale, a_x, b, bool(relu_before), tasks, gx)
+    elif k == 1:
+        _bn_gx(gy, x, argmax, mean, scale, a_x, b, bool(relu_before), 0, channels, gx)
     else:
         _unpool_gx(gy, x, argmax, mean, scale, a_x, b, int(k), bool(relu_before), gx)
     return gx, sum_gy, sum_gy_xc

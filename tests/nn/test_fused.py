@@ -208,3 +208,44 @@ def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_afte
     kernels._unpool_gx(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
                        -a * (sum_gy / count), 1, relu_before, gx_ref)
     np.testing.assert_array_equal(gx, gx_ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True)])
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+def test_no_pooling_kernels_sharing_channels_among_threads_equal_one_thread(
+        dtype, relu_after, relu_before, tasks):
+    """The channel-shared kernels (ResNet's and VGG-8's blocks from PARALLEL_MIN_SIZE values)
+    give the one-thread results bit for bit, also with channels that do not split evenly."""
+    from arraybn.backends import numba_fused_kernels as kernels
+    rng = np.random.default_rng(6)
+    x = _data(dtype, shape=(4, 5, 7, 6))
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    center, a, b, w = (rng.standard_normal(5), rng.uniform(0.5, 1.5, 5), rng.standard_normal(5),
+                       rng.uniform(0.5, 1.5, 5))
+    y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, 1)     # one thread
+    y_par, argmax_par = np.empty_like(x), np.empty(x.shape, np.uint8)
+    kernels._normalize_relu_parallel(x, center, a, b, relu_after, tasks, y_par, argmax_par)
+    np.testing.assert_array_equal(y_par, y)
+    np.testing.assert_array_equal(argmax_par, argmax)
+    gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
+                                                     relu_before, 1)
+    sums = np.full(5, np.nan), np.full(5, np.nan)
+    kernels._sums_parallel(gy, x, argmax, center, tasks, *sums)
+    np.testing.assert_array_equal(sums[0], sum_gy)
+    np.testing.assert_array_equal(sums[1], sum_gy_xc)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    gx_par = np.full_like(x, np.nan)
+    kernels._bn_gx_parallel(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
+                            -a * (sum_gy / count), relu_before, tasks, gx_par)
+    np.testing.assert_array_equal(gx_par, gx)
+
+
+def test_blocks_without_pooling_share_channels_from_the_size_threshold(monkeypatch):
+    from arraybn.backends import numba_fused_kernels as kernels
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
+    big = np.empty((1, 3, 1, kernels.PARALLEL_MIN_SIZE // 3 + 1), np.float32)
+    assert kernels._tasks(big) == 3                       # one channel a task at most
+    assert kernels._tasks(big[..., :-2]) == 0              # below the threshold
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
+    assert kernels._tasks(big) == 0
