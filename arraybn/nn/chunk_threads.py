@@ -9,9 +9,11 @@ release the GIL), with results bit-identical for any number of threads.
 ``threads()`` threads for a layer whose forward GEMMs come to at least ``MIN_PARALLEL_FLOPS``
 (``parallel_chunks``; the calling thread takes a share, ``slot`` says which thread, for its
 own buffers). Such a layer cuts its batch into a multiple of ``CHUNK_MULTIPLE`` chunks
-whatever the number of threads, so training is bit-identical on any number of threads.
+whatever the number of threads, so a convolution's results are bit-identical on any number of
+threads.
 
-OpenBLAS runs on one thread once a convolution has run (for the rest of the process): two
+OpenBLAS runs on one thread from the first large convolution on (for the rest of the process;
+a model whose convolutions are all small, LeNet-5's, leaves OpenBLAS as it was): two
 levels of threads oversubscribe the cores, and toggling OpenBLAS's count around each layer is
 no cure (its idle workers spin for a while after each GEMM, on the cores the chunk threads
 need). The number of chunk threads is OpenBLAS's count before that (``OPENBLAS_NUM_THREADS``
