@@ -17,7 +17,9 @@ adds into the unpadded gradient; both are strided slice copies on any ``xp`` (nu
 which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend whose
 ``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
-sees them).
+sees them), one set per chunk thread: a large layer's chunks run on several threads
+(``chunk_threads``). The input gradient of a 'same' convolution (stride 1, padding (k-1)/2)
+is a forward convolution of the output gradient with the flipped weights, not a col2im.
 """
 import functools
 
@@ -311,9 +313,10 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
 
     Chunk by chunk as in the forward; the weight gradient adds the chunks' in batch order. The
     input gradient of a 'same' convolution is a forward convolution of gy (``_input_gradient``);
-    of any other, the column gradients W.T @ gy added back by col2im. In the 'flat' layout gy is copied onto the flattened plane with zeros in the wrapped-around
-    columns, so those columns add nothing to the weight gradient and their column gradients
-    are zero (``add_flat_columns`` adds them; the sums equal ``add_columns``').
+    of any other, the column gradients W.T @ gy added back by col2im. In the 'flat' layout gy
+    is copied onto the flattened plane with zeros in the wrapped-around columns, so those
+    columns add nothing to the weight gradient and their column gradients are zero
+    (``add_flat_columns`` adds them; the sums equal ``add_columns``').
     """
     x, weight, stride, pad, has_bias = cache
     n, o, oh, ow = gy.shape
