@@ -109,7 +109,6 @@ def to_backend(be, *arrays):
     return out if len(out) > 1 else out[0]
 
 
-
 @pytest.fixture
 def chunk_threads(monkeypatch):
     """``chunk_threads(count)``: every convolution runs its chunks on ``count`` threads, however
