@@ -1,9 +1,11 @@
 """End to end: seconds of one ``arraybn train`` epoch vs the same job written the usual PyTorch way.
 
 The job: LeNet-5 + BN on Fashion-MNIST, ``--train-subset 20000`` (the default 5% validation
-split), batch 128, SGD with momentum, 2 epochs; the time is the second epoch's (training loop +
-validation): ``seconds`` in arraybn's history.csv, and the same span in PyTorch
-(``nn.Sequential`` LeNet-5 + BN with arraybn's layout, ``torch.optim.SGD``, ``F.cross_entropy``,
+split), batch 128, SGD with momentum, 2 epochs; with ``--model vgg8`` or ``--model resnet``
+(ResNet-20) the deep net + BN on ``--train-subset 6000`` at batch 100 (the second seed text's).
+The time is the second epoch's (training loop + validation): ``seconds`` in arraybn's
+history.csv, and the same span in PyTorch (``nn.Sequential`` LeNet-5 + BN with arraybn's layout,
+or the test suite's twin of the deep net, ``torch.optim.SGD``, ``F.cross_entropy``,
 validation under ``no_grad`` over the same validation split, in batches of 1000, the same batch
 order, and with ``--augment`` the same random maps, applied the usual PyTorch way:
 ``F.affine_grid`` + ``F.grid_sample``). Every run is a fresh process with
@@ -11,9 +13,10 @@ BLAS, OpenMP, Numba and PyTorch threads all set to the thread count; runs are in
 (arraybn, torch, arraybn, ...) so that load from other processes hits both alike; the median of
 ``--rounds`` is kept. A "machine limit" line gives what the hardware allows for one step: the
 step's GEMM FLOPs over the measured SGEMM rate of the same shapes, and its tensor bytes over the
-measured copy bandwidth. Usage::
+measured copy bandwidth (LeNet-5 only). Usage::
 
     python3 benchmarks/train_epoch.py --threads 1,2 --rounds 3 [--augment] [--coretype Haswell]
+    python3 benchmarks/train_epoch.py --model resnet --threads 1,2 --rounds 2
 """
 import argparse
 import csv
@@ -27,6 +30,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = dict(epochs=2, train_subset=20000, optimizer="sgd", backend="numba")
 BATCH = 128
+DEEP_JOB = dict(JOB, train_subset=6000, depth=20)     # --model vgg8 / resnet (ResNet-20)
+DEEP_BATCH = 100
+MODELS = ("lenet5", "vgg8", "resnet")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -34,6 +40,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median kept)")
+    parser.add_argument("--model", choices=MODELS, default="lenet5",
+                        help="LeNet-5 (default), VGG-8 or ResNet-20")
+    parser.add_argument("--train-subset", type=int, metavar="N",
+                        help="training images (default: 20000 for LeNet-5, 6000 for the deep nets)")
     parser.add_argument("--augment", action="store_true", help="random affine augmentation")
     parser.add_argument("--blas-one", action="store_true",
                         help="also time arraybn with one BLAS/OpenMP thread and Numba's count")
@@ -44,8 +54,13 @@ def parse_args(argv=None):
     parser.add_argument("--contender", choices=("torch", "limit"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.thread_counts = [int(t) for t in args.threads.split(",")]
+    args.job, args.batch = (JOB, BATCH) if args.model == "lenet5" else (DEEP_JOB, DEEP_BATCH)
+    if args.train_subset is not None:
+        args.job = dict(args.job, train_subset=args.train_subset)
     if args.rounds < 1 or min(args.thread_counts) < 1:
         parser.error("--rounds and every --threads value must be >= 1")
+    if args.job["train_subset"] < 2 * args.batch:
+        parser.error(f"--train-subset must hold at least two batches of {args.batch}")
     return args
 
 
@@ -65,15 +80,18 @@ def thread_env(threads, blas_threads=None, coretype=None):
 
 # ----------------------------------------------------------------------------- contenders
 
-def arraybn_epoch(threads, augment, blas_threads=None, coretype=None):
+def arraybn_epoch(args, threads, blas_threads=None, coretype=None):
     """Second-epoch seconds of ``arraybn train`` (history.csv), in a fresh process."""
+    job = args.job
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
         cli = os.path.join(os.path.dirname(sys.executable), "arraybn")
-        command = [cli, "train", run_dir, "--epochs", str(JOB["epochs"]), "--train-subset",
-                   str(JOB["train_subset"]), "--optimizer", JOB["optimizer"], "--backend",
-                   JOB["backend"], "--batch-size", str(BATCH), "--force"]
-        subprocess.run(command + (["--augment"] if augment else []),
+        command = [cli, "train", run_dir, "--model", args.model, "--epochs", str(job["epochs"]),
+                   "--train-subset", str(job["train_subset"]), "--optimizer", job["optimizer"],
+                   "--backend", job["backend"], "--batch-size", str(args.batch), "--force"]
+        if args.model == "resnet":
+            command += ["--depth", str(job["depth"])]
+        subprocess.run(command + (["--augment"] if args.augment else []),
                        env=thread_env(threads, blas_threads, coretype),
                        check=True, capture_output=True, text=True)
         with open(os.path.join(run_dir, "train", "history.csv"), newline="") as file:
@@ -82,7 +100,8 @@ def arraybn_epoch(threads, augment, blas_threads=None, coretype=None):
 
 def child(args, contender, threads):
     """Run this script as ``contender`` in a fresh process; returns its last printed number."""
-    command = [sys.executable, __file__, "--contender", contender, "--threads", str(threads)]
+    command = [sys.executable, __file__, "--contender", contender, "--threads", str(threads),
+               "--model", args.model, "--train-subset", str(args.job["train_subset"])]
     done = subprocess.run(command + (["--augment"] if args.augment else []),
                           env=thread_env(threads), check=True, capture_output=True, text=True)
     return done.stdout.split()[-1] if contender == "torch" else done.stdout
@@ -94,22 +113,24 @@ def torch_epochs(args):
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    from train_speed import torch_lenet5
+    from train_speed import torch_lenet5, torch_twin
     from arraybn.data import batch_indices, step_rng
     from arraybn.stages.common import load_data
     from arraybn.stages.config import TrainConfig
     torch.set_num_threads(args.thread_counts[0])
     torch.manual_seed(0)
-    config = TrainConfig(**dict(JOB, augment=args.augment, batch_size=BATCH))
+    config = TrainConfig(**dict(args.job, model=args.model, augment=args.augment,
+                                batch_size=args.batch))
     _, splits, norm = load_data(config)
     train, val = splits["train"], splits["val"]
-    net = torch_lenet5()
+    net = torch_lenet5() if args.model == "lenet5" else torch_twin(
+        argparse.Namespace(model=args.model, depth=config.depth, width=config.width))
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
     val_images, val_labels = torch.from_numpy(val.images), torch.from_numpy(val.labels)
     for epoch in range(config.epochs):
         started = time.perf_counter()
         net.train()
-        for step, index in enumerate(batch_indices(len(train), BATCH, seed=config.seed,
+        for step, index in enumerate(batch_indices(len(train), args.batch, seed=config.seed,
                                                    epoch=epoch, drop_last=True)):
             images = torch.from_numpy(np.ascontiguousarray(train.images[index]))
             if args.augment:
@@ -209,9 +230,10 @@ def measured_copy_bandwidth(megabytes=64, repeats=10):
     return 2 * src.nbytes / best
 
 
-def machine_limit():
-    """One line: the step's FLOPs / SGEMM rate and bytes / copy bandwidth, per step and epoch."""
-    steps = JOB["train_subset"] // BATCH
+def machine_limit(train_subset=JOB["train_subset"]):
+    """One line: the step's FLOPs / SGEMM rate and bytes / copy bandwidth, per step and epoch
+    (an epoch of ``train_subset`` images)."""
+    steps = train_subset // BATCH
     flops, rate = step_flops(), measured_sgemm_rate()
     nbytes, bandwidth = step_bytes(), measured_copy_bandwidth()
     return (f"{flops / 1e6:.0f} MFLOP/step / {rate / 1e9:.1f} GFLOP/s SGEMM = "
@@ -228,18 +250,20 @@ def measure(args):
              for t in args.thread_counts}
     for _ in range(args.rounds):
         for threads in args.thread_counts:
-            times[threads]["arraybn"].append(arraybn_epoch(threads, args.augment))
+            times[threads]["arraybn"].append(arraybn_epoch(args, threads))
             times[threads]["pytorch"].append(float(child(args, "torch", threads)))
             if args.blas_one:
-                times[threads]["blas1"].append(arraybn_epoch(threads, args.augment, 1))
+                times[threads]["blas1"].append(arraybn_epoch(args, threads, 1))
             if args.coretype:
                 times[threads]["coretype"].append(
-                    arraybn_epoch(threads, args.augment, coretype=args.coretype))
+                    arraybn_epoch(args, threads, coretype=args.coretype))
     return times
 
 
 def print_table(args, times):
-    print(f"\nLeNet-5 + BN, Fashion-MNIST train subset {JOB['train_subset']}, batch {BATCH}, "
+    title = {"lenet5": "LeNet-5", "vgg8": "VGG-8", "resnet": "ResNet-20"}[args.model]
+    print(f"\n{title} + BN, Fashion-MNIST train subset {args.job['train_subset']}, "
+          f"batch {args.batch}, "
           f"SGD{', --augment' if args.augment else ''}: seconds of epoch 2 (loop + validation), "
           f"median of {args.rounds} interleaved fresh processes")
     print(f"{'threads':>7} {'arraybn s':>10} {'pytorch s':>10} {'ratio':>7}   runs "
@@ -258,7 +282,7 @@ def print_table(args, times):
             print(f"{threads:>7} {forced:10.2f} {'':>10} {forced / theirs:6.2f}x   arraybn with "
                   f"OPENBLAS_CORETYPE={args.coretype}: "
                   f"{', '.join(f'{s:.2f}' for s in runs['coretype'])}")
-    for threads in args.thread_counts:
+    for threads in args.thread_counts if args.model == "lenet5" else ():
         print(f"machine limit, {threads} thread(s): "
               + child(args, "limit", threads).strip())
 
@@ -268,7 +292,7 @@ def main(argv=None):
     if args.contender == "torch":
         print(torch_epochs(args))
     elif args.contender == "limit":
-        print(machine_limit())
+        print(machine_limit(args.job["train_subset"]))
     else:
         print_table(args, measure(args))
     return 0

@@ -1,6 +1,8 @@
 """benchmarks/train_epoch.py: its machine-limit arithmetic matches the model it times."""
+import argparse
 import importlib.util
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -47,3 +49,34 @@ def test_machine_limit_line_names_both_limits():
 def test_rejects_bad_thread_counts():
     with pytest.raises(SystemExit):
         _load().parse_args(["--threads", "1,0"])
+
+
+def test_deep_models_time_the_seed_batch_on_a_smaller_subset_and_keep_lenet5_s_job():
+    bench = _load()
+    lenet = bench.parse_args([])
+    assert (lenet.model, lenet.batch, lenet.job["train_subset"]) == ("lenet5", 128, 20000)
+    resnet = bench.parse_args(["--model", "resnet", "--train-subset", "3000"])
+    assert (resnet.batch, resnet.job["train_subset"], resnet.job["depth"]) == (100, 3000, 20)
+    assert bench.JOB["train_subset"] == 20000            # the override is the run's, not global
+
+
+def test_rejects_a_subset_smaller_than_two_batches():
+    with pytest.raises(SystemExit):
+        _load().parse_args(["--model", "vgg8", "--train-subset", "150"])
+
+
+def test_machine_limit_counts_the_steps_of_the_subset_it_is_given():
+    assert "78 steps" in _load().machine_limit(10000)
+
+
+@pytest.mark.parametrize("model", ["vgg8", "resnet"])
+def test_the_pytorch_twin_of_a_deep_model_has_arraybn_s_parameter_count(model):
+    torch = pytest.importorskip("torch")
+    args = _load().parse_args(["--model", model])
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_speed import torch_twin
+    net = torch_twin(argparse.Namespace(model=model, depth=args.job["depth"], width=16))
+    ours = build_model(model, backend="numpy", seed=0, depth=args.job["depth"])
+    assert sum(p.numel() for p in net.parameters()) == sum(
+        p.data.size for p in ours.parameters())
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
