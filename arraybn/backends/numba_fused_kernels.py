@@ -37,24 +37,43 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @jit()
-def _normalize_pool(x, center, a, b, relu_after, k, plane, y, argmax):
-    """y, argmax of the pooled, normalised (and ReLU'd) x; ``plane`` is (H, W) in x's dtype.
+def _normalize_pool(x, center, a, b, relu_after, k, lo, hi, y, argmax):
+    """y, argmax of the pooled, normalised (and ReLU'd) x, for channels lo..hi-1.
 
-    Each (n, c) plane is normalised into ``plane`` (one contiguous, vectorised loop; the store
-    rounds once), then pooled from there (cache-resident).
+    Each (n, c) plane is normalised into a scratch plane (one contiguous, vectorised loop; the
+    store rounds once), then pooled from there (cache-resident).
     """
     n_ch, size = x.shape[1], x.shape[2] * x.shape[3]
     x2, y2, am2 = _planes(x), _planes(y), _planes(argmax)
+    plane = np.empty((x.shape[2], x.shape[3]), x.dtype)
     flat = plane.reshape(size)
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, ac, bc = center[c], a[c], b[c]
-        for q in range(size):
-            flat[q] = (np.float64(x2[p, q]) - mu) * ac + bc
-        if k == 2:
-            _pool2(plane, relu_after, y2[p], am2[p])
-        else:
-            _pool(plane, relu_after, k, y2[p], am2[p])
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, ac, bc = n * n_ch + c, center[c], a[c], b[c]
+            for q in range(size):
+                flat[q] = (np.float64(x2[p, q]) - mu) * ac + bc
+            if k == 2:
+                _pool2(plane, relu_after, y2[p], am2[p])
+            else:
+                _pool(plane, relu_after, k, y2[p], am2[p])
+
+
+@jit()
+def _forward(x, center, a, b, relu_after, k, lo, hi, y, argmax):
+    """The forward of channels lo..hi-1: one pass per plane at k = 1, else the window loops."""
+    if k == 1:
+        _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax)
+    else:
+        _normalize_pool(x, center, a, b, relu_after, k, lo, hi, y, argmax)
+
+
+@jit(parallel=True)
+def _forward_parallel(x, center, a, b, relu_after, k, tasks, y, argmax):
+    """``_forward`` with the channels shared out among ``tasks``."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _forward(x, center, a, b, relu_after, k, t * n_ch // tasks, (t + 1) * n_ch // tasks, y,
+                 argmax)
 
 
 @jit()
@@ -71,15 +90,6 @@ def _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax):
                 inactive = relu_after and not y2[p, q] > 0
                 y2[p, q] = 0 if inactive else y2[p, q]
                 am2[p, q] = INACTIVE if inactive else 0
-
-
-@jit(parallel=True)
-def _normalize_relu_parallel(x, center, a, b, relu_after, tasks, y, argmax):
-    """``_normalize_relu`` with the channels shared out among ``tasks``."""
-    n_ch = x.shape[1]
-    for t in prange(tasks):
-        _normalize_relu(x, center, a, b, relu_after, t * n_ch // tasks, (t + 1) * n_ch // tasks,
-                        y, argmax)
 
 
 @jit()
@@ -144,23 +154,24 @@ def _planes(a):
 
 
 @jit()
-def _pooled_sums(gy, x, argmax, mean, k, sum_gy, sum_gy_xc):
-    """Per channel, in float64: sum of gy and of gy * (x - mean) at each window's argmax."""
+def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
+    """Per channel lo..hi-1, in float64: sum of gy and of gy * (x - mean) at each window's
+    argmax (each channel's planes in batch order)."""
     di, dj = _offset_tables(k)
     n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
-    sum_gy[:] = 0.0
-    sum_gy_xc[:] = 0.0
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, s, s_xc = mean[c], 0.0, 0.0
-        for i in range(oh):
-            for j in range(ow):
-                at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
-                s += g
-                s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
-        sum_gy[c] += s
-        sum_gy_xc[c] += s_xc
+    sum_gy[lo:hi] = 0.0
+    sum_gy_xc[lo:hi] = 0.0
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
+            for i in range(oh):
+                for j in range(ow):
+                    at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
+                    s += g
+                    s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
+            sum_gy[c] += s
+            sum_gy_xc[c] += s_xc
 
 
 @jit()
@@ -182,13 +193,24 @@ def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
             sum_gy_xc[c] += s_xc
 
 
+@jit()
+def _channel_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
+    """The backward's sums of channels lo..hi-1: one pass per plane at k = 1, else over the
+    windows' maxima."""
+    if k == 1:
+        _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc)
+    else:
+        _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc)
+
+
 @jit(parallel=True)
-def _sums_parallel(gy, x, argmax, mean, tasks, sum_gy, sum_gy_xc):
-    """``_sums`` with the channels shared out among ``tasks`` (each channel's sums as on one
-    thread)."""
+def _sums_parallel(gy, x, argmax, mean, k, tasks, sum_gy, sum_gy_xc):
+    """``_channel_sums`` with the channels shared out among ``tasks`` (each channel's sums as
+    on one thread)."""
     n_ch = x.shape[1]
     for t in prange(tasks):
-        _sums(gy, x, argmax, mean, t * n_ch // tasks, (t + 1) * n_ch // tasks, sum_gy, sum_gy_xc)
+        _channel_sums(gy, x, argmax, mean, k, t * n_ch // tasks, (t + 1) * n_ch // tasks, sum_gy,
+                      sum_gy_xc)
 
 
 @jit()
@@ -205,39 +227,48 @@ def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx):
                 gx2[p, q] = 0 if relu_before and not x2[p, q] > 0 else value
 
 
-@jit(parallel=True)
-def _bn_gx_parallel(gy, x, argmax, mean, a_gy, a_x, b, relu_before, tasks, gx):
-    """``_bn_gx`` with the channels shared out among ``tasks``."""
-    n_ch = x.shape[1]
-    for t in prange(tasks):
-        _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, t * n_ch // tasks,
-               (t + 1) * n_ch // tasks, gx)
-
-
 @jit()
-def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, gx):
+def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx):
     """gx = a_gy * g + ((x - mean) * a_x + b), g the unpooled gradient; 0 where x <= 0 if
-    ``relu_before``. Every position gets the second term (one vectorised pass), then each
-    window's argmax gets the whole formula."""
+    ``relu_before``; for channels lo..hi-1. Every position gets the second term (one
+    vectorised pass), then each window's argmax gets the whole formula."""
     di, dj = _offset_tables(k)
     n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
     x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
     size = x2.shape[1]
-    for p in range(x2.shape[0]):
-        c = p % n_ch
-        mu, ag, ax, bc = mean[c], a_gy[c], a_x[c], b[c]
-        for q in range(size):
-            gx2[p, q] = (np.float64(x2[p, q]) - mu) * ax + bc
-        for i in range(oh):
-            for j in range(ow):
-                at = np.int64(am2[p, i * ow + j])
-                if at != INACTIVE:
-                    q = (i * k + di[at]) * w + j * k + dj[at]
-                    gx2[p, q] = ag * np.float64(gy2[p, i * ow + j]) + (
-                        (np.float64(x2[p, q]) - mu) * ax + bc)
-        if relu_before:
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, ag, ax, bc = n * n_ch + c, mean[c], a_gy[c], a_x[c], b[c]
             for q in range(size):
-                gx2[p, q] = gx2[p, q] if x2[p, q] > 0 else 0
+                gx2[p, q] = (np.float64(x2[p, q]) - mu) * ax + bc
+            for i in range(oh):
+                for j in range(ow):
+                    at = np.int64(am2[p, i * ow + j])
+                    if at != INACTIVE:
+                        q = (i * k + di[at]) * w + j * k + dj[at]
+                        gx2[p, q] = ag * np.float64(gy2[p, i * ow + j]) + (
+                            (np.float64(x2[p, q]) - mu) * ax + bc)
+            if relu_before:
+                for q in range(size):
+                    gx2[p, q] = gx2[p, q] if x2[p, q] > 0 else 0
+
+
+@jit()
+def _gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx):
+    """gx of channels lo..hi-1: one pass per plane at k = 1, else with the windows' maxima."""
+    if k == 1:
+        _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx)
+    else:
+        _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx)
+
+
+@jit(parallel=True)
+def _gx_parallel(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, tasks, gx):
+    """``_gx`` with the channels shared out among ``tasks``."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, t * n_ch // tasks,
+            (t + 1) * n_ch // tasks, gx)
 
 
 def _tasks(x):
@@ -279,14 +310,11 @@ def bn_pool_forward(x, center, a, b, relu_after, k):
     y = np.empty((n, c, h // k, w // k), dtype=x.dtype)
     argmax = np.empty(y.shape, dtype=np.uint8)
     center, a, b = (_channels(v, c) for v in (center, a, b))
-    tasks = _tasks(x) if k == 1 else 0
+    tasks = _tasks(x)
     if tasks:
-        _normalize_relu_parallel(x, center, a, b, bool(relu_after), tasks, y, argmax)
-    elif k == 1:
-        _normalize_relu(x, center, a, b, bool(relu_after), 0, c, y, argmax)
+        _forward_parallel(x, center, a, b, bool(relu_after), int(k), tasks, y, argmax)
     else:
-        _normalize_pool(x, center, a, b, bool(relu_after), int(k), np.empty((h, w), x.dtype), y,
-                        argmax)
+        _forward(x, center, a, b, bool(relu_after), int(k), 0, c, y, argmax)
     return y, argmax
 
 
@@ -306,13 +334,11 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     channels = x.shape[1]
     mean, scale, w = (_channels(v, channels) for v in (mean, scale, w))
     sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-    tasks = _tasks(x) if k == 1 else 0
+    tasks, k = _tasks(x), int(k)
     if tasks:
-        _sums_parallel(gy, x, argmax, mean, tasks, sum_gy, sum_gy_xc)
-    elif k == 1:
-        _sums(gy, x, argmax, mean, 0, channels, sum_gy, sum_gy_xc)
+        _sums_parallel(gy, x, argmax, mean, k, tasks, sum_gy, sum_gy_xc)
     else:
-        _pooled_sums(gy, x, argmax, mean, int(k), sum_gy, sum_gy_xc)
+        _channel_sums(gy, x, argmax, mean, k, 0, channels, sum_gy, sum_gy_xc)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     if centered:          # gx = scale * (g - sum_gy / m - w * (x - mean) * sum_gy_xc / m)
         a_x, b = -scale * (w * sum_gy_xc / count), -scale * (sum_gy / count)
@@ -320,9 +346,7 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
         a_x = b = np.zeros(channels)
     gx = np.empty_like(x)
     if tasks:
-        _bn_gx_parallel(gy, x, argmax, mean, scale, a_x, b, bool(relu_before), tasks, gx)
-    elif k == 1:
-        _bn_gx(gy, x, argmax, mean, scale, a_x, b, bool(relu_before), 0, channels, gx)
+        _gx_parallel(gy, x, argmax, mean, scale, a_x, b, k, bool(relu_before), tasks, gx)
     else:
-        _unpool_gx(gy, x, argmax, mean, scale, a_x, b, int(k), bool(relu_before), gx)
+        _gx(gy, x, argmax, mean, scale, a_x, b, k, bool(relu_before), 0, channels, gx)
     return gx, sum_gy, sum_gy_xc

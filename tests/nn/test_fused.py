@@ -192,56 +192,58 @@ def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_afte
     center, a, b = rng.standard_normal(3), rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
     y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, 1)
     y_ref, argmax_ref = np.empty_like(x), np.empty(x.shape, np.uint8)
-    kernels._normalize_pool(x, center, a, b, relu_after, 1, np.empty(x.shape[2:], dtype), y_ref,
-                            argmax_ref)
+    kernels._normalize_pool(x, center, a, b, relu_after, 1, 0, 3, y_ref, argmax_ref)
     np.testing.assert_array_equal(y, y_ref)
     np.testing.assert_array_equal(argmax, argmax_ref)
     w = rng.uniform(0.5, 1.5, 3)
     gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
                                                      relu_before, 1)
     sums_ref = np.empty(3), np.empty(3)
-    kernels._pooled_sums(gy, x, argmax, center, 1, *sums_ref)
+    kernels._pooled_sums(gy, x, argmax, center, 1, 0, 3, *sums_ref)
     np.testing.assert_array_equal(sum_gy, sums_ref[0])
     np.testing.assert_array_equal(sum_gy_xc, sums_ref[1])
     count = x.shape[0] * x.shape[2] * x.shape[3]
     gx_ref = np.empty_like(x)
     kernels._unpool_gx(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
-                       -a * (sum_gy / count), 1, relu_before, gx_ref)
+                       -a * (sum_gy / count), 1, relu_before, 0, 3, gx_ref)
     np.testing.assert_array_equal(gx, gx_ref)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True)])
 @pytest.mark.parametrize("tasks", [2, 3, 5])
-def test_no_pooling_kernels_sharing_channels_among_threads_equal_one_thread(
-        dtype, relu_after, relu_before, tasks):
-    """The channel-shared kernels (ResNet's and VGG-8's blocks from PARALLEL_MIN_SIZE values)
-    give the one-thread results bit for bit, also with channels that do not split evenly."""
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kernels_sharing_channels_among_threads_equal_one_thread(
+        dtype, relu_after, relu_before, tasks, k):
+    """The channel-shared kernels (blocks from PARALLEL_MIN_SIZE values, with or without
+    pooling) give the one-thread results bit for bit, also with channels that do not split
+    evenly."""
     from arraybn.backends import numba_fused_kernels as kernels
     rng = np.random.default_rng(6)
     x = _data(dtype, shape=(4, 5, 7, 6))
-    gy = rng.standard_normal(x.shape).astype(dtype)
+    pooled = (4, 5, 7 // k, 6 // k)
+    gy = rng.standard_normal(pooled).astype(dtype)
     center, a, b, w = (rng.standard_normal(5), rng.uniform(0.5, 1.5, 5), rng.standard_normal(5),
                        rng.uniform(0.5, 1.5, 5))
-    y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, 1)     # one thread
-    y_par, argmax_par = np.empty_like(x), np.empty(x.shape, np.uint8)
-    kernels._normalize_relu_parallel(x, center, a, b, relu_after, tasks, y_par, argmax_par)
+    y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, k)     # one thread
+    y_par, argmax_par = np.full(pooled, np.nan, dtype), np.full(pooled, 7, np.uint8)
+    kernels._forward_parallel(x, center, a, b, relu_after, k, tasks, y_par, argmax_par)
     np.testing.assert_array_equal(y_par, y)
     np.testing.assert_array_equal(argmax_par, argmax)
     gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
-                                                     relu_before, 1)
+                                                     relu_before, k)
     sums = np.full(5, np.nan), np.full(5, np.nan)
-    kernels._sums_parallel(gy, x, argmax, center, tasks, *sums)
+    kernels._sums_parallel(gy, x, argmax, center, k, tasks, *sums)
     np.testing.assert_array_equal(sums[0], sum_gy)
     np.testing.assert_array_equal(sums[1], sum_gy_xc)
     count = x.shape[0] * x.shape[2] * x.shape[3]
     gx_par = np.full_like(x, np.nan)
-    kernels._bn_gx_parallel(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
-                            -a * (sum_gy / count), relu_before, tasks, gx_par)
+    kernels._gx_parallel(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
+                         -a * (sum_gy / count), k, relu_before, tasks, gx_par)
     np.testing.assert_array_equal(gx_par, gx)
 
 
-def test_blocks_without_pooling_share_channels_from_the_size_threshold(monkeypatch):
+def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
     from arraybn.backends import numba_fused_kernels as kernels
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
     big = np.empty((1, 3, 1, kernels.PARALLEL_MIN_SIZE // 3 + 1), np.float32)
