@@ -1,9 +1,11 @@
-"""Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks' kernels).
+"""Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks' and the
+flat convolutions' kernels).
 
-Used by ``MaxPool2d`` (and ``arraybn.nn.fused``) on the 'numba' backend only. Convolutions are
-the plain ``arraybn.nn.conv`` ones on every CPU backend: BLAS GEMMs over cache-sized chunks of
-the batch (a direct convolution loop in Numba was 3-10x slower than im2col + GEMM), with im2col
-and col2im as NumPy strided slice copies/adds. Numba loops for those did not pay: 1.3-3x slower
+Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, and ``Conv2d`` for its 'flat' convolutions:
+``numba_flat_conv``) on the 'numba' backend only. Other convolutions are the plain
+``arraybn.nn.conv`` ones on every CPU backend: BLAS GEMMs over cache-sized chunks of the batch
+(a direct convolution loop in Numba was 3-10x slower than im2col + GEMM), with im2col and
+col2im as NumPy strided slice copies/adds. Numba loops for those did not pay: 1.3-3x slower
 over the whole batch's columns (third session); on one cache-sized chunk (fourth session, 1
 thread) 2-2.5x slower for im2col, and 0.5-1.2x NumPy's time for col2im depending on the layer,
 too little over a step to keep a second code path. The public functions
@@ -15,6 +17,8 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_flat_conv import available as flat_conv_available  # noqa: F401
+from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward  # noqa: F401
 from arraybn.backends.numba_fused_kernels import bn_pool_backward, bn_pool_forward  # noqa: F401
 
 

@@ -18,7 +18,8 @@ which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend 
 ``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
 sees them), one set per chunk thread: a large layer's chunks run on several threads
-(``chunk_threads``). The input gradient of a 'same' convolution (stride 1, padding (k-1)/2)
+(``chunk_threads``), and so do the chunks of a 'flat' layer on a backend with flat-convolution
+kernels (numba: ``numba_flat_conv``, the same results bit for bit without the GIL). The input gradient of a 'same' convolution (stride 1, padding (k-1)/2)
 is a forward convolution of the output gradient with the flipped weights, not a col2im.
 """
 import functools
@@ -261,7 +262,14 @@ def _chunks(x, weight_shape, stride, pad, xp):
     return parts, parallel
 
 
-def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
+def _flat_kernels(ops, layout, dtype):
+    """Whether the backend's ``conv_ops()`` runs this 'flat' convolution in its own kernels,
+    image by image without the GIL (``numba_flat_conv``: the same results bit for bit)."""
+    available = getattr(ops, "flat_conv_available", None)
+    return layout == "flat" and available is not None and available(dtype)
+
+
+def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     """x: (N, C, H, W), weight: (O, C, kh, kw), bias: (O,) or None -> y: (N, O, OH, OW).
 
     Chunk by chunk of the batch (``batch_chunks``): the chunk's im2col columns, then weights
@@ -269,7 +277,9 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     copied into NCHW without the wrapped-around columns). The cache keeps x, not the columns:
     backward recomputes them chunk by chunk, which costs less than a round trip of the whole
     batch's columns through memory.
-    workspace: optional dict of buffers reused from call to call (the layer's).
+    workspace: optional dict of buffers reused from call to call (the layer's); ops: the
+    backend's ``conv_ops()``, whose flat-convolution kernels run the 'flat' layout's chunks on
+    the chunk threads (``_flat_kernels``).
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -277,6 +287,11 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
+    if _flat_kernels(ops, layout, x.dtype):
+        x = xp.ascontiguousarray(x)
+        run_chunks(lambda part, slot: ops.flat_conv_forward(x, weight, bias, part, y),
+                   _chunks(x, weight.shape, stride, pad, xp)[0], True)
+        return y, (x, weight, stride, pad, bias is not None)
 
     def forward_chunk(part, slot):
         m, ws = part.stop - part.start, _slot_workspace(workspace, slot)
@@ -308,7 +323,7 @@ def _copy_out(product, bias, out, xp):
         xp.add(product, bias[:, None, None], out=out)
 
 
-def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
+def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     """gy: (N, O, OH, OW) -> (gx (N, C, H, W) or None, gweight (O, C, kh, kw), gbias or None).
 
     Chunk by chunk as in the forward; the weight gradient adds the chunks' in batch order. The
@@ -316,7 +331,9 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
     of any other, the column gradients W.T @ gy added back by col2im. In the 'flat' layout gy
     is copied onto the flattened plane with zeros in the wrapped-around columns, so those
     columns add nothing to the weight gradient and their column gradients are zero
-    (``add_flat_columns`` adds them; the sums equal ``add_columns``').
+    (``add_flat_columns`` adds them; the sums equal ``add_columns``'). With the flat kernels of
+    ``ops`` (``_flat_kernels``) each chunk's per-image products come from them, on the chunk
+    threads, and are summed here as in the NumPy path.
     """
     x, weight, stride, pad, has_bias = cache
     n, o, oh, ow = gy.shape
@@ -327,12 +344,17 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
     transposed = need_gx and _same_padding(kh, kw, stride, pad)
     columns_gx = need_gx and not transposed
     gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
+    kernels = _flat_kernels(ops, layout, gy.dtype)
+    gy = xp.ascontiguousarray(gy) if kernels else gy
 
     def backward_chunk(part, slot):
         """This chunk's weight (and bias) gradient; writes its rows of gx."""
         m, ws = part.stop - part.start, _slot_workspace(workspace, slot)
-        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         gy3 = gy[part].reshape(m, o, oh * ow)
+        gbias = gy3.sum(axis=(0, 2)) if has_bias else None
+        if kernels:
+            return ops.flat_conv_backward(gy, x, weight, part, gx).sum(axis=0), gbias
+        cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         if layout == "flat":
             gy_flat = _buffer(ws, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
             gy_flat[..., :ow] = gy[part]                     # the rest stays zero
@@ -354,9 +376,10 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None):
                 add_flat_columns(gcols.reshape(m, -1, kh, kw, oh * w), gx[part])
             else:
                 add_columns(_column_view(gcols, m, kh, kw, oh, ow), gx[part], stride, pad)
-        return gweight, gy3.sum(axis=(0, 2)) if has_bias else None
+        return gweight, gbias
 
-    partials = run_chunks(backward_chunk, *_chunks(x, weight.shape, stride, pad, xp))
+    parts, parallel = _chunks(x, weight.shape, stride, pad, xp)
+    partials = run_chunks(backward_chunk, parts, parallel or kernels)
     gweight = xp.zeros(w2.shape, dtype=gy.dtype)
     gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
     for chunk_gweight, chunk_gbias in partials:                 # in batch order
@@ -406,6 +429,7 @@ class Conv2d(Layer):
             self.bias = Parameter(f"{name}.bias", self.xp.asarray(
                 kaiming_uniform(rng, (out_channels,), fan_in, dtype)))
         self._workspace = {}     # im2col buffers, reused while shapes stay the same
+        self._ops = backend.conv_ops()
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -413,12 +437,13 @@ class Conv2d(Layer):
     def forward(self, x, training):
         bias = None if self.bias is None else self.bias.data
         y, self._cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding,
-                                        self.xp, self._workspace)
+                                        self.xp, self._workspace, self._ops)
         return y
 
     def backward(self, gy):
         gx, self.weight.grad, gbias = conv2d_backward(gy, self._take_cache(), self.xp,
-                                                      self.need_input_grad, self._workspace)
+                                                      self.need_input_grad, self._workspace,
+                                                      self._ops)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx

@@ -1,0 +1,149 @@
+"""'Flat' convolutions (stride 1, no padding: LeNet-5's) image by image on Numba's threads.
+
+``arraybn.nn.conv`` runs such a convolution per image on the flattened plane: a window is one
+contiguous run of it, im2col copies runs, and each image is one GEMM. On NumPy every chunk of the
+batch costs Python calls that hold the GIL, so a second thread did not pay (LeNet-5's
+convolutions on two chunk threads took 1.09-1.15x as long). These kernels do the same per image
+inside one Numba kernel, shared out among Numba's threads: im2col, the GEMMs and the copies in
+and out run without the GIL.
+
+The GEMMs are the calls ``np.matmul`` makes: ``cblas_sgemm``/``cblas_dgemm`` of the OpenBLAS
+that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through ctypes; the
+function is an argument of the kernels, so they stay cacheable). Same library, same arguments:
+the results equal the NumPy path bit for bit, on any number of threads (each image's work is
+its own; the weight gradient's per-image products are summed in Python, chunk by chunk, as the
+NumPy path sums them). Where NumPy's BLAS is another one (not found there), ``available`` is
+False and the NumPy path runs.
+"""
+import ctypes
+import glob
+import os
+
+import numpy as np
+
+from arraybn.backends.numba_config import jit
+
+ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112          # CBLAS enums
+
+
+def _numpy_gemms():
+    """{dtype: ctypes cblas_?gemm} of the OpenBLAS in NumPy's wheel (64-bit integers), or {}."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(folder, "libscipy_openblas64_*.so"))):
+        lib = ctypes.CDLL(path)                        # already loaded by NumPy: the same one
+        gemms = {}
+        for dtype, scalar, name in ((np.float32, ctypes.c_float, "scipy_cblas_sgemm64_"),
+                                    (np.float64, ctypes.c_double, "scipy_cblas_dgemm64_")):
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
+                                     i64, scalar, ptr, i64, ptr, i64, scalar, ptr, i64)
+            if hasattr(lib, name):
+                gemms[np.dtype(dtype)] = proto((name, lib))
+        return gemms
+    return {}
+
+
+GEMMS = _numpy_gemms()
+
+
+def available(dtype):
+    """Whether the kernels can run for arrays of ``dtype``."""
+    return np.dtype(dtype) in GEMMS
+
+
+@jit()
+def _fill(image, kh, kw, run, cols):
+    """The flat columns of one (C, H, W) image: ``cols[(c*kh + ki)*kw + kj, :run]`` is the run
+    of the flattened plane c from ki*W + kj (``arraybn.nn.conv.fill_flat_columns``)."""
+    c, h, w = image.shape
+    planes = image.reshape(c, h * w)
+    for ch in range(c):
+        for ki in range(kh):
+            for kj in range(kw):
+                row, start = (ch * kh + ki) * kw + kj, ki * w + kj
+                for q in range(run):
+                    cols[row, q] = planes[ch, start + q]
+
+
+@jit()
+def _forward(x, w2, bias, has_bias, kh, kw, gemm, one, zero, lo, hi, y):
+    """y[lo:hi] (images lo..hi-1) of ``flat_conv_forward``."""
+    h, w = x.shape[2:]
+    o, rows = w2.shape
+    oh, ow = y.shape[2], y.shape[3]
+    width, run = oh * w, (h - kh) * w + w - kw + 1
+    cols = np.zeros((rows, width), x.dtype)           # the last W - OW columns stay zero
+    out = np.empty((o, width), x.dtype)
+    for i in range(lo, hi):
+        _fill(x[i], kh, kw, run, cols)
+        gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, o, width, rows, one, w2.ctypes.data, rows,
+             cols.ctypes.data, width, zero, out.ctypes.data, width)
+        for p in range(o):
+            for r in range(oh):
+                for q in range(ow):
+                    y[i, p, r, q] = out[p, r * w + q] + bias[p] if has_bias else \
+                        out[p, r * w + q]
+
+
+@jit()
+def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx):
+    """Images lo..hi-1 of ``flat_conv_backward``: gweights[i - lo], and gx[i] if need_gx."""
+    c, h, w = x.shape[1:]
+    o, rows = w2.shape
+    oh, ow = gy.shape[2], gy.shape[3]
+    width, run = oh * w, (h - kh) * w + w - kw + 1
+    cols = np.zeros((rows, width), x.dtype)
+    gy_flat = np.zeros((o, width), x.dtype)           # zero in the wrapped-around columns
+    gcols = np.empty((rows, width), x.dtype)
+    for i in range(lo, hi):
+        _fill(x[i], kh, kw, run, cols)
+        for p in range(o):
+            for r in range(oh):
+                for q in range(ow):
+                    gy_flat[p, r * w + q] = gy[i, p, r, q]
+        gemm(ROW_MAJOR, NO_TRANS, TRANS, o, rows, width, one, gy_flat.ctypes.data, width,
+             cols.ctypes.data, width, zero, gweights[i - lo].ctypes.data, rows)
+        if need_gx:
+            gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
+                 gy_flat.ctypes.data, width, zero, gcols.ctypes.data, width)
+            planes = gx[i].reshape(c, h * w)
+            for ch in range(c):                        # col2im, windows in (ki, kj) order
+                for q in range(h * w):
+                    planes[ch, q] = 0
+                for ki in range(kh):
+                    for kj in range(kw):
+                        row, start = (ch * kh + ki) * kw + kj, ki * w + kj
+                        for q in range(run):
+                            planes[ch, start + q] += gcols[row, q]
+
+
+def _check(*arrays):
+    dtype = arrays[0].dtype
+    if not available(dtype) or any(a.dtype != dtype or not a.flags.c_contiguous
+                                   for a in arrays):
+        raise TypeError("flat convolution: x, weight, y/gy and gx must be C-contiguous and all "
+                        "float32 or all float64 (with NumPy's OpenBLAS found); got "
+                        + ", ".join(f"{a.dtype}" for a in arrays))
+
+
+def flat_conv_forward(x, weight, bias, part, y):
+    """y[part] = the convolution of x[part] (N, C, H, W) with weight (O, C, kh, kw), plus bias
+    (O,) if not None; stride 1, no padding, y (N, O, H-kh+1, W-kw+1). Releases the GIL."""
+    _check(x, weight, y)
+    o = weight.shape[0]
+    _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
+             bias is not None, weight.shape[2], weight.shape[3], GEMMS[x.dtype],
+             x.dtype.type(1), x.dtype.type(0), part.start, part.stop, y)
+
+
+def flat_conv_backward(gy, x, weight, part, gx):
+    """The per-image weight gradients (m, O, C*kh*kw) of the images in ``part`` (the caller
+    sums them, in the NumPy path's order), and gx[part] written unless gx is None. Releases the
+    GIL."""
+    _check(x, weight, gy, *(() if gx is None else (gx,)))
+    o, c, kh, kw = weight.shape
+    gweights = np.empty((part.stop - part.start, o, c * kh * kw), x.dtype)
+    _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, GEMMS[x.dtype],
+              x.dtype.type(1), x.dtype.type(0), part.start, part.stop, gweights,
+              np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
+    return gweights
