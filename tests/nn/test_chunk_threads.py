@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import threadpoolctl
 
-from arraybn.nn import build_model, softmax_cross_entropy
 from arraybn.nn import chunk_threads as ct
 from arraybn.nn import conv as plain
+from tests.nn.threaded_steps import step_results
 
 
 def _record(seen):
@@ -96,17 +96,6 @@ def test_a_vgg8_step_is_bit_identical_on_1_and_2_threads(rng):
     """At batch 8 VGG-8's conv2 (115 MFLOP) passes the real threshold and runs in parallel."""
     x = rng.standard_normal((8, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, 8)
-    before = ct.threads()
-    runs = []
-    try:
-        for count in (1, 2):
-            ct.set_threads(count)
-            model = build_model("vgg8", backend="numba", seed=3)
-            logits = model.forward(x, True)
-            _, g_logits = softmax_cross_entropy(logits, labels)
-            model.backward(g_logits)
-            runs.append([logits] + [p.grad for p in model.parameters()])
-    finally:
-        ct.set_threads(before)
+    runs = step_results("vgg8", (("numba", 1), ("numba", 2)), x, labels, 3)
     for got, want in zip(*runs):
         np.testing.assert_array_equal(got, want)

@@ -6,9 +6,9 @@ import pytest
 
 from arraybn.backends import get_backend
 from arraybn.backends import numba_flat_conv as flat
-from arraybn.nn import build_model, softmax_cross_entropy
-from arraybn.nn import chunk_threads as ct
+from arraybn.nn import build_model
 from arraybn.nn import conv as plain
+from tests.nn.threaded_steps import step_results
 
 pytestmark = pytest.mark.skipif(not flat.available(np.float32),
                                 reason="NumPy's own OpenBLAS not found: the NumPy path runs")
@@ -70,18 +70,7 @@ def test_a_lenet5_step_is_bit_identical_on_1_and_2_threads_and_equals_numpy():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((16, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, 16)
-    before = ct.threads()
-    runs = []
-    try:
-        for backend, count in (("numba", 1), ("numba", 2), ("numpy", 1)):
-            ct.set_threads(count)
-            model = build_model("lenet5", backend=backend, seed=3)
-            logits = model.forward(x, True)
-            _, g_logits = softmax_cross_entropy(logits, labels)
-            model.backward(g_logits)
-            runs.append([logits] + [p.grad for p in model.parameters()])
-    finally:
-        ct.set_threads(before)
+    runs = step_results("lenet5", (("numba", 1), ("numba", 2), ("numpy", 1)), x, labels, 3)
     for other in runs[1:]:
         for got, want in zip(other, runs[0]):
             np.testing.assert_array_equal(got, want)
