@@ -1,11 +1,11 @@
-"""'Flat' convolutions (stride 1, no padding: LeNet-5's) image by image on Numba's threads.
+"""'Flat' convolutions (stride 1, no padding: LeNet-5's) image by image, without the GIL.
 
 ``arraybn.nn.conv`` runs such a convolution per image on the flattened plane: a window is one
 contiguous run of it, im2col copies runs, and each image is one GEMM. On NumPy every chunk of the
 batch costs Python calls that hold the GIL, so a second thread did not pay (LeNet-5's
 convolutions on two chunk threads took 1.09-1.15x as long). These kernels do the same per image
-inside one Numba kernel, shared out among Numba's threads: im2col, the GEMMs and the copies in
-and out run without the GIL.
+inside one ``nogil`` Numba call per chunk: im2col, the GEMMs and the copies in and out run
+without the GIL, so ``arraybn.nn.chunk_threads`` runs the chunks on all its threads.
 
 The GEMMs are the calls ``np.matmul`` makes: ``cblas_sgemm``/``cblas_dgemm`` of the OpenBLAS
 that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through ctypes; the
@@ -29,12 +29,12 @@ ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112          # CBLAS enums
 def _numpy_gemms():
     """{dtype: ctypes cblas_?gemm} of the OpenBLAS in NumPy's wheel (64-bit integers), or {}."""
     folder = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for path in sorted(glob.glob(os.path.join(folder, "libscipy_openblas64_*.so"))):
         lib = ctypes.CDLL(path)                        # already loaded by NumPy: the same one
         gemms = {}
         for dtype, scalar, name in ((np.float32, ctypes.c_float, "scipy_cblas_sgemm64_"),
                                     (np.float64, ctypes.c_double, "scipy_cblas_dgemm64_")):
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
             proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
                                      i64, scalar, ptr, i64, ptr, i64, scalar, ptr, i64)
             if hasattr(lib, name):
