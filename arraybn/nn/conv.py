@@ -262,11 +262,14 @@ def _chunks(x, weight_shape, stride, pad, xp):
     return parts, parallel
 
 
-def _flat_kernels(ops, layout, dtype):
+def _flat_kernels(ops, layout, dtype, gemm_dims):
     """Whether the backend's ``conv_ops()`` runs this 'flat' convolution in its own kernels,
-    image by image without the GIL (``numba_flat_conv``: the same results bit for bit)."""
+    image by image without the GIL (``numba_flat_conv``: the same results bit for bit). Not
+    where a GEMM dimension (``gemm_dims``: O, C*kh*kw and OH*W) is 1: there NumPy's matmul
+    calls GEMV, whose sums differ from GEMM's in the last bit."""
     available = getattr(ops, "flat_conv_available", None)
-    return layout == "flat" and available is not None and available(dtype)
+    return (layout == "flat" and available is not None and available(dtype)
+            and min(gemm_dims) > 1)
 
 
 def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
@@ -287,7 +290,7 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _flat_kernels(ops, layout, x.dtype):
+    if _flat_kernels(ops, layout, x.dtype, (o, c * kh * kw, oh * w)):
         x = xp.ascontiguousarray(x)
         run_chunks(lambda part, slot: ops.flat_conv_forward(x, weight, bias, part, y),
                    _chunks(x, weight.shape, stride, pad, xp)[0], True)
@@ -344,7 +347,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     transposed = need_gx and _same_padding(kh, kw, stride, pad)
     columns_gx = need_gx and not transposed
     gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
-    kernels = _flat_kernels(ops, layout, gy.dtype)
+    kernels = _flat_kernels(ops, layout, gy.dtype, (o, c * kh * kw, oh * w))
     gy = xp.ascontiguousarray(gy) if kernels else gy
 
     def backward_chunk(part, slot):

@@ -29,7 +29,11 @@ def _both_paths(x, w, b, need_gx, gy_seed=1):
 @pytest.mark.parametrize("shape,out,k,bias", [((128, 1, 28, 28), 6, 3, False),   # LeNet conv1
                                              ((128, 6, 13, 13), 16, 3, False),   # LeNet conv2
                                              ((5, 3, 9, 7), 4, 2, True),
-                                             ((3, 2, 5, 6), 3, 5, True)])
+                                             ((3, 2, 5, 6), 3, 5, True),
+                                             # a GEMM dimension of 1, where NumPy calls GEMV:
+                                             ((8, 3, 20, 20), 1, 3, False),     # one output
+                                             ((8, 1, 20, 20), 4, 1, True),      # one row
+                                             ((8, 5, 1, 1), 6, 1, False)])      # one position
 def test_the_flat_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, bias):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(dtype)
