@@ -101,8 +101,8 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
             for r in range(oh):
                 for q in range(ow):
                     gy_flat[p, r * w + q] = gy[i, p, r, q]
-        gemm(ROW_MAJOR, NO_TRANS, TRANS, o, rows, width, one, gy_flat.ctypes.data, width,
-             cols.ctypes.data, width, zero, gweights[i - lo].ctypes.data, rows)
+        gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
+             gy_flat.ctypes.data, width, zero, gweights[i - lo].ctypes.data, o)
         if need_gx:
             gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
                  gy_flat.ctypes.data, width, zero, gcols.ctypes.data, width)
@@ -137,12 +137,12 @@ def flat_conv_forward(x, weight, bias, part, y):
 
 
 def flat_conv_backward(gy, x, weight, part, gx):
-    """The per-image weight gradients (m, O, C*kh*kw) of the images in ``part`` (the caller
-    sums them, in the NumPy path's order), and gx[part] written unless gx is None. Releases the
-    GIL."""
+    """The per-image weight gradients, transposed as in ``arraybn.nn.conv``, (m, C*kh*kw, O), of
+    the images in ``part`` (the caller sums them, in the NumPy path's order), and gx[part]
+    written unless gx is None. Releases the GIL."""
     _check(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
-    gweights = np.empty((part.stop - part.start, o, c * kh * kw), x.dtype)
+    gweights = np.empty((part.stop - part.start, c * kh * kw, o), x.dtype)
     _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, GEMMS[x.dtype],
               x.dtype.type(1), x.dtype.type(0), part.start, part.stop, gweights,
               np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
