@@ -156,41 +156,73 @@ def _planes(a):
 
 
 @jit()
+def _lane_sums(g, values, mu, size):
+    """(sum of g, sum of g * (values - mu)) over the first ``size`` entries, in float64: four
+    interleaved lanes (entry q into lane q % 4), added up as (l0 + l1) + (l2 + l3). Four
+    independent chains of additions instead of one, which the CPU overlaps (and may vectorise):
+    VGG-8's first block's backward 4.96 -> 3.10 ms (100 x 32 x 28 x 28, one thread; with 2 x 2
+    pooling 3.28 -> 3.47 ms, the gathering pass costing more than the lanes save)."""
+    s0 = s1 = s2 = s3 = 0.0
+    t0 = t1 = t2 = t3 = 0.0
+    main = size - size % 4
+    for q in range(0, main, 4):
+        s0 += g[q]
+        s1 += g[q + 1]
+        s2 += g[q + 2]
+        s3 += g[q + 3]
+        t0 += g[q] * (np.float64(values[q]) - mu)
+        t1 += g[q + 1] * (np.float64(values[q + 1]) - mu)
+        t2 += g[q + 2] * (np.float64(values[q + 2]) - mu)
+        t3 += g[q + 3] * (np.float64(values[q + 3]) - mu)
+    if size - main > 0:
+        s0 += g[main]
+        t0 += g[main] * (np.float64(values[main]) - mu)
+    if size - main > 1:
+        s1 += g[main + 1]
+        t1 += g[main + 1] * (np.float64(values[main + 1]) - mu)
+    if size - main > 2:
+        s2 += g[main + 2]
+        t2 += g[main + 2] * (np.float64(values[main + 2]) - mu)
+    return (s0 + s1) + (s2 + s3), (t0 + t1) + (t2 + t3)
+
+
+@jit()
 def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
     """Per channel lo..hi-1, in float64: sum of gy and of gy * (x - mean) at each window's
-    argmax (each channel's planes in batch order)."""
+    argmax; per plane over the windows in ``_lane_sums``' lanes, the planes in batch order."""
     di, dj = _offset_tables(k)
     n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
+    g, values = np.empty(oh * ow), np.empty(oh * ow)
     sum_gy[lo:hi] = 0.0
     sum_gy_xc[lo:hi] = 0.0
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
+            p = n * n_ch + c
             for i in range(oh):
                 for j in range(ow):
-                    at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
-                    s += g
-                    s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
+                    at, g[i * ow + j] = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
+                    values[i * ow + j] = x2[p, (i * k + di[at]) * w + j * k + dj[at]]
+            s, s_xc = _lane_sums(g, values, mean[c], oh * ow)
             sum_gy[c] += s
             sum_gy_xc[c] += s_xc
 
 
 @jit()
 def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
-    """k = 1: ``_pooled_sums`` without the window offsets (the same order of additions: each
-    channel's planes in batch order), for channels lo..hi-1."""
-    n_ch = gy.shape[1]
+    """k = 1: ``_pooled_sums`` without the window offsets (the same sums: each plane in
+    ``_lane_sums``, the planes in batch order), for channels lo..hi-1."""
+    n_ch, size = gy.shape[1], x.shape[2] * x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
+    g = np.empty(size)
     sum_gy[lo:hi] = 0.0
     sum_gy_xc[lo:hi] = 0.0
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
-            for q in range(x2.shape[1]):
-                _, g = _active(am2[p, q], gy2[p, q])
-                s += g
-                s_xc += g * (np.float64(x2[p, q]) - mu)
+            p = n * n_ch + c
+            for q in range(size):
+                g[q] = _active(am2[p, q], gy2[p, q])[1]
+            s, s_xc = _lane_sums(g, x2[p], mean[c], size)
             sum_gy[c] += s
             sum_gy_xc[c] += s_xc
 

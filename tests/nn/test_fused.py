@@ -251,3 +251,31 @@ def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
     assert kernels._tasks(big[..., :-2]) == 0              # below the threshold
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
     assert kernels._tasks(big) == 0
+
+
+@pytest.mark.parametrize("size", range(1, 10))
+def test_the_backward_sums_add_four_interleaved_lanes_then_the_lanes_in_pairs(size):
+    """The fused backward's per-plane sums: entry q into lane q % 4, lanes added as
+    (l0 + l1) + (l2 + l3), every tail length. The kernels may contract g * (x - mu) + lane into one FMA (``numba_config``), so the
+    second sum is checked both ways."""
+    from fractions import Fraction
+
+    from arraybn.backends.numba_fused_kernels import _lane_sums
+    rng = np.random.default_rng(size)
+    g = rng.standard_normal(size) * 10.0 ** rng.integers(-8, 8, size)
+    values = rng.standard_normal(size).astype(np.float32)
+    mu = 0.3
+
+    def fma(a, b, c):                                 # a * b + c rounded once
+        return float(Fraction(a) * Fraction(b) + Fraction(c))
+
+    def lanes(add_product):
+        sums = [[0.0, 0.0] for _ in range(4)]
+        for q in range(size):
+            lane = sums[q % 4]
+            lane[0] += g[q]
+            lane[1] = add_product(g[q], float(values[q]) - mu, lane[1])
+        return tuple((sums[0][i] + sums[1][i]) + (sums[2][i] + sums[3][i]) for i in range(2))
+
+    got = _lane_sums(g, values, mu, size)
+    assert got in (lanes(fma), lanes(lambda a, b, c: a * b + c))
