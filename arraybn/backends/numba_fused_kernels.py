@@ -15,9 +15,10 @@ element-wise passes around them:
   zeroed where ``x <= 0`` when a ReLU came before the BN (``relu_before``: x is its output).
 
 Blocks without pooling (k = 1: VGG-8's and ResNet's BN + ReLU) take one-pass kernels with the
-same roundings and the same order of additions as the window kernels at k = 1, so the results
-are bit-identical; the window loops cost 10x in the forward and 2.8x in the backward at
-VGG-8's conv1 size (100 x 32 x 28 x 28, one thread: 8.7 -> 0.83 ms and 14.8 -> 5.3 ms).
+same roundings as the window kernels at k = 1 (the window loops cost 10x in the forward and
+2.8x in the backward at VGG-8's conv1 size, 100 x 32 x 28 x 28, one thread: 8.7 -> 0.83 ms and
+14.8 -> 5.3 ms); their backward sums add each plane in four lanes (``_sums``), so those differ
+from the window kernels' in the last bits.
 
 The public functions validate and allocate; the ``@njit`` kernels write into preallocated arrays.
 Blocks of at least ``PARALLEL_MIN_SIZE`` values, with or without pooling, share their channels
@@ -156,12 +157,31 @@ def _planes(a):
 
 
 @jit()
+def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
+    """Per channel lo..hi-1, in float64: sum of gy and of gy * (x - mean) at each window's
+    argmax (each channel's planes in batch order)."""
+    di, dj = _offset_tables(k)
+    n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
+    x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
+    sum_gy[lo:hi] = 0.0
+    sum_gy_xc[lo:hi] = 0.0
+    for n in range(x.shape[0]):
+        for c in range(lo, hi):
+            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
+            for i in range(oh):
+                for j in range(ow):
+                    at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
+                    s += g
+                    s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
+            sum_gy[c] += s
+            sum_gy_xc[c] += s_xc
+
+
+@jit()
 def _lane_sums(g, values, mu, size):
     """(sum of g, sum of g * (values - mu)) over the first ``size`` entries, in float64: four
     interleaved lanes (entry q into lane q % 4), added up as (l0 + l1) + (l2 + l3). Four
-    independent chains of additions instead of one, which the CPU overlaps (and may vectorise):
-    VGG-8's first block's backward 4.96 -> 3.10 ms (100 x 32 x 28 x 28, one thread; with 2 x 2
-    pooling 3.28 -> 3.47 ms, the gathering pass costing more than the lanes save)."""
+    independent chains of additions instead of one, which the CPU overlaps."""
     s0 = s1 = s2 = s3 = 0.0
     t0 = t1 = t2 = t3 = 0.0
     main = size - size % 4
@@ -187,31 +207,14 @@ def _lane_sums(g, values, mu, size):
 
 
 @jit()
-def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
-    """Per channel lo..hi-1, in float64: sum of gy and of gy * (x - mean) at each window's
-    argmax; per plane over the windows in ``_lane_sums``' lanes, the planes in batch order."""
-    di, dj = _offset_tables(k)
-    n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
-    x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
-    g, values = np.empty(oh * ow), np.empty(oh * ow)
-    sum_gy[lo:hi] = 0.0
-    sum_gy_xc[lo:hi] = 0.0
-    for n in range(x.shape[0]):
-        for c in range(lo, hi):
-            p = n * n_ch + c
-            for i in range(oh):
-                for j in range(ow):
-                    at, g[i * ow + j] = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
-                    values[i * ow + j] = x2[p, (i * k + di[at]) * w + j * k + dj[at]]
-            s, s_xc = _lane_sums(g, values, mean[c], oh * ow)
-            sum_gy[c] += s
-            sum_gy_xc[c] += s_xc
-
-
-@jit()
 def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
-    """k = 1: ``_pooled_sums`` without the window offsets (the same sums: each plane in
-    ``_lane_sums``, the planes in batch order), for channels lo..hi-1."""
+    """k = 1: the sums of ``_pooled_sums`` in one pass per plane, for channels lo..hi-1: each
+    plane's gradient (zero where the ReLU let none through) gathered, then summed in
+    ``_lane_sums``' lanes; the planes in batch order. 100 x 16 x 28 x 28 (a ResNet-20 block),
+    one thread: 1.78 -> 0.92 ms, against one chain of additions; four lanes kept in the loop
+    without the gathering pass took 1.6 ms. The pooled blocks keep one chain: there gathering
+    the windows' maxima cost more than the lanes saved (LeNet-5's first block 0.25 -> 0.28 ms),
+    so at k = 1 the two kernels' sums differ in the last bits."""
     n_ch, size = gy.shape[1], x.shape[2] * x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
     g = np.empty(size)
