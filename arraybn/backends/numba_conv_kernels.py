@@ -1,24 +1,25 @@
 """Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks' and the
-flat convolutions' kernels).
+convolutions' kernels).
 
-Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, and ``Conv2d`` for its 'flat' convolutions:
-``numba_flat_conv``) on the 'numba' backend only. Other convolutions are the plain
-``arraybn.nn.conv`` ones on every CPU backend: BLAS GEMMs over cache-sized chunks of the batch
-(a direct convolution loop in Numba was 3-10x slower than im2col + GEMM), with im2col and
-col2im as NumPy strided slice copies/adds. Numba loops for those did not pay: 1.3-3x slower
-over the whole batch's columns (third session); on one cache-sized chunk (fourth session, 1
-thread) 2-2.5x slower for im2col, and 0.5-1.2x NumPy's time for col2im depending on the layer,
-too little over a step to keep a second code path. The public functions
-are plain Python that validate and allocate; the ``@njit`` kernels are private and write into
-preallocated outputs, in parallel over the batch. Compile flags come from ``numba_config.jit``,
-shared with the BN kernels.
+Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, and ``Conv2d``: ``numba_flat_conv`` for the
+'flat' convolutions, ``numba_im2col_conv`` for the others) on the 'numba' backend only. The
+convolutions keep ``arraybn.nn.conv``'s im2col + BLAS GEMMs over cache-sized chunks of the
+batch (a direct convolution loop in Numba was 3-10x slower); their kernels run a chunk's im2col,
+GEMMs and col2im in one call without the GIL. Numba loops for im2col were once 2-2.5x slower
+than NumPy's slice copies (third and fourth sessions): signed indices made Numba wrap negative
+ones around on every access, which kept the copies scalar; unsigned ones make them as fast as
+NumPy's (see ``numba_im2col_conv``). The public functions are plain Python that validate and
+allocate; the ``@njit`` kernels are private and write into preallocated outputs, in parallel
+over the batch. Compile flags come from ``numba_config.jit``, shared with the BN kernels.
 """
 import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit
-from arraybn.backends.numba_flat_conv import available as flat_conv_available  # noqa: F401
+from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401
 from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward  # noqa: F401
+from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward  # noqa: F401
+from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward  # noqa: F401
 from arraybn.backends.numba_fused_kernels import bn_pool_backward, bn_pool_forward  # noqa: F401
 
 

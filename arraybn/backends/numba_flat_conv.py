@@ -117,11 +117,12 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
                             planes[ch, start + q] += gcols[row, q]
 
 
-def _check(*arrays):
+def check_arrays(*arrays):
+    """TypeError unless the arrays are C-contiguous, of one float dtype the GEMMs take."""
     dtype = arrays[0].dtype
     if not available(dtype) or any(a.dtype != dtype or not a.flags.c_contiguous
                                    for a in arrays):
-        raise TypeError("flat convolution: x, weight, y/gy and gx must be C-contiguous and all "
+        raise TypeError("convolution kernels: x, weight, y/gy and gx must be C-contiguous and all "
                         "float32 or all float64 (with NumPy's OpenBLAS found); got "
                         + ", ".join(f"{a.dtype}" for a in arrays))
 
@@ -129,7 +130,7 @@ def _check(*arrays):
 def flat_conv_forward(x, weight, bias, part, y):
     """y[part] = the convolution of x[part] (N, C, H, W) with weight (O, C, kh, kw), plus bias
     (O,) if not None; stride 1, no padding, y (N, O, H-kh+1, W-kw+1). Releases the GIL."""
-    _check(x, weight, y)
+    check_arrays(x, weight, y)
     o = weight.shape[0]
     _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
              bias is not None, weight.shape[2], weight.shape[3], GEMMS[x.dtype],
@@ -140,7 +141,7 @@ def flat_conv_backward(gy, x, weight, part, gx):
     """The per-image weight gradients, transposed as in ``arraybn.nn.conv``, (m, C*kh*kw, O), of
     the images in ``part`` (the caller sums them, in the NumPy path's order), and gx[part]
     written unless gx is None. Releases the GIL."""
-    _check(x, weight, gy, *(() if gx is None else (gx,)))
+    check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
     gweights = np.empty((part.stop - part.start, c * kh * kw, o), x.dtype)
     _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, GEMMS[x.dtype],

@@ -18,9 +18,11 @@ which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend 
 ``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
 sees them), one set per chunk thread: a large layer's chunks run on several threads
-(``chunk_threads``), and so do the chunks of a 'flat' layer on a backend with flat-convolution
-kernels (numba: ``numba_flat_conv``, the same results bit for bit without the GIL). The input gradient of a 'same' convolution (stride 1, padding (k-1)/2)
-is a forward convolution of the output gradient with the flipped weights, not a col2im.
+(``chunk_threads``), and so do the chunks of a layer that the backend runs in its own
+convolution kernels (numba: ``numba_flat_conv``, ``numba_im2col_conv``; the same results bit for
+bit, without the GIL; see ``_kernels``). The input gradient of a 'same' convolution (stride 1,
+padding (k-1)/2) is a forward convolution of the output gradient with the flipped weights, not
+a col2im.
 """
 import functools
 
@@ -262,14 +264,41 @@ def _chunks(x, weight_shape, stride, pad, xp):
     return parts, parallel
 
 
-def _flat_kernels(ops, layout, dtype, gemm_dims):
-    """Whether the backend's ``conv_ops()`` runs this 'flat' convolution in its own kernels,
-    image by image without the GIL (``numba_flat_conv``: the same results bit for bit). Not
-    where a GEMM dimension (``gemm_dims``: O, C*kh*kw and OH*W) is 1: there NumPy's matmul
-    calls GEMV, whose sums differ from GEMM's in the last bit."""
-    available = getattr(ops, "flat_conv_available", None)
-    return (layout == "flat" and available is not None and available(dtype)
-            and min(gemm_dims) > 1)
+def _kernels(ops, dtype, gemm_dims, layout, col2im=False):
+    """Whether the backend's ``conv_ops()`` runs this convolution's chunks in its own kernels,
+    without the GIL and with the same results bit for bit (numba: ``numba_flat_conv`` for the
+    'flat' layout, ``numba_im2col_conv`` for the others). Not where a GEMM dimension
+    (``gemm_dims``: O, C*kh*kw and the positions per image, OH*W when flat) is 1: there NumPy's
+    matmul calls GEMV, whose sums differ from GEMM's in the last bit. In the 'chunk' layout only
+    for a backward with col2im (``col2im``): elsewhere there the kernels gained nothing (ms,
+    forward + backward, 100 x 128 x 7 x 7, 3x3: one thread 45.1 NumPy vs 49.5, two threads 23.4
+    vs 25.0), while ResNet-20's strided 16 -> 32 backward went 10.3 -> 8.4 (one thread) and
+    6.1 -> 4.0 (two)."""
+    available = getattr(ops, "conv_kernels_available", None)
+    return (available is not None and available(dtype) and min(gemm_dims) > 1
+            and (layout != "chunk" or col2im))
+
+
+def _forward_kernel(ops, layout, x, weight, bias, stride, pad, y):
+    """The backend kernel's forward of one chunk, as ``task(part, slot)`` for ``run_chunks``."""
+    if layout == "flat":
+        return lambda part, slot: ops.flat_conv_forward(x, weight, bias, part, y)
+    return lambda part, slot: ops.im2col_conv_forward(x, weight, bias, part, stride, pad,
+                                                      layout == "image", y)
+
+
+def _backward_kernel(ops, layout, gy, x, weight, stride, pad, gx):
+    """The backend kernel's transposed weight gradients of one chunk (per image, or one for
+    the chunk), as a function of the chunk; it writes the chunk's rows of gx unless None."""
+    if layout == "flat":
+        return lambda part: ops.flat_conv_backward(gy, x, weight, part, gx)
+    return lambda part: ops.im2col_conv_backward(gy, x, weight, part, stride, pad,
+                                                 layout == "image", gx)
+
+
+def _gemm_dims(o, c, kh, kw, oh, ow, w, layout):
+    """(O, C*kh*kw, positions per image's GEMM) for ``_kernels``."""
+    return o, c * kh * kw, oh * (w if layout == "flat" else ow)
 
 
 def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
@@ -290,9 +319,9 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _flat_kernels(ops, layout, x.dtype, (o, c * kh * kw, oh * w)):
+    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout):
         x = xp.ascontiguousarray(x)
-        run_chunks(lambda part, slot: ops.flat_conv_forward(x, weight, bias, part, y),
+        run_chunks(_forward_kernel(ops, layout, x, weight, bias, stride, pad, y),
                    _chunks(x, weight.shape, stride, pad, xp)[0], True)
         return y, (x, weight, stride, pad, bias is not None)
 
@@ -351,8 +380,11 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     transposed = need_gx and _same_padding(kh, kw, stride, pad)
     columns_gx = need_gx and not transposed
     gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
-    kernels = _flat_kernels(ops, layout, gy.dtype, (o, c * kh * kw, oh * w))
-    gy = xp.ascontiguousarray(gy) if kernels else gy
+    kernels = _kernels(ops, gy.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout,
+                       columns_gx)
+    if kernels:
+        gy = xp.ascontiguousarray(gy)
+        chunk_gweights = _backward_kernel(ops, layout, gy, x, weight, stride, pad, gx)
 
     def backward_chunk(part, slot):
         """This chunk's weight (and bias) gradient; writes its rows of gx."""
@@ -360,7 +392,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         gy3 = gy[part].reshape(m, o, oh * ow)
         gbias = gy3.sum(axis=(0, 2)) if has_bias else None
         if kernels:
-            return ops.flat_conv_backward(gy, x, weight, part, gx).sum(axis=0), gbias
+            return chunk_gweights(part).sum(axis=0), gbias
         cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         if layout == "flat":
             gy_flat = _buffer(ws, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
@@ -394,7 +426,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         if has_bias:
             gbias += chunk_gbias
     if transposed:
-        gx = _input_gradient(gy, weight, pad, xp, workspace)
+        gx = _input_gradient(gy, weight, pad, xp, workspace, ops)
     return gx, xp.ascontiguousarray(gweight.T).reshape(weight.shape), gbias
 
 
@@ -405,7 +437,7 @@ def _same_padding(kh, kw, stride, pad):
     return stride == 1 and kh == kw and 2 * pad == kh - 1
 
 
-def _input_gradient(gy, weight, pad, xp, workspace):
+def _input_gradient(gy, weight, pad, xp, workspace, ops):
     """gx = gy convolved with the weights flipped in space and transposed in channels, for a
     'same' convolution (``_same_padding``): gx[n, c, i, j] = sum over (o, ki, kj) of
     gy[n, o, i + pad - ki, j + pad - kj] * weight[o, c, ki, kj]. One GEMM of depth O*kh*kw
@@ -414,7 +446,7 @@ def _input_gradient(gy, weight, pad, xp, workspace):
     'same' padding: LeNet-5's conv2 (3x3, no padding) would pad gy by 2, 1.07 -> 2.09 ms."""
     flipped = xp.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     ws = None if workspace is None else workspace.setdefault("input gradient", {})
-    return conv2d_forward(gy, flipped, None, 1, pad, xp, ws)[0]
+    return conv2d_forward(gy, flipped, None, 1, pad, xp, ws, ops)[0]
 
 
 class Conv2d(Layer):

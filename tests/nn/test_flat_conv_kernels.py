@@ -7,6 +7,7 @@ import pytest
 from arraybn.backends import get_backend
 from arraybn.backends import numba_flat_conv as flat
 from arraybn.nn import build_model
+from arraybn.nn import chunk_threads as ct
 from arraybn.nn import conv as plain
 from tests.nn.threaded_steps import step_results
 
@@ -17,7 +18,8 @@ OPS = get_backend("numba").conv_ops()
 
 def _both_paths(x, w, b, need_gx, gy_seed=1):
     """(y, gx, gweight, gbias) from the NumPy path and from the flat kernels."""
-    results = []
+    ct.threads()      # OpenBLAS on one thread, as the kernels always run it (on two threads
+    results = []      # its GEMMs may sum in another order)
     for ops in (None, OPS):
         y, cache = plain.conv2d_forward(x, w, b, 1, 0, np, {}, ops)
         gy = np.random.default_rng(gy_seed).standard_normal(y.shape).astype(x.dtype)
@@ -96,7 +98,7 @@ def test_conv2d_layers_use_the_flat_kernels_where_they_apply(monkeypatch):
 
 def test_without_numpys_openblas_the_numpy_path_runs(monkeypatch):
     monkeypatch.setattr(flat, "GEMMS", {})
-    assert not OPS.flat_conv_available(np.float32)
+    assert not OPS.conv_kernels_available(np.float32)
     monkeypatch.setattr(OPS, "flat_conv_forward", None)        # would fail if called
     x = np.ones((2, 1, 6, 6), np.float32)
     y, _ = plain.conv2d_forward(x, np.ones((1, 1, 3, 3), np.float32), None, 1, 0, np, {}, OPS)

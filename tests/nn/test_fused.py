@@ -256,9 +256,10 @@ def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
 
 @pytest.mark.parametrize("size", range(1, 10))
 def test_the_backward_sums_add_four_interleaved_lanes_then_the_lanes_in_pairs(size):
-    """The fused backward's per-plane sums without pooling: entry q into lane q % 4, lanes added as
-    (l0 + l1) + (l2 + l3), every tail length. The kernels may contract g * (x - mu) + lane into one FMA (``numba_config``), so the
-    second sum is checked both ways."""
+    """The fused backward's per-plane sums without pooling: entry q into lane q % 4, lanes
+    added as (l0 + l1) + (l2 + l3), every tail length. The kernels may contract
+    g * (x - mu) + lane into one FMA (``numba_config``), so the second sum is checked both
+    ways."""
     from fractions import Fraction
 
     from arraybn.backends.numba_fused_kernels import _lane_sums

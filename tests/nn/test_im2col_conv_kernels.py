@@ -1,0 +1,139 @@
+"""The numba backend's im2col convolution kernels (padded and strided convolutions: VGG-8's and
+ResNet's): bit for bit the NumPy path's results, on any number of threads, used by Conv2d where
+they apply (and the NumPy path where NumPy would call GEMV), refusing what they cannot take."""
+import numpy as np
+import pytest
+
+from arraybn.backends import get_backend
+from arraybn.backends import numba_im2col_conv as im2col
+from arraybn.backends.numba_flat_conv import available
+from arraybn.nn import build_model
+from arraybn.nn import chunk_threads as ct
+from arraybn.nn import conv as plain
+from tests.nn.threaded_steps import step_results
+
+pytestmark = pytest.mark.skipif(not available(np.float32),
+                                reason="NumPy's own OpenBLAS not found: the NumPy path runs")
+OPS = get_backend("numba").conv_ops()
+
+
+def _both_paths(x, w, b, stride, pad, need_gx=True):
+    """(y, gx, gweight, gbias) from the NumPy path and from the backend's kernels."""
+    ct.threads()      # OpenBLAS on one thread, as the kernels always run it (on two threads
+    results = []      # its GEMMs may sum in another order)
+    for ops in (None, OPS):
+        y, cache = plain.conv2d_forward(x, w, b, stride, pad, np, {}, ops)
+        gy = np.random.default_rng(1).standard_normal(y.shape).astype(x.dtype)
+        results.append((y,) + plain.conv2d_backward(gy, cache, np, need_gx, {}, ops))
+    return results
+
+
+def _assert_same(reference, kernels):
+    for want, got in zip(reference, kernels):
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,out,k,stride,pad,bias", [
+    ((6, 16, 28, 28), 16, 3, 1, 1, False),     # ResNet-20 first stage: 'image', same padding
+    ((5, 1, 28, 28), 32, 3, 1, 1, True),       # VGG-8 conv1: 'image', 9 rows
+    ((6, 16, 28, 28), 32, 3, 2, 1, False),     # ResNet-20 downsampling: 'chunk', col2im
+    ((7, 3, 9, 9), 5, 3, 2, 2, True),          # 'image' with col2im, padding beyond the window
+    ((6, 4, 8, 8), 5, 5, 1, 1, True),          # 'chunk', not 'same': col2im
+    ((4, 64, 7, 7), 64, 3, 1, 1, False),       # 'chunk', same padding: the NumPy path
+])
+def test_the_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, stride, pad, bias):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
+    b = rng.standard_normal(out).astype(dtype) if bias else None
+    _assert_same(*_both_paths(x, w, b, stride, pad))
+
+
+def test_without_the_input_gradient_no_gx_is_made_and_the_rest_is_the_same():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    reference, kernels = _both_paths(x, w, None, 2, 1, need_gx=False)
+    assert reference[1] is None and kernels[1] is None
+    _assert_same(reference, kernels)
+
+
+def test_a_convolution_on_the_kernels_is_bit_identical_on_1_2_and_3_threads(chunk_threads):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((13, 8, 20, 20)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    results = []
+    for count in (1, 2, 3):
+        chunk_threads(count)
+        results.append(_both_paths(x, w, None, 1, 1)[1])
+    for other in results[1:]:
+        _assert_same(results[0], other)
+
+
+@pytest.mark.parametrize("model", ["vgg8", "resnet"])
+def test_a_step_is_bit_identical_on_1_and_2_threads_and_equals_numpy(model):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+    labels = rng.integers(0, 10, 6)
+    runs = step_results(model, (("numba", 1), ("numba", 2), ("numpy", 1)), x, labels, 3)
+    for other in runs[1:]:
+        for got, want in zip(other, runs[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+def _calls(monkeypatch):
+    calls = []
+    for name in ("im2col_conv_forward", "im2col_conv_backward"):
+        kernel = getattr(im2col, name.replace("im2col_", ""))
+        monkeypatch.setattr(OPS, name, lambda *args, _k=kernel, _n=name: calls.append(
+            (_n.split("_")[-1], args[4], args[5], args[6])) or _k(*args))
+    return calls
+
+
+def test_conv2d_layers_use_the_kernels_where_they_apply(monkeypatch):
+    """VGG-8's 28x28 convolutions ('image'), and ResNet's strided ones only in the backward
+    (col2im); LeNet-5's are 'flat', not these."""
+    calls = _calls(monkeypatch)
+    x = np.random.default_rng(4).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    for model_name in ("lenet5", "vgg8", "resnet"):
+        calls.clear()
+        model = build_model(model_name, backend="numba", seed=0)
+        model.backward(np.ones_like(model.forward(x, True)))
+        used = set(calls)
+        if model_name == "lenet5":
+            assert not used
+        elif model_name == "vgg8":
+            assert used == {("forward", 1, 1, True), ("backward", 1, 1, True)}
+        else:
+            assert ("forward", 1, 1, True) in used and ("backward", 2, 1, False) in used
+            assert ("forward", 2, 1, False) not in used
+
+
+def test_where_numpy_calls_gemv_the_numpy_path_runs(monkeypatch):
+    calls = _calls(monkeypatch)
+    x = np.random.default_rng(5).standard_normal((3, 2, 9, 9)).astype(np.float32)
+    w = np.ones((1, 2, 3, 3), np.float32)                       # one output channel
+    plain.conv2d_forward(x, w, None, 1, 1, np, {}, OPS)
+    assert not calls
+    plain.conv2d_forward(x, np.ones((2, 2, 3, 3), np.float32), None, 1, 1, np, {}, OPS)
+    assert calls
+
+
+@pytest.mark.parametrize("bad", ["dtype", "layout", "int"])
+def test_the_kernels_refuse_mixed_dtypes_non_contiguous_and_integer_arrays(bad):
+    x = np.ones((2, 2, 6, 6), np.float32)
+    w = np.ones((2, 2, 3, 3), np.float32)
+    y = np.empty((2, 2, 6, 6), np.float32)
+    if bad == "dtype":
+        w = w.astype(np.float64)
+    elif bad == "layout":
+        x = np.ones((2, 2, 6, 12), np.float32)[..., ::2]
+    else:
+        x, w, y = x.astype(np.int32), w.astype(np.int32), y.astype(np.int32)
+    with pytest.raises(TypeError, match="C-contiguous and all float32 or all float64"):
+        im2col.conv_forward(x, w, None, slice(0, 2), 1, 1, True, y)
