@@ -12,7 +12,8 @@ that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through
 function is an argument of the kernels, so they stay cacheable). Same library, same arguments:
 the results equal the NumPy path bit for bit, on any number of threads (each image's work is
 its own; the weight gradient's per-image products are summed in Python, chunk by chunk, as the
-NumPy path sums them). Where NumPy's BLAS is another one (not found there), ``available`` is
+NumPy path sums them). The copy loops index with unsigned integers (``uidx``): LeNet-5's conv1
+forward + backward 1.62 -> 0.71 ms, conv2 2.26 -> 1.36 ms (batch 128, one thread). Where NumPy's BLAS is another one (not found there), ``available`` is
 False and the NumPy path runs.
 """
 import ctypes
@@ -24,6 +25,13 @@ import numpy as np
 from arraybn.backends.numba_config import jit
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112          # CBLAS enums
+
+
+@jit()
+def uidx(index):
+    """An index as unsigned: Numba adds no wrap-around for negative indices, which would keep
+    LLVM from vectorising the copies (``numba_im2col_conv``)."""
+    return np.uint64(index)
 
 
 def _numpy_gemms():
@@ -60,9 +68,9 @@ def _fill(image, kh, kw, run, cols):
     for ch in range(c):
         for ki in range(kh):
             for kj in range(kw):
-                row, start = (ch * kh + ki) * kw + kj, ki * w + kj
+                row, start = uidx((ch * kh + ki) * kw + kj), ki * w + kj
                 for q in range(run):
-                    cols[row, q] = planes[ch, start + q]
+                    cols[row, uidx(q)] = planes[uidx(ch), uidx(start + q)]
 
 
 @jit()
@@ -81,8 +89,8 @@ def _forward(x, w2, bias, has_bias, kh, kw, gemm, one, zero, lo, hi, y):
         for p in range(o):
             for r in range(oh):
                 for q in range(ow):
-                    y[i, p, r, q] = out[p, r * w + q] + bias[p] if has_bias else \
-                        out[p, r * w + q]
+                    value = out[uidx(p), uidx(r * w + q)]
+                    y[uidx(i), uidx(p), uidx(r), uidx(q)] = value + bias[p] if has_bias else value
 
 
 @jit()
@@ -100,7 +108,7 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
         for p in range(o):
             for r in range(oh):
                 for q in range(ow):
-                    gy_flat[p, r * w + q] = gy[i, p, r, q]
+                    gy_flat[uidx(p), uidx(r * w + q)] = gy[uidx(i), uidx(p), uidx(r), uidx(q)]
         gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
              gy_flat.ctypes.data, width, zero, gweights[i - lo].ctypes.data, o)
         if need_gx:
@@ -112,9 +120,9 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
                     planes[ch, q] = 0
                 for ki in range(kh):
                     for kj in range(kw):
-                        row, start = (ch * kh + ki) * kw + kj, ki * w + kj
+                        row, start = uidx((ch * kh + ki) * kw + kj), ki * w + kj
                         for q in range(run):
-                            planes[ch, start + q] += gcols[row, q]
+                            planes[uidx(ch), uidx(start + q)] += gcols[row, uidx(q)]
 
 
 def check_arrays(*arrays):
