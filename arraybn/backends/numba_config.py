@@ -1,4 +1,5 @@
-"""The one place Numba compile flags are set, for every ``numba_*_kernels`` module.
+"""The one place Numba compile flags are set, for every ``numba_*_kernels`` module (and
+``uidx``, the unsigned index they share).
 
 Every kernel is cached on disk (``cache=True``), releases the GIL, bounds checks are off, and
 errors follow NumPy (``error_model="numpy"``: a division by zero gives inf/nan instead of a
@@ -12,6 +13,7 @@ import functools
 import sys
 import warnings
 
+import numpy as np
 from numba import njit
 
 from arraybn.backends import compile_notice
@@ -37,6 +39,17 @@ def jit(parallel=False, contract=True):
             return njit(cache=False, parallel=parallel, **flags)(func)
     return decorate
 
+
+def _uidx(index):
+    """``index`` as an unsigned integer, for indexing inside kernels: Numba adds a wrap-around
+    for negative indices to every access with a signed index that it cannot prove is
+    non-negative, and that keeps LLVM from vectorising the loop (im2col of two 16-channel 28x28
+    images: 0.137 ms with signed indices, 0.048 ms with unsigned, NumPy's slice copies 0.046).
+    Indices must be non-negative: a negative one would wrap to a huge offset, unchecked."""
+    return np.uint64(index)
+
+
+uidx = njit(inline="always", **FLAGS)(_uidx)
 
 compile_notice.install_listener()
 

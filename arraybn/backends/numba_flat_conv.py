@@ -22,16 +22,9 @@ import os
 
 import numpy as np
 
-from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_config import jit, uidx
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112          # CBLAS enums
-
-
-@jit()
-def uidx(index):
-    """An index as unsigned: Numba adds no wrap-around for negative indices, which would keep
-    LLVM from vectorising the copies (``numba_im2col_conv``)."""
-    return np.uint64(index)
 
 
 def _numpy_gemms():

@@ -32,7 +32,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_config import jit, uidx
 
 PARALLEL_MIN_SIZE = 1 << 17   # values from which a block shares out its channels
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
@@ -52,9 +52,9 @@ def _normalize_pool(x, center, a, b, relu_after, k, lo, hi, y, argmax):
     flat = plane.reshape(size)
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, ac, bc = n * n_ch + c, center[c], a[c], b[c]
+            p, mu, ac, bc = uidx(n * n_ch + c), center[c], a[c], b[c]
             for q in range(size):
-                flat[q] = (np.float64(x2[p, q]) - mu) * ac + bc
+                flat[uidx(q)] = (np.float64(x2[p, uidx(q)]) - mu) * ac + bc
             if k == 2:
                 _pool2(plane, relu_after, y2[p], am2[p])
             else:
@@ -87,12 +87,13 @@ def _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax):
     x2, y2, am2 = _planes(x), _planes(y), _planes(argmax)
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, ac, bc = n * n_ch + c, center[c], a[c], b[c]
+            p, mu, ac, bc = uidx(n * n_ch + c), center[c], a[c], b[c]
             for q in range(x2.shape[1]):
-                y2[p, q] = (np.float64(x2[p, q]) - mu) * ac + bc    # rounds once, as the plane
-                inactive = relu_after and not y2[p, q] > 0
-                y2[p, q] = 0 if inactive else y2[p, q]
-                am2[p, q] = INACTIVE if inactive else 0
+                u = uidx(q)
+                y2[p, u] = (np.float64(x2[p, u]) - mu) * ac + bc    # rounds once, as the plane
+                inactive = relu_after and not y2[p, u] > 0
+                y2[p, u] = 0 if inactive else y2[p, u]
+                am2[p, u] = INACTIVE if inactive else 0
 
 
 @jit()
@@ -102,15 +103,15 @@ def _pool2(plane, relu_after, y, argmax):
     oh, ow = plane.shape[0] // 2, plane.shape[1] // 2
     for i in range(oh):
         for j in range(ow):
-            v0, v1 = plane[2 * i, 2 * j], plane[2 * i, 2 * j + 1]
-            v2, v3 = plane[2 * i + 1, 2 * j], plane[2 * i + 1, 2 * j + 1]
+            r0, r1, c0, c1 = uidx(2 * i), uidx(2 * i + 1), uidx(2 * j), uidx(2 * j + 1)
+            v0, v1, v2, v3 = plane[r0, c0], plane[r0, c1], plane[r1, c0], plane[r1, c1]
             m01, a01 = (v1, 1) if v1 > v0 else (v0, 0)
             m23, a23 = (v3, 3) if v3 > v2 else (v2, 2)
             best, at = (m23, a23) if m23 > m01 else (m01, a01)
             if relu_after and not best > 0:
                 best, at = 0, INACTIVE
-            y[i * ow + j] = best
-            argmax[i * ow + j] = at
+            y[uidx(i * ow + j)] = best
+            argmax[uidx(i * ow + j)] = at
 
 
 @jit()
@@ -167,12 +168,13 @@ def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
     sum_gy_xc[lo:hi] = 0.0
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, s, s_xc = n * n_ch + c, mean[c], 0.0, 0.0
+            p, mu, s, s_xc = uidx(n * n_ch + c), mean[c], 0.0, 0.0
             for i in range(oh):
                 for j in range(ow):
-                    at, g = _active(am2[p, i * ow + j], gy2[p, i * ow + j])
+                    at, g = _active(am2[p, uidx(i * ow + j)], gy2[p, uidx(i * ow + j)])
                     s += g
-                    s_xc += g * (np.float64(x2[p, (i * k + di[at]) * w + j * k + dj[at]]) - mu)
+                    s_xc += g * (np.float64(x2[p, uidx((i * k + di[at]) * w + j * k + dj[at])])
+                                 - mu)
             sum_gy[c] += s
             sum_gy_xc[c] += s_xc
 
@@ -222,9 +224,9 @@ def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
     sum_gy_xc[lo:hi] = 0.0
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p = n * n_ch + c
+            p = uidx(n * n_ch + c)
             for q in range(size):
-                g[q] = _active(am2[p, q], gy2[p, q])[1]
+                g[uidx(q)] = _active(am2[p, uidx(q)], gy2[p, uidx(q)])[1]
             s, s_xc = _lane_sums(g, x2[p], mean[c], size)
             sum_gy[c] += s
             sum_gy_xc[c] += s_xc
@@ -257,11 +259,12 @@ def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx):
     x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, ag, ax, bc = n * n_ch + c, mean[c], a_gy[c], a_x[c], b[c]
+            p, mu, ag, ax, bc = uidx(n * n_ch + c), mean[c], a_gy[c], a_x[c], b[c]
             for q in range(x2.shape[1]):
-                rest = (np.float64(x2[p, q]) - mu) * ax + bc
-                value = ag * np.float64(gy2[p, q]) + rest if am2[p, q] != INACTIVE else rest
-                gx2[p, q] = 0 if relu_before and not x2[p, q] > 0 else value
+                u = uidx(q)
+                rest = (np.float64(x2[p, u]) - mu) * ax + bc
+                value = ag * np.float64(gy2[p, u]) + rest if am2[p, u] != INACTIVE else rest
+                gx2[p, u] = 0 if relu_before and not x2[p, u] > 0 else value
 
 
 @jit()
@@ -275,19 +278,19 @@ def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx):
     size = x2.shape[1]
     for n in range(x.shape[0]):
         for c in range(lo, hi):
-            p, mu, ag, ax, bc = n * n_ch + c, mean[c], a_gy[c], a_x[c], b[c]
+            p, mu, ag, ax, bc = uidx(n * n_ch + c), mean[c], a_gy[c], a_x[c], b[c]
             for q in range(size):
-                gx2[p, q] = (np.float64(x2[p, q]) - mu) * ax + bc
+                gx2[p, uidx(q)] = (np.float64(x2[p, uidx(q)]) - mu) * ax + bc
             for i in range(oh):
                 for j in range(ow):
-                    at = np.int64(am2[p, i * ow + j])
+                    at = np.int64(am2[p, uidx(i * ow + j)])
                     if at != INACTIVE:
-                        q = (i * k + di[at]) * w + j * k + dj[at]
-                        gx2[p, q] = ag * np.float64(gy2[p, i * ow + j]) + (
-                            (np.float64(x2[p, q]) - mu) * ax + bc)
+                        u = uidx((i * k + di[at]) * w + j * k + dj[at])
+                        gx2[p, u] = ag * np.float64(gy2[p, uidx(i * ow + j)]) + (
+                            (np.float64(x2[p, u]) - mu) * ax + bc)
             if relu_before:
                 for q in range(size):
-                    gx2[p, q] = gx2[p, q] if x2[p, q] > 0 else 0
+                    gx2[p, uidx(q)] = gx2[p, uidx(q)] if x2[p, uidx(q)] > 0 else 0
 
 
 @jit()

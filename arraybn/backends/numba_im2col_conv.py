@@ -19,8 +19,8 @@ path there.)
 """
 import numpy as np
 
-from arraybn.backends.numba_config import jit
-from arraybn.backends.numba_flat_conv import GEMMS, NO_TRANS, ROW_MAJOR, TRANS, check_arrays, uidx
+from arraybn.backends.numba_config import jit, uidx
+from arraybn.backends.numba_flat_conv import GEMMS, NO_TRANS, ROW_MAJOR, TRANS, check_arrays
 
 
 @jit()
