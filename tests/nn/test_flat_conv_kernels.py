@@ -1,30 +1,18 @@
 """The numba backend's flat-convolution kernels (stride 1, no padding: LeNet-5's convolutions):
 bit for bit the NumPy path's results, on any number of threads, used by Conv2d where they apply,
-and refusing what they cannot take."""
+and standing aside where NumPy's OpenBLAS is not there (what both kinds of convolution kernels
+share, threads and refusals included, is tested in test_im2col_conv_kernels)."""
 import numpy as np
 import pytest
 
-from arraybn.backends import get_backend
 from arraybn.backends import numba_flat_conv as flat
 from arraybn.nn import build_model
-from arraybn.nn import chunk_threads as ct
 from arraybn.nn import conv as plain
+from tests.nn.conv_paths import OPS, assert_same, both_paths
 from tests.nn.threaded_steps import step_results
 
 pytestmark = pytest.mark.skipif(not flat.available(np.float32),
                                 reason="NumPy's own OpenBLAS not found: the NumPy path runs")
-OPS = get_backend("numba").conv_ops()
-
-
-def _both_paths(x, w, b, need_gx, gy_seed=1):
-    """(y, gx, gweight, gbias) from the NumPy path and from the flat kernels."""
-    ct.threads()      # OpenBLAS on one thread, as the kernels always run it (on two threads
-    results = []      # its GEMMs may sum in another order)
-    for ops in (None, OPS):
-        y, cache = plain.conv2d_forward(x, w, b, 1, 0, np, {}, ops)
-        gy = np.random.default_rng(gy_seed).standard_normal(y.shape).astype(x.dtype)
-        results.append((y,) + plain.conv2d_backward(gy, cache, np, need_gx, {}, ops))
-    return results
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -41,35 +29,7 @@ def test_the_flat_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k,
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
     b = rng.standard_normal(out).astype(dtype) if bias else None
-    reference, kernels = _both_paths(x, w, b, need_gx=True)
-    for want, got in zip(reference, kernels):
-        if want is None:
-            assert got is None
-        else:
-            assert got.dtype == want.dtype
-            np.testing.assert_array_equal(got, want)
-
-
-def test_without_the_input_gradient_no_gx_is_made_and_the_rest_is_the_same():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((7, 1, 12, 12)).astype(np.float32)
-    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
-    reference, kernels = _both_paths(x, w, None, need_gx=False)
-    assert reference[1] is None and kernels[1] is None
-    np.testing.assert_array_equal(kernels[2], reference[2])
-
-
-def test_a_convolution_on_the_flat_kernels_is_bit_identical_on_1_2_and_3_threads(chunk_threads):
-    rng = np.random.default_rng(2)
-    x = rng.standard_normal((13, 6, 13, 13)).astype(np.float32)
-    w = rng.standard_normal((16, 6, 3, 3)).astype(np.float32)
-    results = []
-    for count in (1, 2, 3):
-        chunk_threads(count)
-        results.append(_both_paths(x, w, None, need_gx=True)[1])
-    for other in results[1:]:
-        for got, want in zip(other[:3], results[0][:3]):
-            np.testing.assert_array_equal(got, want)
+    assert_same(*both_paths(x, w, b, 1, 0))
 
 
 def test_a_lenet5_step_is_bit_identical_on_1_and_2_threads_and_equals_numpy():
@@ -101,20 +61,5 @@ def test_without_numpys_openblas_the_numpy_path_runs(monkeypatch):
     assert not OPS.conv_kernels_available(np.float32)
     monkeypatch.setattr(OPS, "flat_conv_forward", None)        # would fail if called
     x = np.ones((2, 1, 6, 6), np.float32)
-    y, _ = plain.conv2d_forward(x, np.ones((1, 1, 3, 3), np.float32), None, 1, 0, np, {}, OPS)
-    np.testing.assert_array_equal(y, np.full((2, 1, 4, 4), 9, np.float32))
-
-
-@pytest.mark.parametrize("bad", ["dtype", "layout", "int"])
-def test_the_kernels_refuse_mixed_dtypes_non_contiguous_and_integer_arrays(bad):
-    x = np.ones((2, 1, 6, 6), np.float32)
-    w = np.ones((1, 1, 3, 3), np.float32)
-    y = np.empty((2, 1, 4, 4), np.float32)
-    if bad == "dtype":
-        w = w.astype(np.float64)
-    elif bad == "layout":
-        x = np.ones((2, 1, 6, 12), np.float32)[..., ::2]
-    else:
-        x, w, y = x.astype(np.int32), w.astype(np.int32), y.astype(np.int32)
-    with pytest.raises(TypeError, match="C-contiguous and all float32 or all float64"):
-        flat.flat_conv_forward(x, w, None, slice(0, 2), y)
+    y, _ = plain.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), None, 1, 0, np, {}, OPS)
+    np.testing.assert_array_equal(y, np.full((2, 2, 4, 4), 9, np.float32))

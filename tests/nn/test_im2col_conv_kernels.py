@@ -1,40 +1,20 @@
 """The numba backend's im2col convolution kernels (padded and strided convolutions: VGG-8's and
 ResNet's): bit for bit the NumPy path's results, on any number of threads, used by Conv2d where
-they apply (and the NumPy path where NumPy would call GEMV), refusing what they cannot take."""
+they apply (and the NumPy path where NumPy would call GEMV). The tests of what both kinds of
+convolution kernels share (no gx when not asked for, any number of threads, refusals) are here
+for both."""
 import numpy as np
 import pytest
 
-from arraybn.backends import get_backend
+from arraybn.backends import numba_flat_conv as flat
 from arraybn.backends import numba_im2col_conv as im2col
-from arraybn.backends.numba_flat_conv import available
 from arraybn.nn import build_model
-from arraybn.nn import chunk_threads as ct
 from arraybn.nn import conv as plain
+from tests.nn.conv_paths import OPS, assert_same, both_paths
 from tests.nn.threaded_steps import step_results
 
-pytestmark = pytest.mark.skipif(not available(np.float32),
+pytestmark = pytest.mark.skipif(not flat.available(np.float32),
                                 reason="NumPy's own OpenBLAS not found: the NumPy path runs")
-OPS = get_backend("numba").conv_ops()
-
-
-def _both_paths(x, w, b, stride, pad, need_gx=True):
-    """(y, gx, gweight, gbias) from the NumPy path and from the backend's kernels."""
-    ct.threads()      # OpenBLAS on one thread, as the kernels always run it (on two threads
-    results = []      # its GEMMs may sum in another order)
-    for ops in (None, OPS):
-        y, cache = plain.conv2d_forward(x, w, b, stride, pad, np, {}, ops)
-        gy = np.random.default_rng(1).standard_normal(y.shape).astype(x.dtype)
-        results.append((y,) + plain.conv2d_backward(gy, cache, np, need_gx, {}, ops))
-    return results
-
-
-def _assert_same(reference, kernels):
-    for want, got in zip(reference, kernels):
-        if want is None:
-            assert got is None
-        else:
-            assert got.dtype == want.dtype
-            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -51,28 +31,30 @@ def test_the_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, stri
     x = rng.standard_normal(shape).astype(dtype)
     w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
     b = rng.standard_normal(out).astype(dtype) if bias else None
-    _assert_same(*_both_paths(x, w, b, stride, pad))
+    assert_same(*both_paths(x, w, b, stride, pad))
 
 
-def test_without_the_input_gradient_no_gx_is_made_and_the_rest_is_the_same():
+@pytest.mark.parametrize("stride,pad", [(1, 0), (2, 1)])      # flat kernels, im2col kernels
+def test_without_the_input_gradient_no_gx_is_made_and_the_rest_is_the_same(stride, pad):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((5, 3, 10, 10)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
-    reference, kernels = _both_paths(x, w, None, 2, 1, need_gx=False)
+    reference, kernels = both_paths(x, w, None, stride, pad, need_gx=False)
     assert reference[1] is None and kernels[1] is None
-    _assert_same(reference, kernels)
+    assert_same(reference, kernels)
 
 
-def test_a_convolution_on_the_kernels_is_bit_identical_on_1_2_and_3_threads(chunk_threads):
+@pytest.mark.parametrize("pad", [0, 1])                        # flat kernels, im2col kernels
+def test_a_convolution_on_the_kernels_is_bit_identical_on_1_2_and_3_threads(chunk_threads, pad):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((13, 8, 20, 20)).astype(np.float32)
     w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
     results = []
     for count in (1, 2, 3):
         chunk_threads(count)
-        results.append(_both_paths(x, w, None, 1, 1)[1])
+        results.append(both_paths(x, w, None, 1, pad)[1])
     for other in results[1:]:
-        _assert_same(results[0], other)
+        assert_same(results[0], other)
 
 
 @pytest.mark.parametrize("model", ["vgg8", "resnet"])
@@ -124,11 +106,12 @@ def test_where_numpy_calls_gemv_the_numpy_path_runs(monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("kernel", ["flat", "im2col"])
 @pytest.mark.parametrize("bad", ["dtype", "layout", "int"])
-def test_the_kernels_refuse_mixed_dtypes_non_contiguous_and_integer_arrays(bad):
+def test_the_kernels_refuse_mixed_dtypes_non_contiguous_and_integer_arrays(kernel, bad):
     x = np.ones((2, 2, 6, 6), np.float32)
     w = np.ones((2, 2, 3, 3), np.float32)
-    y = np.empty((2, 2, 6, 6), np.float32)
+    y = np.zeros((2, 2, 4, 4), np.float32)
     if bad == "dtype":
         w = w.astype(np.float64)
     elif bad == "layout":
@@ -136,4 +119,7 @@ def test_the_kernels_refuse_mixed_dtypes_non_contiguous_and_integer_arrays(bad):
     else:
         x, w, y = x.astype(np.int32), w.astype(np.int32), y.astype(np.int32)
     with pytest.raises(TypeError, match="C-contiguous and all float32 or all float64"):
-        im2col.conv_forward(x, w, None, slice(0, 2), 1, 1, True, y)
+        if kernel == "flat":
+            flat.flat_conv_forward(x, w, None, slice(0, 2), y)
+        else:
+            im2col.conv_forward(x, w, None, slice(0, 2), 1, 0, True, y)
