@@ -23,10 +23,13 @@ from the window kernels' in the last bits.
 The public functions validate and allocate; the ``@njit`` kernels write into preallocated arrays.
 Blocks of at least ``PARALLEL_MIN_SIZE`` values, with or without pooling, share their channels
 among Numba's threads (``*_parallel``); each channel's sums are added in the same order as on
-one thread, so the results are bit-identical for any number of threads. From 2^17 values both
-of LeNet-5's blocks share out at batch 128: its ``arraybn train`` epoch on 2 threads took
-0.85 s, against 0.86 s with only the first block (2^18) and 0.89 s with neither (earlier this
-was judged not worth waking a second thread; measured with the flat convolution kernels).
+one thread, so the results are bit-identical for any number of threads. From 2^18 values: at
+batch 128 LeNet-5's first block (519,168 values) shares out and its second (247,808) does not.
+With the kernels' unsigned indices the second block takes 0.3 ms on one thread, and a second
+thread made it slower (forward 0.30 -> 0.34 ms, backward 0.32 -> 0.40); the ``arraybn train``
+epoch on 2 threads took 0.859 s against 0.880 s with 2^17 (median of 5 interleaved rounds,
+ahead in 4). The sixth session, before the unsigned indices, measured the opposite (2^17:
+0.847 s against 0.859 s).
 """
 import numba
 import numpy as np
@@ -34,7 +37,7 @@ from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
 
-PARALLEL_MIN_SIZE = 1 << 17   # values from which a block shares out its channels
+PARALLEL_MIN_SIZE = 1 << 18   # values from which a block shares out its channels
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
