@@ -238,11 +238,11 @@ def _chunk_columns(x, kh, kw, stride, pad, xp, workspace):
     return buf.reshape(c * kh * kw, m * oh * ow)
 
 
-def _column_view(cols, m, kh, kw, oh, ow):
+def _column_view(cols, m, c, kh, kw, oh, ow):
     """The (C, kh, kw, m, OH, OW) view of a chunk's columns in either layout."""
     if cols.ndim == 3:
-        return cols.reshape(m, -1, kh, kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
-    return cols.reshape(-1, kh, kw, m, oh, ow)
+        return cols.reshape(m, c, kh, kw, oh, ow).transpose(1, 2, 3, 0, 4, 5)
+    return cols.reshape(c, kh, kw, m, oh, ow)
 
 
 def _slot_workspace(workspace, slot):
@@ -412,9 +412,9 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
             xp.matmul(w2.T, gy2, out=gcols)
             gx[part] = 0
             if layout == "flat":
-                add_flat_columns(gcols.reshape(m, -1, kh, kw, oh * w), gx[part])
+                add_flat_columns(gcols.reshape(m, c, kh, kw, oh * w), gx[part])
             else:
-                add_columns(_column_view(gcols, m, kh, kw, oh, ow), gx[part], stride, pad)
+                add_columns(_column_view(gcols, m, c, kh, kw, oh, ow), gx[part], stride, pad)
         return gweight, gbias
 
     parts, parallel = _chunks(x, weight.shape, stride, pad, xp)

@@ -254,3 +254,19 @@ def test_a_same_convolutions_input_gradient_as_a_forward_convolution_equals_col2
                                                (1, 2, 0, False)])
 def test_only_same_convolutions_take_the_transposed_input_gradient(k, stride, pad, same):
     assert plain._same_padding(k, k, stride, pad) is same
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("k,stride,pad", GEOMETRIES)
+def test_an_empty_batch_trains_through_every_layout(backend, k, stride, pad, layout):
+    """A rank with an empty shard of the batch (data-parallel training) runs forward and
+    backward on N = 0: empty y and gx, zero weight and bias gradients, in every chunk layout
+    (reshapes of an empty chunk once failed on an inferred axis)."""
+    conv = Conv2d("c", 3, 4, k, stride=stride, padding=pad, bias=True,
+                  rng=np.random.default_rng(0), backend=arraybn.get_backend(backend),
+                  dtype=np.float32)
+    y = conv.forward(np.zeros((0, 3, 9, 9), np.float32), True)
+    gx = conv.backward(np.zeros_like(y))
+    assert y.shape[0] == 0 and gx.shape == (0, 3, 9, 9)
+    assert not conv.weight.grad.any() and not conv.bias.grad.any()
+    assert conv.weight.grad.shape == conv.weight.data.shape
