@@ -14,7 +14,8 @@ is one contiguous run of the plane, so im2col and col2im move runs of (OH-1)*W +
 rows of OW; LeNet-5 conv2's forward + backward 3.4 -> 2.6 ms, 1 thread).
 im2col reads the input in place and zeroes the entries on the padding (no padded copy), col2im
 adds into the unpadded gradient; both are strided slice copies on any ``xp`` (numpy or cupy),
-which beat Numba loops over this layout (see ``numba_conv_kernels``). A backend whose
+as fast as Numba loops with unsigned indices (``numba_config.uidx``), but holding the GIL
+between copies: the numba backend's kernels do the same work without it. A backend whose
 ``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
 sees them), one set per chunk thread: a large layer's chunks run on several threads
