@@ -156,7 +156,10 @@ class Backend(abc.ABC):
         An object with ``maxpool2d_forward(x, k) -> (y, argmax)`` and
         ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``); it may
         add ``bn_pool_forward``/``bn_pool_backward``, the fused BN-ReLU-pool kernels that
-        ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``).
+        ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``), and ``conv_kernels_available``
+        with ``flat_conv_*`` and ``im2col_conv_*``, the convolution kernels that
+        ``arraybn.nn.conv`` runs a chunk of the batch in (``numba_flat_conv``,
+        ``numba_im2col_conv``; they must give the ``xp`` code's results bit for bit).
         """
         return None
 
