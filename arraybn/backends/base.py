@@ -157,9 +157,9 @@ class Backend(abc.ABC):
         ``maxpool2d_backward(gy, argmax, x_shape, k) -> gx`` (see ``numba_conv_kernels``); it may
         add ``bn_pool_forward``/``bn_pool_backward``, the fused BN-ReLU-pool kernels that
         ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``), and ``conv_kernels_available``
-        with ``flat_conv_*`` and ``im2col_conv_*``, the convolution kernels that
-        ``arraybn.nn.conv`` runs a chunk of the batch in (``numba_flat_conv``,
-        ``numba_im2col_conv``; they must give the ``xp`` code's results bit for bit).
+        with ``conv_forward``/``conv_backward``, the convolution kernels that ``arraybn.nn.conv``
+        runs a chunk of the batch in (``numba_conv_kernels``; they must give the ``xp`` code's
+        results bit for bit).
         """
         return None
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from arraybn.backends.numba_config import jit
 from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401
-from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward  # noqa: F401
-from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward  # noqa: F401
-from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward  # noqa: F401
+from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward
+from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward
+from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward
 from arraybn.backends.numba_fused_kernels import bn_pool_backward, bn_pool_forward  # noqa: F401
 
 
@@ -51,6 +51,23 @@ def _maxpool_backward(gy, argmax, k, gx):
                 for j in range(ow):
                     at = argmax[n, c, i, j]
                     gx[n, c, i * k + at // k, j * k + at % k] = gy[n, c, i, j]
+
+
+def conv_forward(x, weight, bias, part, stride, pad, layout, y):
+    """y[part] of the convolution, in ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no
+    padding; 'image' or 'chunk': one GEMM per image or per chunk); without the GIL."""
+    if layout == "flat":
+        flat_conv_forward(x, weight, bias, part, y)
+    else:
+        im2col_conv_forward(x, weight, bias, part, stride, pad, layout == "image", y)
+
+
+def conv_backward(gy, x, weight, part, stride, pad, layout, gx):
+    """The transposed weight-gradient partials of the images in ``part`` (per image, or one
+    for a 'chunk' chunk; the caller sums them) and gx[part] unless gx is None."""
+    if layout == "flat":
+        return flat_conv_backward(gy, x, weight, part, gx)
+    return im2col_conv_backward(gy, x, weight, part, stride, pad, layout == "image", gx)
 
 
 def maxpool2d_forward(x, k):

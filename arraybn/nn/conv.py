@@ -280,23 +280,6 @@ def _kernels(ops, dtype, gemm_dims, layout, col2im=False):
             and (layout != "chunk" or col2im))
 
 
-def _forward_kernel(ops, layout, x, weight, bias, stride, pad, y):
-    """The backend kernel's forward of one chunk, as ``task(part, slot)`` for ``run_chunks``."""
-    if layout == "flat":
-        return lambda part, slot: ops.flat_conv_forward(x, weight, bias, part, y)
-    return lambda part, slot: ops.im2col_conv_forward(x, weight, bias, part, stride, pad,
-                                                      layout == "image", y)
-
-
-def _backward_kernel(ops, layout, gy, x, weight, stride, pad, gx):
-    """The backend kernel's transposed weight gradients of one chunk (per image, or one for
-    the chunk), as a function of the chunk; it writes the chunk's rows of gx unless None."""
-    if layout == "flat":
-        return lambda part: ops.flat_conv_backward(gy, x, weight, part, gx)
-    return lambda part: ops.im2col_conv_backward(gy, x, weight, part, stride, pad,
-                                                 layout == "image", gx)
-
-
 def _gemm_dims(o, c, kh, kw, oh, ow, w, layout):
     """(O, C*kh*kw, positions per image's GEMM) for ``_kernels``."""
     return o, c * kh * kw, oh * (w if layout == "flat" else ow)
@@ -322,7 +305,8 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
     if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout):
         x = xp.ascontiguousarray(x)
-        run_chunks(_forward_kernel(ops, layout, x, weight, bias, stride, pad, y),
+        run_chunks(lambda part, slot: ops.conv_forward(x, weight, bias, part, stride, pad,
+                                                       layout, y),
                    _chunks(x, weight.shape, stride, pad, xp)[0], True)
         return y, (x, weight, stride, pad, bias is not None)
 
@@ -383,9 +367,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
     kernels = _kernels(ops, gy.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout,
                        columns_gx)
-    if kernels:
-        gy = xp.ascontiguousarray(gy)
-        chunk_gweights = _backward_kernel(ops, layout, gy, x, weight, stride, pad, gx)
+    gy = xp.ascontiguousarray(gy) if kernels else gy
 
     def backward_chunk(part, slot):
         """This chunk's weight (and bias) gradient; writes its rows of gx."""
@@ -393,7 +375,8 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         gy3 = gy[part].reshape(m, o, oh * ow)
         gbias = gy3.sum(axis=(0, 2)) if has_bias else None
         if kernels:
-            return chunk_gweights(part).sum(axis=0), gbias
+            partials = ops.conv_backward(gy, x, weight, part, stride, pad, layout, gx)
+            return partials.sum(axis=0), gbias
         cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         if layout == "flat":
             gy_flat = _buffer(ws, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
