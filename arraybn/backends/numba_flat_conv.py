@@ -10,11 +10,11 @@ without the GIL, so ``arraybn.nn.chunk_threads`` runs the chunks on all its thre
 The GEMMs are the calls ``np.matmul`` makes: ``cblas_sgemm``/``cblas_dgemm`` of the OpenBLAS
 that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through ctypes; the
 function is an argument of the kernels, so they stay cacheable). Same library, same arguments:
-the results equal the NumPy path bit for bit, on any number of threads (each image's work is
-its own; the weight gradient's per-image products are summed in Python, chunk by chunk, as the
-NumPy path sums them). The copy loops index with unsigned integers (``uidx``): LeNet-5's conv1
-forward + backward 1.62 -> 0.71 ms, conv2 2.26 -> 1.36 ms (batch 128, one thread). Where NumPy's BLAS is another one (not found there), ``available`` is
-False and the NumPy path runs.
+the results equal the NumPy path bit for bit, on any number of threads (each image's work is its
+own; the weight gradient's per-image products are summed in Python, chunk by chunk, as the NumPy
+path sums them). The copy loops index with unsigned integers (``uidx``): LeNet-5's conv1 forward
++ backward 1.62 -> 0.71 ms, conv2 2.26 -> 1.36 ms (batch 128, one thread). Where NumPy's BLAS is
+another one (not found there), ``available`` is False and the NumPy path runs.
 """
 import ctypes
 import glob
@@ -50,6 +50,12 @@ GEMMS = _numpy_gemms()
 def available(dtype):
     """Whether the kernels can run for arrays of ``dtype``."""
     return np.dtype(dtype) in GEMMS
+
+
+def gemm_args(dtype):
+    """(the cblas GEMM, 1, 0) in ``dtype``: the kernels' GEMM function and its alpha and beta."""
+    dtype = np.dtype(dtype)
+    return GEMMS[dtype], dtype.type(1), dtype.type(0)
 
 
 @jit()
@@ -134,8 +140,8 @@ def flat_conv_forward(x, weight, bias, part, y):
     check_arrays(x, weight, y)
     o = weight.shape[0]
     _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
-             bias is not None, weight.shape[2], weight.shape[3], GEMMS[x.dtype],
-             x.dtype.type(1), x.dtype.type(0), part.start, part.stop, y)
+             bias is not None, weight.shape[2], weight.shape[3], *gemm_args(x.dtype),
+             part.start, part.stop, y)
 
 
 def flat_conv_backward(gy, x, weight, part, gx):
@@ -145,7 +151,7 @@ def flat_conv_backward(gy, x, weight, part, gx):
     check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
     gweights = np.empty((part.stop - part.start, c * kh * kw, o), x.dtype)
-    _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, GEMMS[x.dtype],
-              x.dtype.type(1), x.dtype.type(0), part.start, part.stop, gweights,
+    _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, *gemm_args(x.dtype),
+              part.start, part.stop, gweights,
               np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return gweights

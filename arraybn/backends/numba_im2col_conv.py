@@ -20,7 +20,7 @@ path there.)
 import numpy as np
 
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_flat_conv import GEMMS, NO_TRANS, ROW_MAJOR, TRANS, check_arrays
+from arraybn.backends.numba_flat_conv import NO_TRANS, ROW_MAJOR, TRANS, check_arrays, gemm_args
 
 
 @jit()
@@ -54,7 +54,8 @@ def _fill(image, kh, kw, stride, pad, oh, ow, cols, col0):
                     for j in range(j1, ow):
                         cols[row, uidx(base + j)] = 0
                     for j in range(j0, j1):
-                        cols[row, uidx(base + j)] = image[uidx(ch), uidx(src), uidx(j * stride + kj - pad)]
+                        source = uidx(j * stride + kj - pad)
+                        cols[row, uidx(base + j)] = image[uidx(ch), uidx(src), source]
 
 
 @jit()
@@ -73,7 +74,8 @@ def _add(gcols, col0, kh, kw, stride, pad, oh, ow, gimage):
                 for i in range(i0, i1):
                     src, base = uidx(i * stride + ki - pad), col0 + i * ow
                     for j in range(j0, j1):
-                        gimage[uidx(ch), src, uidx(j * stride + kj - pad)] += gcols[row, uidx(base + j)]
+                        target = uidx(j * stride + kj - pad)
+                        gimage[uidx(ch), src, target] += gcols[row, uidx(base + j)]
 
 
 @jit()
@@ -159,8 +161,8 @@ def conv_forward(x, weight, bias, part, stride, pad, per_image, y):
     check_arrays(x, weight, y)
     o, _, kh, kw = weight.shape
     _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
-             bias is not None, kh, kw, stride, pad, per_image, GEMMS[x.dtype],
-             x.dtype.type(1), x.dtype.type(0), part.start, part.stop, y)
+             bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
+             part.start, part.stop, y)
 
 
 def conv_backward(gy, x, weight, part, stride, pad, per_image, gx):
@@ -172,6 +174,6 @@ def conv_backward(gy, x, weight, part, stride, pad, per_image, gx):
     count = part.stop - part.start if per_image else 1
     gweights = np.empty((count, c * kh * kw, o), x.dtype)
     _backward(gy, x, weight.reshape(o, -1), kh, kw, stride, pad, per_image, gx is not None,
-              GEMMS[x.dtype], x.dtype.type(1), x.dtype.type(0), part.start, part.stop,
-              gweights, np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
+              *gemm_args(x.dtype), part.start, part.stop, gweights,
+              np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return gweights
