@@ -112,12 +112,14 @@ def to_backend(be, *arrays):
 @pytest.fixture
 def chunk_threads(monkeypatch):
     """``chunk_threads(count)``: every convolution runs its chunks on ``count`` threads, however
-    small; the number of threads is restored afterwards."""
+    small (chunk threads, and Numba's threads up to its maximum, for the backend's kernels); the
+    numbers of threads are restored afterwards."""
+    from arraybn.experiments.process_pool import limit_threads
     from arraybn.nn import chunk_threads as module
     before = module.threads()
 
     def use(count):
         monkeypatch.setattr(module, "MIN_PARALLEL_FLOPS", 0)
-        module.set_threads(count)
+        limit_threads(count)
     yield use
-    module.set_threads(before)
+    limit_threads(before)

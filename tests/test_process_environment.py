@@ -1,11 +1,13 @@
 """Using arraybn leaves the process environment as it was: nothing leaks into other libraries'
-OpenMP runtimes or into child processes (numba's own OpenMP workers still wait passively)."""
+OpenMP runtimes or into child processes (numba's own OpenMP workers still spin a bounded
+while before they sleep)."""
 import subprocess
 import sys
 
 import pytest
 
 import arraybn
+from arraybn.backends.numba_backend import SPIN_COUNT
 
 pytestmark = pytest.mark.skipif("numba" not in arraybn.available_backends(),
                                 reason="the numba backend is not available here")
@@ -16,30 +18,40 @@ import numpy as np
 import arraybn, numba
 x = np.random.default_rng(0).standard_normal((64, 8, 32, 32))     # parallel: > 2^18 values
 arraybn.batch_norm_forward(x, np.ones(8), np.zeros(8), backend="numba")
-print("layer", numba.threading_layer(), "policy", os.environ.get("OMP_WAIT_POLICY"))
+print("layer", numba.threading_layer(), "policy", os.environ.get("OMP_WAIT_POLICY"),
+      "spin", os.environ.get("GOMP_SPINCOUNT"))
 """
 
 
 def _run(env_extra):
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
-    env.update(env_extra, OMP_DISPLAY_ENV="TRUE", NUMBA_NUM_THREADS="2")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(env_extra, OMP_DISPLAY_ENV="VERBOSE", NUMBA_NUM_THREADS="2")
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
-    layer, policy = done.stdout.split()[1], done.stdout.split()[3]
-    return layer, policy, done.stderr
+    words = done.stdout.split()
+    return words[1], (words[3], words[5]), done.stderr
 
 
-def test_numba_workers_wait_passively_without_changing_the_environment():
-    layer, policy, shown = _run({})
+def test_numba_workers_spin_a_bounded_while_without_changing_the_environment():
+    layer, variables, shown = _run({})
     if layer != "omp":
         pytest.skip(f"numba's threading layer here is {layer}, not OpenMP")
-    assert policy == "None"                           # nothing left in os.environ
-    assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown     # what libgomp read when it started
+    assert variables == ("None", "None")              # nothing left in os.environ
+    assert f"GOMP_SPINCOUNT = '{SPIN_COUNT}'" in shown   # what libgomp read when it started
 
 
 def test_a_wait_policy_the_user_set_is_kept():
-    layer, policy, shown = _run({"OMP_WAIT_POLICY": "ACTIVE"})
+    layer, variables, shown = _run({"OMP_WAIT_POLICY": "PASSIVE"})
     if layer != "omp":
         pytest.skip(f"numba's threading layer here is {layer}, not OpenMP")
-    assert policy == "ACTIVE" and "OMP_WAIT_POLICY = 'ACTIVE'" in shown
+    assert variables == ("PASSIVE", "None")
+    assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown and "GOMP_SPINCOUNT = '0'" in shown
+
+
+def test_a_spin_count_the_user_set_is_kept():
+    layer, variables, shown = _run({"GOMP_SPINCOUNT": "1234"})
+    if layer != "omp":
+        pytest.skip(f"numba's threading layer here is {layer}, not OpenMP")
+    assert variables == ("None", "1234") and "GOMP_SPINCOUNT = '1234'" in shown

@@ -94,8 +94,14 @@ class NumbaBackend(Backend):
         return numba_augment_kernels
 
     def _tasks(self, x3):
-        """Channel ranges to share among threads; 0 means run serially on this thread."""
-        if x3.size < self.parallel_min_size:
+        """Channel ranges to share among threads; 0 means run serially on this thread.
+
+        Dense inputs (N, C) always run serially: their layers' GEMMs run on OpenBLAS's threads,
+        and Numba's workers, which spin a while after each parallel kernel (``_start_threads``),
+        would fight those for the cores (an MLP 784-2048-2048-10 + BN, batch 256, two threads:
+        96 ms a step with its BN shared out, 44 ms serial).
+        """
+        if x3.size < self.parallel_min_size or x3.shape[2] == 1:
             return 0
         threads = self._numba.get_num_threads()
         channels, m = x3.shape[1], x3.shape[2]
@@ -233,26 +239,37 @@ def _split_kernels():
     return numba_split_kernels
 
 
-def _start_threads_with_passive_openmp_workers(numba):
-    """Start Numba's threading layer with OpenMP workers that sleep between parallel regions,
-    unless the user set ``OMP_WAIT_POLICY`` (then that applies).
+SPIN_COUNT = "3000000"     # libgomp's GOMP_SPINCOUNT for Numba's workers (see below)
 
-    Spinning workers compete with OpenBLAS's threads for the cores: LeNet-5 training on 2 threads
-    measured 27.6 ms/step spinning vs 10.6 ms/step passive (62-190 vs 11-26 ms on a loaded VM).
+
+def _start_threads(numba):
+    """Start Numba's threading layer with OpenMP workers that spin ``SPIN_COUNT`` times (a few
+    milliseconds) before they sleep, unless the user set ``GOMP_SPINCOUNT`` or
+    ``OMP_WAIT_POLICY`` (then that applies).
+
+    Each of LeNet-5's conv and BN layers is 0.2-0.7 ms of work. With libgomp's default spin
+    (300,000, under a millisecond here) or passive workers, the other thread was asleep again
+    at the next layer, and waking it cost what sharing the layer saved: the 2-thread step took
+    4.67 ms against 5.07 on one. Kept awake from layer to layer it takes 3.73 ms, every conv and
+    BN layer 1.3-1.7x faster. Spinning workers must not compete with other threads for the
+    cores, and none do: the convolution kernels run on these same workers, with OpenBLAS held to
+    one thread (``arraybn.nn.chunk_threads``). (Before they did, LeNet-5 took 35.4 ms/step with
+    workers spinning forever, OMP_WAIT_POLICY=ACTIVE, against 9.2 passive, in the fourth session,
+    when its convolutions ran on OpenBLAS's own threads.)
     libgomp reads the variable once, when it loads, and Numba loads it when its threading layer
     starts (``numba.get_num_threads()`` starts it). So the variable is set only around that start
     and removed again: other libraries' OpenMP runtimes and child processes never see it. A
     threading layer that was started before (or an OpenMP runtime loaded earlier) keeps its
     setting.
     """
-    if "OMP_WAIT_POLICY" in os.environ:
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         numba.get_num_threads()
         return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
     try:
         numba.get_num_threads()
     finally:
-        del os.environ["OMP_WAIT_POLICY"]
+        del os.environ["GOMP_SPINCOUNT"]
 
 
 def create():
@@ -262,6 +279,6 @@ def create():
     except ImportError as exc:
         raise BackendUnavailableError(f"the numba backend needs Numba, which cannot be imported "
                                       f"({exc}); {_INSTALL_HINT}") from None
-    _start_threads_with_passive_openmp_workers(numba)
+    _start_threads(numba)
     from arraybn.backends import numba_kernels
     return NumbaBackend(numba_kernels, numba)

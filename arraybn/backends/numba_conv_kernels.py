@@ -53,21 +53,22 @@ def _maxpool_backward(gy, argmax, k, gx):
                     gx[n, c, i * k + at // k, j * k + at % k] = gy[n, c, i, j]
 
 
-def conv_forward(x, weight, bias, part, stride, pad, layout, y):
-    """y[part] of the convolution, in ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no
-    padding; 'image' or 'chunk': one GEMM per image or per chunk); without the GIL."""
+def conv_forward(x, weight, bias, chunks, stride, pad, layout, y):
+    """y of the convolution, chunk by chunk of ``chunks`` (slices of the batch) in
+    ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no padding; 'image' or 'chunk': one GEMM
+    per image or per chunk), the chunks shared out among Numba's threads; without the GIL."""
     if layout == "flat":
-        flat_conv_forward(x, weight, bias, part, y)
+        flat_conv_forward(x, weight, bias, chunks, y)
     else:
-        im2col_conv_forward(x, weight, bias, part, stride, pad, layout == "image", y)
+        im2col_conv_forward(x, weight, bias, chunks, stride, pad, layout == "image", y)
 
 
-def conv_backward(gy, x, weight, part, stride, pad, layout, gx):
-    """The transposed weight-gradient partials of the images in ``part`` (per image, or one
-    for a 'chunk' chunk; the caller sums them) and gx[part] unless gx is None."""
+def conv_backward(gy, x, weight, chunks, stride, pad, layout, gx):
+    """The transposed weight gradient of each chunk, (chunks, C*kh*kw, O) (the caller adds
+    them in chunk order), and gx unless gx is None."""
     if layout == "flat":
-        return flat_conv_backward(gy, x, weight, part, gx)
-    return im2col_conv_backward(gy, x, weight, part, stride, pad, layout == "image", gx)
+        return flat_conv_backward(gy, x, weight, chunks, gx)
+    return im2col_conv_backward(gy, x, weight, chunks, stride, pad, layout == "image", gx)
 
 
 def maxpool2d_forward(x, k):

@@ -21,6 +21,7 @@ import glob
 import os
 
 import numpy as np
+from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
 
@@ -93,8 +94,10 @@ def _forward(x, w2, bias, has_bias, kh, kw, gemm, one, zero, lo, hi, y):
 
 
 @jit()
-def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx):
-    """Images lo..hi-1 of ``flat_conv_backward``: gweights[i - lo], and gx[i] if need_gx."""
+def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, partial, gx):
+    """Images lo..hi-1 of ``flat_conv_backward``: ``partial`` = the sum of their transposed
+    weight gradients, image by image in batch order (as NumPy's ``sum(axis=0)`` of the per-image
+    products), and gx[i] if need_gx."""
     c, h, w = x.shape[1:]
     o, rows = w2.shape
     oh, ow = gy.shape[2], gy.shape[3]
@@ -102,6 +105,9 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
     cols = np.zeros((rows, width), x.dtype)
     gy_flat = np.zeros((o, width), x.dtype)           # zero in the wrapped-around columns
     gcols = np.empty((rows, width), x.dtype)
+    product = np.empty((rows, o), x.dtype)
+    if hi <= lo:
+        partial[:, :] = 0                              # an empty chunk (an empty batch)
     for i in range(lo, hi):
         _fill(x[i], kh, kw, run, cols)
         for p in range(o):
@@ -109,7 +115,9 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
                 for q in range(ow):
                     gy_flat[uidx(p), uidx(r * w + q)] = gy[uidx(i), uidx(p), uidx(r), uidx(q)]
         gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
-             gy_flat.ctypes.data, width, zero, gweights[i - lo].ctypes.data, o)
+             gy_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
+        if i > lo:
+            add_to(partial, product)
         if need_gx:
             gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
                  gy_flat.ctypes.data, width, zero, gcols.ctypes.data, width)
@@ -124,6 +132,31 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, gweights, gx)
                             planes[uidx(ch), uidx(start + q)] += gcols[row, uidx(q)]
 
 
+@jit()
+def add_to(total, term):
+    """total += term, element by element (2-D arrays of one shape)."""
+    flat_total, flat_term = total.reshape(total.size), term.reshape(term.size)
+    for q in range(flat_total.size):
+        flat_total[uidx(q)] += flat_term[uidx(q)]
+
+
+@jit(parallel=True)
+def _forward_tasks(x, w2, bias, has_bias, kh, kw, gemm, one, zero, bounds, y):
+    """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
+    Numba's threads."""
+    for t in prange(bounds.size - 1):
+        _forward(x, w2, bias, has_bias, kh, kw, gemm, one, zero, bounds[t], bounds[t + 1], y)
+
+
+@jit(parallel=True)
+def _backward_tasks(gy, x, w2, kh, kw, need_gx, gemm, one, zero, bounds, partials, gx):
+    """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
+    threads."""
+    for t in prange(bounds.size - 1):
+        _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, bounds[t], bounds[t + 1],
+                  partials[t], gx)
+
+
 def check_arrays(*arrays):
     """TypeError unless the arrays are C-contiguous, of one float dtype the GEMMs take."""
     dtype = arrays[0].dtype
@@ -134,24 +167,33 @@ def check_arrays(*arrays):
                         + ", ".join(f"{a.dtype}" for a in arrays))
 
 
-def flat_conv_forward(x, weight, bias, part, y):
-    """y[part] = the convolution of x[part] (N, C, H, W) with weight (O, C, kh, kw), plus bias
-    (O,) if not None; stride 1, no padding, y (N, O, H-kh+1, W-kw+1). Releases the GIL."""
+def chunk_bounds(chunks):
+    """The chunks (slices of the batch, in order, end to end) as the kernels' bounds array:
+    chunk t is [bounds[t], bounds[t + 1]); none (an empty batch) is [0]."""
+    return np.array([chunks[0].start if chunks else 0] + [part.stop for part in chunks],
+                    dtype=np.int64)
+
+
+def flat_conv_forward(x, weight, bias, chunks, y):
+    """y = the convolution of x (N, C, H, W) with weight (O, C, kh, kw), plus bias (O,) if not
+    None; stride 1, no padding, y (N, O, H-kh+1, W-kw+1); for the images of ``chunks`` (slices
+    of the batch), shared out among Numba's threads. Releases the GIL."""
     check_arrays(x, weight, y)
     o = weight.shape[0]
-    _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
-             bias is not None, weight.shape[2], weight.shape[3], *gemm_args(x.dtype),
-             part.start, part.stop, y)
+    _forward_tasks(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
+                   bias is not None, weight.shape[2], weight.shape[3], *gemm_args(x.dtype),
+                   chunk_bounds(chunks), y)
 
 
-def flat_conv_backward(gy, x, weight, part, gx):
-    """The per-image weight gradients, transposed as in ``arraybn.nn.conv``, (m, C*kh*kw, O), of
-    the images in ``part`` (the caller sums them, in the NumPy path's order), and gx[part]
-    written unless gx is None. Releases the GIL."""
+def flat_conv_backward(gy, x, weight, chunks, gx):
+    """Per chunk of ``chunks``, the sum of its images' weight gradients, transposed as in
+    ``arraybn.nn.conv``: (chunks, C*kh*kw, O) (the caller adds them in chunk order, as the NumPy
+    path does); and gx written for the chunks' images unless gx is None. The chunks are shared
+    out among Numba's threads. Releases the GIL."""
     check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
-    gweights = np.empty((part.stop - part.start, c * kh * kw, o), x.dtype)
-    _backward(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, *gemm_args(x.dtype),
-              part.start, part.stop, gweights,
-              np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
-    return gweights
+    partials = np.empty((len(chunks), c * kh * kw, o), x.dtype)
+    _backward_tasks(gy, x, weight.reshape(o, -1), kh, kw, gx is not None, *gemm_args(x.dtype),
+                    chunk_bounds(chunks), partials,
+                    np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
+    return partials

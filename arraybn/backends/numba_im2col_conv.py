@@ -18,9 +18,11 @@ number of threads. (Where a GEMM dimension is 1 NumPy calls GEMV: the caller kee
 path there.)
 """
 import numpy as np
+from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_flat_conv import NO_TRANS, ROW_MAJOR, TRANS, check_arrays, gemm_args
+from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, check_arrays,
+                                              chunk_bounds, gemm_args)
 
 
 @jit()
@@ -118,19 +120,27 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
 
 @jit()
 def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero, lo, hi,
-              gweights, gx):
-    """Images lo..hi-1 of ``conv_backward``: the transposed weight gradient per image
-    (gweights[i - lo]) or of the chunk (gweights[0]), and gx[i] if need_gx."""
+              partial, gx):
+    """Images lo..hi-1 of ``conv_backward``: ``partial`` = their transposed weight gradient
+    (per image, added up in batch order as NumPy's ``sum(axis=0)``, or the chunk's one GEMM),
+    and gx[i] if need_gx."""
     o, rows = w2.shape
     oh, ow = gy.shape[2], gy.shape[3]
     positions = oh * ow
+    if hi <= lo:
+        partial[:, :] = 0                              # an empty chunk (an empty batch)
+        return
     if per_image:
         cols = np.empty((rows, positions), x.dtype)
         gcols = np.empty((rows, positions), x.dtype)
+        product = np.empty((rows, o), x.dtype)
         for i in range(lo, hi):
             _fill(x[i], kh, kw, stride, pad, oh, ow, cols, 0)
             gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data,
-                 positions, gy[i].ctypes.data, positions, zero, gweights[i - lo].ctypes.data, o)
+                 positions, gy[i].ctypes.data, positions, zero,
+                 (partial if i == lo else product).ctypes.data, o)
+            if i > lo:
+                add_to(partial, product)
             if need_gx:
                 gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, positions, o, one, w2.ctypes.data, rows,
                      gy[i].ctypes.data, positions, zero, gcols.ctypes.data, positions)
@@ -145,7 +155,7 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         _copy_out(gy[i].reshape(o, positions), 0, no_bias, False,
                   gy_om[:, (i - lo) * positions:(i - lo + 1) * positions])
     gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
-         gy_om.ctypes.data, width, zero, gweights[0].ctypes.data, o)
+         gy_om.ctypes.data, width, zero, partial.ctypes.data, o)
     if need_gx:
         gcols = np.empty((rows, width), x.dtype)
         gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
@@ -154,26 +164,46 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
             _add(gcols, (i - lo) * positions, kh, kw, stride, pad, oh, ow, gx[i])
 
 
-def conv_forward(x, weight, bias, part, stride, pad, per_image, y):
-    """y[part] = the convolution of x[part] (N, C, H, W) with weight (O, C, kh, kw), plus bias
-    (O,) if not None, with ``stride`` and zero padding ``pad``; one GEMM per image if
-    ``per_image``, else one for the chunk. Releases the GIL."""
+@jit(parallel=True)
+def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
+                   bounds, y):
+    """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
+    Numba's threads."""
+    for t in prange(bounds.size - 1):
+        _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
+                 bounds[t], bounds[t + 1], y)
+
+
+@jit(parallel=True)
+def _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
+                    bounds, partials, gx):
+    """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
+    threads."""
+    for t in prange(bounds.size - 1):
+        _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
+                  bounds[t], bounds[t + 1], partials[t], gx)
+
+
+def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
+    """y = the convolution of x (N, C, H, W) with weight (O, C, kh, kw), plus bias (O,) if not
+    None, with ``stride`` and zero padding ``pad``, for the images of ``chunks`` (slices of the
+    batch); one GEMM per image if ``per_image``, else one per chunk; the chunks shared out among
+    Numba's threads. Releases the GIL."""
     check_arrays(x, weight, y)
     o, _, kh, kw = weight.shape
-    _forward(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
-             bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
-             part.start, part.stop, y)
+    _forward_tasks(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
+                   bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
+                   chunk_bounds(chunks), y)
 
 
-def conv_backward(gy, x, weight, part, stride, pad, per_image, gx):
-    """The weight gradients, transposed as in ``arraybn.nn.conv``, of the images in ``part``:
-    (m, C*kh*kw, O) per image or (1, C*kh*kw, O) for the chunk (the caller sums them, in the
-    NumPy path's order); gx[part] written unless gx is None. Releases the GIL."""
+def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
+    """Per chunk of ``chunks``, its weight gradient, transposed as in ``arraybn.nn.conv``:
+    (chunks, C*kh*kw, O) (the caller adds them in chunk order, as the NumPy path does); gx
+    written for the chunks' images unless gx is None. Releases the GIL."""
     check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
-    count = part.stop - part.start if per_image else 1
-    gweights = np.empty((count, c * kh * kw, o), x.dtype)
-    _backward(gy, x, weight.reshape(o, -1), kh, kw, stride, pad, per_image, gx is not None,
-              *gemm_args(x.dtype), part.start, part.stop, gweights,
-              np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
-    return gweights
+    partials = np.empty((len(chunks), c * kh * kw, o), x.dtype)
+    _backward_tasks(gy, x, weight.reshape(o, -1), kh, kw, stride, pad, per_image,
+                    gx is not None, *gemm_args(x.dtype), chunk_bounds(chunks), partials,
+                    np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
+    return partials

@@ -61,6 +61,13 @@ def threads():
     return _state["threads"]
 
 
+def one_blas_thread():
+    """Hold OpenBLAS to one thread from now on, as ``threads()`` does: for threads that call its
+    GEMMs at the same time (the backend's convolution kernels, on Numba's threads; OpenBLAS
+    threads of its own on top would oversubscribe the cores)."""
+    threads()
+
+
 def set_threads(count):
     """Run large convolutions' chunks on ``count`` threads (1: on the calling thread only);
     OpenBLAS on one thread."""

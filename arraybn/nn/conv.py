@@ -29,7 +29,8 @@ import functools
 
 import numpy as np
 
-from arraybn.nn.chunk_threads import CHUNK_MULTIPLE, parallel_chunks, run_chunks
+from arraybn.nn.chunk_threads import (CHUNK_MULTIPLE, one_blas_thread, parallel_chunks,
+                                      run_chunks)
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
 CHUNK_BYTES = 1 << 20         # im2col columns per chunk of the batch: about one core's L2 cache
@@ -305,9 +306,9 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
     if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout):
         x = xp.ascontiguousarray(x)
-        run_chunks(lambda part, slot: ops.conv_forward(x, weight, bias, part, stride, pad,
-                                                       layout, y),
-                   _chunks(x, weight.shape, stride, pad, xp)[0], True)
+        one_blas_thread()
+        ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
+                         pad, layout, y)
         return y, (x, weight, stride, pad, bias is not None)
 
     def forward_chunk(part, slot):
@@ -373,10 +374,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         """This chunk's weight (and bias) gradient; writes its rows of gx."""
         m, ws = part.stop - part.start, _slot_workspace(workspace, slot)
         gy3 = gy[part].reshape(m, o, oh * ow)
-        gbias = gy3.sum(axis=(0, 2)) if has_bias else None
-        if kernels:
-            partials = ops.conv_backward(gy, x, weight, part, stride, pad, layout, gx)
-            return partials.sum(axis=0), gbias
+        gbias = _chunk_bias_gradient(gy, part) if has_bias else None
         cols = _chunk_columns(x[part], kh, kw, stride, pad, xp, ws)
         if layout == "flat":
             gy_flat = _buffer(ws, ("gy flat", m), (m, o, oh, w), gy.dtype, xp, zeros=True)
@@ -402,7 +400,12 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         return gweight, gbias
 
     parts, parallel = _chunks(x, weight.shape, stride, pad, xp)
-    partials = run_chunks(backward_chunk, parts, parallel or kernels)
+    if kernels:
+        one_blas_thread()
+        gbiases = [_chunk_bias_gradient(gy, part) if has_bias else None for part in parts]
+        partials = zip(ops.conv_backward(gy, x, weight, parts, stride, pad, layout, gx), gbiases)
+    else:
+        partials = run_chunks(backward_chunk, parts, parallel)
     gweight = xp.zeros(w2.shape[::-1], dtype=gy.dtype)          # transposed: (C*kh*kw, O)
     gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
     for chunk_gweight, chunk_gbias in partials:                 # in batch order
@@ -412,6 +415,12 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     if transposed:
         gx = _input_gradient(gy, weight, pad, xp, workspace, ops)
     return gx, xp.ascontiguousarray(gweight.T).reshape(weight.shape), gbias
+
+
+def _chunk_bias_gradient(gy, part):
+    """The bias gradient of the chunk ``part``: gy[part] summed over images and positions."""
+    n, o, oh, ow = gy[part].shape
+    return gy[part].reshape(n, o, oh * ow).sum(axis=(0, 2))
 
 
 def _same_padding(kh, kw, stride, pad):
