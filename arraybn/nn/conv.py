@@ -266,19 +266,19 @@ def _chunks(x, weight_shape, stride, pad, xp):
     return parts, parallel
 
 
-def _kernels(ops, dtype, gemm_dims, layout, col2im=False):
+def _kernels(ops, dtype, gemm_dims):
     """Whether the backend's ``conv_ops()`` runs this convolution's chunks in its own kernels,
     without the GIL and with the same results bit for bit (numba: ``numba_flat_conv`` for the
-    'flat' layout, ``numba_im2col_conv`` for the others). Not where a GEMM dimension
-    (``gemm_dims``: O, C*kh*kw and the positions per image, OH*W when flat) is 1: there NumPy's
-    matmul calls GEMV, whose sums differ from GEMM's in the last bit. In the 'chunk' layout only
-    for a backward with col2im (``col2im``): elsewhere there the kernels gained nothing (ms,
-    forward + backward, 100 x 128 x 7 x 7, 3x3: one thread 45.1 NumPy vs 49.5, two threads 23.4
-    vs 25.0), while ResNet-20's strided 16 -> 32 backward went 10.3 -> 8.4 (one thread) and
-    6.1 -> 4.0 (two)."""
+    'flat' layout, ``numba_im2col_conv`` for the others), all chunks in one call that shares
+    them out among Numba's threads. Not where a GEMM dimension (``gemm_dims``: O, C*kh*kw and
+    the positions per image, OH*W when flat) is 1: there NumPy's matmul calls GEMV, whose sums
+    differ from GEMM's in the last bit. In every layout: Numba's workers spin between parallel
+    kernels (``arraybn.backends.numba_backend``), so chunks on the chunk threads would fight
+    them for the cores (VGG-8 epoch, two threads, with the 'chunk' layout's forward on the
+    chunk threads 15.8 s, in the kernels 11.8 s; one thread 21.4 s before either change,
+    21.9 s after)."""
     available = getattr(ops, "conv_kernels_available", None)
-    return (available is not None and available(dtype) and min(gemm_dims) > 1
-            and (layout != "chunk" or col2im))
+    return available is not None and available(dtype) and min(gemm_dims) > 1
 
 
 def _gemm_dims(o, c, kh, kw, oh, ow, w, layout):
@@ -304,7 +304,7 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout):
+    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
         x = xp.ascontiguousarray(x)
         one_blas_thread()
         ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
@@ -366,8 +366,7 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     transposed = need_gx and _same_padding(kh, kw, stride, pad)
     columns_gx = need_gx and not transposed
     gx = xp.empty(x.shape, dtype=gy.dtype) if columns_gx else None
-    kernels = _kernels(ops, gy.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout,
-                       columns_gx)
+    kernels = _kernels(ops, gy.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout))
     gy = xp.ascontiguousarray(gy) if kernels else gy
 
     def backward_chunk(part, slot):
