@@ -70,14 +70,15 @@ class NumbaBackend(Backend):
     """Kernels from ``numba_kernels``: fused passes over cache-sized blocks of channels.
 
     Inputs smaller than ``parallel_min_size`` values run on the calling thread: waking the other
-    threads costs more than it saves. On the 2-vCPU VM this project is measured on, median
-    forward + backward times on two threads vs one were 0.89 vs 0.48 ms at 248k values
-    (128x16x11x11) and 1.34-1.39 vs 1.64-1.66 ms at 519k (128x6x26x26). On a machine whose idle
-    cores wake faster, lower it (on an instance or on the class).
+    threads costs more than it saves. With workers that slept at once, median forward + backward
+    times on two threads vs one were 0.89 vs 0.48 ms at 248k values (128x16x11x11), so the bar
+    was 2^18; with workers that spin a while (``_start_threads``) LeNet-5's 2-thread step takes
+    3.29-3.45 ms with 2^16 against 3.69 with 2^18 (on the 2-vCPU VM this project is measured on).
+    On a machine whose idle cores wake faster, lower it (on an instance or on the class).
     """
     name = "numba"
     xp = np
-    parallel_min_size = 1 << 18
+    parallel_min_size = 1 << 16
 
     def __init__(self, kernels, numba_module):
         self._k = kernels

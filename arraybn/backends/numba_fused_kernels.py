@@ -23,13 +23,12 @@ from the window kernels' in the last bits.
 The public functions validate and allocate; the ``@njit`` kernels write into preallocated arrays.
 Blocks of at least ``PARALLEL_MIN_SIZE`` values, with or without pooling, share their channels
 among Numba's threads (``*_parallel``); each channel's sums are added in the same order as on
-one thread, so the results are bit-identical for any number of threads. From 2^18 values: at
-batch 128 LeNet-5's first block (519,168 values) shares out and its second (247,808) does not.
-With the kernels' unsigned indices the second block takes 0.3 ms on one thread, and a second
-thread made it slower (forward 0.30 -> 0.34 ms, backward 0.32 -> 0.40); the ``arraybn train``
-epoch on 2 threads took 0.859 s against 0.880 s with 2^17 (median of 5 interleaved rounds,
-ahead in 4). The sixth session, before the unsigned indices, measured the opposite (2^17:
-0.847 s against 0.859 s).
+one thread, so the results are bit-identical for any number of threads. From 2^16 values: at
+batch 128 both of LeNet-5's blocks (519,168 and 247,808 values) share out. That pays since
+Numba's workers spin between kernels (``numba_backend._start_threads``): the 2-thread step with
+2^18 (the second block on one thread) 3.69 ms, 2^16 3.29-3.45, 2^14 3.31-3.34, 2^12 3.37
+(``benchmarks/profile_step.py``, 300 steps). With workers that slept at once, the second block
+had been slower on two threads (forward 0.30 -> 0.34 ms, backward 0.32 -> 0.40).
 """
 import numba
 import numpy as np
@@ -37,7 +36,7 @@ from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
 
-PARALLEL_MIN_SIZE = 1 << 18   # values from which a block shares out its channels
+PARALLEL_MIN_SIZE = 1 << 16   # values from which a block shares out its channels
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
