@@ -4,8 +4,10 @@
 contiguous run of it, im2col copies runs, and each image is one GEMM. On NumPy every chunk of the
 batch costs Python calls that hold the GIL, so a second thread did not pay (LeNet-5's
 convolutions on two chunk threads took 1.09-1.15x as long). These kernels do the same per image
-inside one ``nogil`` Numba call per chunk: im2col, the GEMMs and the copies in and out run
-without the GIL, so ``arraybn.nn.chunk_threads`` runs the chunks on all its threads.
+without the GIL: im2col, the GEMMs and the copies in and out, all chunks in one Numba call that
+shares them out among Numba's threads (``prange`` over the chunks; the same OpenMP workers as
+the BN kernels', which stay awake between layers, see ``numba_backend._start_threads``; a
+thread pool of Python threads next to them fought them for the cores).
 
 The GEMMs are the calls ``np.matmul`` makes: ``cblas_sgemm``/``cblas_dgemm`` of the OpenBLAS
 that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through ctypes; the

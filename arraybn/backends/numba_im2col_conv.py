@@ -4,8 +4,9 @@ The counterpart of ``numba_flat_conv`` for the convolutions that are not 'flat':
 ResNet's padded 3x3 convolutions and ResNet's strided ones. ``arraybn.nn.conv`` runs them chunk
 by chunk of the batch, one GEMM per image ('image' layout) or per chunk ('chunk'); on NumPy each
 chunk's im2col is nine strided slice copies whose Python holds the GIL, so two chunk threads
-wait on each other. Here a chunk is one ``nogil`` Numba call: im2col (row by row, zeros on the
-padding), the GEMMs, the copies in and out, col2im.
+wait on each other. Here the chunks run without the GIL, all in one Numba call that shares them
+out among Numba's threads (as in ``numba_flat_conv``): per chunk im2col (row by row, zeros on
+the padding), the GEMMs, the copies in and out, col2im.
 
 Indices in the copy loops are unsigned (``uidx``): with signed ones Numba adds a negative-index
 wrap-around to every access, which kept LLVM from vectorising the copies (im2col of two

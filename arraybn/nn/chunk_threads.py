@@ -8,12 +8,17 @@ release the GIL), with results bit-identical for any number of threads.
 ``run_chunks(task, chunks, parallel)`` runs ``task(chunk, slot)`` for every chunk, on up to
 ``threads()`` threads for a layer whose forward GEMMs come to at least ``MIN_PARALLEL_FLOPS``
 (``parallel_chunks``; the calling thread takes a share, ``slot`` says which thread, for its
-own buffers). Such a layer cuts its batch into a multiple of ``CHUNK_MULTIPLE`` chunks
+own buffers). Every layer cuts its batch into a multiple of ``CHUNK_MULTIPLE`` chunks
 whatever the number of threads, so a convolution's results are bit-identical on any number of
 threads.
 
+This pool serves the NumPy path. The numba backend runs every convolution's chunks in its own
+kernels on Numba's threads instead (``arraybn.nn.conv._kernels``), and calls
+``one_blas_thread()`` first.
+
 OpenBLAS runs on one thread from the first large convolution on (for the rest of the process;
-a model whose convolutions are all small, LeNet-5's, leaves OpenBLAS as it was): two
+on the numpy backend a model whose convolutions are all small, LeNet-5's, leaves OpenBLAS as it
+was): two
 levels of threads oversubscribe the cores, and toggling OpenBLAS's count around each layer is
 no cure (its idle workers spin for a while after each GEMM, on the cores the chunk threads
 need). The number of chunk threads is OpenBLAS's count before that (``OPENBLAS_NUM_THREADS``
@@ -25,10 +30,10 @@ VGG-8 conv2 64.9 -> 44.7, conv4 38.1 -> 27.2, conv6 28.9 -> 22.3; ResNet-20's 16
 3x3 convolutions 31.9 -> 23.9, 18.4 -> 13.3, 12.8 -> 8.3; on one thread all within 5%. Smaller
 layers stay on the calling thread: LeNet-5's chunks are too short to cover the Python work
 between GEMMs, which holds the GIL (conv1 1.15x, conv2 1.09x slower on two chunk threads).
-On the numba backend most convolutions, LeNet-5's too, run each chunk as one call of a kernel
-without the GIL (``arraybn.backends.numba_flat_conv``, ``numba_im2col_conv``), so their chunks
-use the chunk threads whatever their size; ResNet-20's 16-channel convolution (forward +
-backward, two threads) 18.2 ms on NumPy's slice copies, 14.2 ms in the kernels.
+The numba backend's kernels, which need no GIL, ran each chunk on these threads until the
+eighth session (ResNet-20's 16-channel convolution, forward + backward, two threads: 18.2 ms on
+NumPy's slice copies, 14.2 ms in the kernels); on Numba's own threads, which the BN kernels
+use too, LeNet-5's 2-thread step went 5.04 -> 3.73 ms (``numba_backend._start_threads``).
 """
 import concurrent.futures
 import itertools

@@ -18,10 +18,11 @@ as fast as Numba loops with unsigned indices (``numba_config.uidx``), but holdin
 between copies: the numba backend's kernels do the same work without it. A backend whose
 ``conv_ops()`` offers one-pass pooling has MaxPool2d call it. A Conv2d layer reuses its buffers
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
-sees them), one set per chunk thread: a large layer's chunks run on several threads
-(``chunk_threads``), and so do the chunks of a layer that the backend runs in its own
-convolution kernels (numba: ``numba_flat_conv``, ``numba_im2col_conv``; the same results bit for
-bit, without the GIL; see ``_kernels``). The input gradient of a 'same' convolution (stride 1,
+sees them), one set per chunk thread: on the NumPy path a large layer's chunks run on several
+threads (``chunk_threads``). A backend with its own convolution kernels (numba:
+``numba_flat_conv``, ``numba_im2col_conv``; the same results bit for bit, without the GIL; see
+``_kernels``) runs all of a layer's chunks in one call, shared out among its threads. The input
+gradient of a 'same' convolution (stride 1,
 padding (k-1)/2) is a forward convolution of the output gradient with the flipped weights, not
 a col2im.
 """
@@ -297,8 +298,8 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     backward recomputes them chunk by chunk, which costs less than a round trip of the whole
     batch's columns through memory.
     workspace: optional dict of buffers reused from call to call (the layer's); ops: the
-    backend's ``conv_ops()``, whose flat-convolution kernels run the 'flat' layout's chunks on
-    the chunk threads (``_flat_kernels``).
+    backend's ``conv_ops()``, whose convolution kernels, where they apply (``_kernels``), run
+    all the chunks in one call.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -355,9 +356,10 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
     of any other, the column gradients W.T @ gy added back by col2im. In the 'flat' layout gy
     is copied onto the flattened plane with zeros in the wrapped-around columns, so those
     columns add nothing to the weight gradient and their column gradients are zero
-    (``add_flat_columns`` adds them; the sums equal ``add_columns``'). With the flat kernels of
-    ``ops`` (``_flat_kernels``) each chunk's per-image products come from them, on the chunk
-    threads, and are summed here as in the NumPy path.
+    (``add_flat_columns`` adds them; the sums equal ``add_columns``'). With the kernels of
+    ``ops`` (``_kernels``) each chunk's weight gradient comes from them (its per-image products
+    summed in batch order, as NumPy's ``sum(axis=0)`` here), and the chunks' are added here in
+    chunk order, as on the NumPy path.
     """
     x, weight, stride, pad, has_bias = cache
     n, o, oh, ow = gy.shape
