@@ -53,6 +53,11 @@ def _maxpool_backward(gy, argmax, k, gx):
                     gx[n, c, i * k + at // k, j * k + at % k] = gy[n, c, i, j]
 
 
+def threads():
+    """How many threads the convolution kernels share a layer's chunks among (Numba's)."""
+    return numba.get_num_threads()
+
+
 def conv_forward(x, weight, bias, chunks, stride, pad, layout, y):
     """y of the convolution, chunk by chunk of ``chunks`` (slices of the batch) in
     ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no padding; 'image' or 'chunk': one GEMM

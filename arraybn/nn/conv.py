@@ -278,8 +278,10 @@ def _kernels(ops, dtype, gemm_dims):
     differ from GEMM's in the last bit. In every layout: Numba's workers spin between parallel
     kernels (``arraybn.backends.numba_backend``), so chunks on the chunk threads would fight
     them for the cores (VGG-8 epoch, two threads, with the 'chunk' layout's forward on the
-    chunk threads 15.8 s, in the kernels 11.8 s; one thread 21.4 s before either change,
-    21.9 s after)."""
+    chunk threads 15.8 s, in the kernels 11.8 s). On one thread the 'chunk' layout's forward
+    stays on the NumPy path (``conv2d_forward``): there the kernels' row-by-row im2col of 14x14
+    and 7x7 planes lost to NumPy's slice copies (VGG-8 step 278 ms in the kernels, 263-266 ms
+    on NumPy's; ResNet-20 a tie)."""
     available = getattr(ops, "conv_kernels_available", None)
     return available is not None and available(dtype) and min(gemm_dims) > 1
 
@@ -307,7 +309,8 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
+    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout)) and (
+            layout != "chunk" or ops.threads() > 1):                 # see _kernels
         x = xp.ascontiguousarray(x)
         one_blas_thread()
         ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
