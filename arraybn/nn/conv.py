@@ -22,9 +22,8 @@ sees them), one set per chunk thread: on the NumPy path a large layer's chunks r
 threads (``chunk_threads``). A backend with its own convolution kernels (numba:
 ``numba_flat_conv``, ``numba_im2col_conv``; the same results bit for bit, without the GIL; see
 ``_kernels``) runs all of a layer's chunks in one call, shared out among its threads. The input
-gradient of a 'same' convolution (stride 1,
-padding (k-1)/2) is a forward convolution of the output gradient with the flipped weights, not
-a col2im.
+gradient of a 'same' convolution (stride 1, padding (k-1)/2) is a forward convolution of the
+output gradient with the flipped weights, not a col2im.
 """
 import functools
 
