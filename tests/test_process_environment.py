@@ -1,6 +1,7 @@
 """Using arraybn leaves the process environment as it was: nothing leaks into other libraries'
 OpenMP runtimes or into child processes (numba's own OpenMP workers still spin a bounded
 while before they sleep)."""
+import os
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ print("layer", numba.threading_layer(), "policy", os.environ.get("OMP_WAIT_POLIC
 
 
 def _run(env_extra):
-    env = {k: v for k, v in __import__("os").environ.items()
+    env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(env_extra, OMP_DISPLAY_ENV="VERBOSE", NUMBA_NUM_THREADS="2")
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
@@ -50,8 +51,43 @@ def test_a_wait_policy_the_user_set_is_kept():
     assert "OMP_WAIT_POLICY = 'PASSIVE'" in shown and "GOMP_SPINCOUNT = '0'" in shown
 
 
+@pytest.mark.parametrize("variables, threads", [
+    ({"OMP_NUM_THREADS": "1"}, 1),
+    ({"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}, 2),     # Numba's own variable wins
+    ({"OMP_NUM_THREADS": "not a number"}, None),                 # ignored: Numba's default
+])
+def test_numba_threads_follow_omp_num_threads_unless_numba_num_threads_is_set(variables,
+                                                                                threads):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env.update(variables)
+    script = ("import numba, arraybn; arraybn.get_backend('numba'); "
+              "print(numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    got, most = (int(word) for word in done.stdout.split())
+    assert got == (most if threads is None else threads)
+
+
 def test_a_spin_count_the_user_set_is_kept():
     layer, variables, shown = _run({"GOMP_SPINCOUNT": "1234"})
     if layer != "omp":
         pytest.skip(f"numba's threading layer here is {layer}, not OpenMP")
     assert variables == ("None", "1234") and "GOMP_SPINCOUNT = '1234'" in shown
+
+
+def test_a_sweep_workers_thread_count_outlasts_omp_num_threads():
+    """``limit_threads`` (a sweep worker's share of the cores) starts the numba backend first,
+    so the backend's own reading of OMP_NUM_THREADS does not override the share later."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    env.pop("NUMBA_NUM_THREADS", None)
+    script = ("import numba, arraybn\n"
+              "from arraybn.experiments.process_pool import limit_threads\n"
+              "limit_threads(1)\n"
+              "arraybn.get_backend('numba')\n"
+              "print(numba.get_num_threads())")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1"]

@@ -265,12 +265,24 @@ def _start_threads(numba):
     """
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         numba.get_num_threads()
+    else:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+        try:
+            numba.get_num_threads()
+        finally:
+            del os.environ["GOMP_SPINCOUNT"]
+    _follow_omp_num_threads(numba)
+
+
+def _follow_omp_num_threads(numba):
+    """Numba's threads, on this thread: ``OMP_NUM_THREADS`` where ``NUMBA_NUM_THREADS`` is not
+    set (Numba itself reads only its own variable and takes all cores). So a run given its share
+    of the cores the usual way (``OMP_NUM_THREADS=$((cores / K))`` for K ranks on a machine)
+    does not start more spinning workers than it has cores."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if "NUMBA_NUM_THREADS" in os.environ or not wanted.isdigit() or int(wanted) < 1:
         return
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-    try:
-        numba.get_num_threads()
-    finally:
-        del os.environ["GOMP_SPINCOUNT"]
+    numba.set_num_threads(min(int(wanted), numba.config.NUMBA_NUM_THREADS))
 
 
 def create():

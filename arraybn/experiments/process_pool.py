@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import signal
 
+from arraybn.backends import BackendUnavailableError, get_backend
 from arraybn.nn import chunk_threads
 from arraybn.stages.interrupts import (SIGNAL_NAMES, StageInterrupted, Terminated, handling,
                                        raise_terminated, signal_of)
@@ -37,13 +38,16 @@ _worker = {"stop": None, "busy": False}     # the signal that asked to stop; a t
 
 def limit_threads(threads):
     """Share the cores between the parallel tasks: numba's thread pool and the convolutions'
-    chunk threads (OpenBLAS then runs on one thread)."""
+    chunk threads (OpenBLAS then runs on one thread). The numba backend is created first, so
+    that its start of Numba's threads (their spin, ``OMP_NUM_THREADS``) comes before this
+    count, not after it."""
     chunk_threads.set_threads(max(1, threads))
     try:
         import numba
-        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-    except ImportError:
-        pass
+        get_backend("numba")
+    except (ImportError, BackendUnavailableError):
+        return
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _stop_requested(signum, frame):
