@@ -101,6 +101,22 @@ def test_inference_matches_the_unfused_layers(dtype, position, pool, kind, eval_
     _assert_same_buffers(fused.bn, reference.bn)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("shape", [(6, 5, 9, 11), (3, 5, 6, 8)])
+def test_tied_windows_pass_the_gradient_to_the_first_maximum_like_the_unfused_layers(
+        dtype, position, shape):
+    """Data on a grid of three values: most 2 x 2 windows hold their maximum more than once;
+    the fused kernels must pick the same (first, row-major) position as MaxPool2d."""
+    fused, reference = _pair(position, True, dtype)
+    x = np.random.default_rng(4).integers(-1, 2, shape).astype(dtype)
+    y_f, gx_f = _step(fused, x, _gy(fused, x), True)
+    y_r, gx_r = _step(reference, x, _gy(fused, x), True)
+    np.testing.assert_array_equal(y_f, y_r)
+    np.testing.assert_allclose(gx_f, gx_r, **TOL[dtype])
+    assert np.count_nonzero(gx_r) > 0
+
+
 def test_offset_float32_data_keeps_its_digits():
     """Statistics of 1e4 + N(0, 1) in float32: the fused forward still normalises correctly."""
     fused, reference = _pair("before", True, np.float32)
