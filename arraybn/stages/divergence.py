@@ -38,9 +38,16 @@ def check_loss(loss, num_classes, where):
                                f"for {num_classes} classes, the loss of uniform predictions)")
 
 
-def check_gradients(model, where):
-    """Raise TrainingDiverged naming the parameters whose gradient is not finite."""
+def check_gradients(model, where, flat_grad=None):
+    """Raise TrainingDiverged naming the parameters whose gradient is not finite.
+
+    ``flat_grad``: the same gradients in one array (``Optimizer.flat_grad()``), if there is
+    one: a finite one is one test instead of two NumPy calls per parameter (LeNet-5, in the
+    ``arraybn train`` epoch: 0.073 -> 0.013 ms a step; the gather is the one ``step()`` made
+    anyway); the parameters are looked at one by one only to name the broken ones."""
     xp = model.backend.xp
+    if flat_grad is not None and bool(xp.isfinite(flat_grad).all()):
+        return
     params = model.parameters()
     finite = [bool(ok) for ok in xp.stack([xp.isfinite(p.grad).all() for p in params]).tolist()]
     broken = [p.name for p, ok in zip(params, finite) if not ok]

@@ -197,7 +197,7 @@ class Trainer:
         loss_sum, correct, _, stop = self.parallel.reduce_step(model, loss_sum, correct,
                                                                len(rows), interrupt)
         check_loss(loss_sum / len(index), logits.shape[1], where)
-        check_gradients(model, where)
+        check_gradients(model, where, self.optimizer.flat_grad())   # step() uses it as is
         self.optimizer.step()
         return loss_sum, correct, stop
 
