@@ -140,14 +140,22 @@ def test_conv_ops_are_the_backends_own():
         assert callable(ops.maxpool2d_forward) and callable(ops.maxpool2d_backward)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 2, 5, 7)])
-def test_numba_maxpool_matches_plain(rng, shape):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("shape", [(2, 3, 6, 6), (2, 2, 5, 7), (3, 4, 9, 11)])
+def test_numba_maxpool_matches_plain(rng, shape, k, dtype):
+    """Bit for bit, signed zeros and infinities included (2 x 2 runs the fused block's window
+    loop with the identity affine map)."""
     ops = _numba_conv_ops()
-    x = rng.standard_normal(shape).astype(np.float32)
-    x[0, 0, :2, :2] = 0.0                                        # a tie
-    y, argmax = ops.maxpool2d_forward(x, 2)
-    y_ref, cache = plain.maxpool2d_forward(x, 2, np)
+    x = rng.standard_normal(shape).astype(dtype)
+    x[0, 0, :k, :k] = 0.0                                        # a tie
+    x[0, 1, :k, :k] = -0.0                                       # negative zeros only
+    x[1, 0, 0, 0], x[1, 0, 0, 1], x[1, 1, 1, 1] = np.inf, -np.inf, -np.inf
+    y, argmax = ops.maxpool2d_forward(x, k)
+    y_ref, cache = plain.maxpool2d_forward(x, k, np)
     np.testing.assert_array_equal(y, y_ref)
-    gy = rng.standard_normal(y.shape).astype(np.float32)
-    np.testing.assert_array_equal(ops.maxpool2d_backward(gy, argmax, x.shape, 2),
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(y_ref))
+    assert y.dtype == dtype and np.signbit(y[0, 1, 0, 0])
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    np.testing.assert_array_equal(ops.maxpool2d_backward(gy, argmax, x.shape, k),
                                   plain.maxpool2d_backward(gy, cache, np))
