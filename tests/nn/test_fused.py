@@ -260,6 +260,36 @@ def test_kernels_sharing_channels_among_threads_equal_one_thread(
     np.testing.assert_array_equal(gx_par, gx)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu_after", [True, False])
+@pytest.mark.parametrize("shape, lo, hi", [
+    ((3, 7, 26, 22), 0, 7),       # 143 windows a plane: groups of 4 planes, then 3
+    ((3, 7, 26, 22), 1, 6),       # a task's channel range: groups of 4, then 1
+    ((2, 3, 65, 64), 0, 3),       # 1,024 windows a plane: one plane a group
+    ((5, 40, 7, 6), 0, 40)])      # 9 windows a plane: all 40 planes in one group
+def test_2x2_pooling_in_groups_of_planes_equals_the_per_plane_window_loops(
+        dtype, relu_after, shape, lo, hi):
+    """``_normalize_pool2`` pools whole planes in groups of at least POOL_WINDOWS windows;
+    its outputs equal the general window loops' (``_normalize_pool`` at k = 2) bit for bit,
+    for channel ranges that do not split into whole groups too."""
+    from arraybn.backends import numba_fused_kernels as kernels
+    rng = np.random.default_rng(7)
+    x = _data(dtype, shape=shape)
+    c = shape[1]
+    center, a, b = rng.standard_normal(c), rng.uniform(0.5, 1.5, c), rng.standard_normal(c)
+    pooled = shape[:2] + (shape[2] // 2, shape[3] // 2)
+    outputs = []
+    for kernel in (kernels._normalize_pool2, kernels._normalize_pool):
+        y, argmax = np.full(pooled, np.nan, dtype), np.full(pooled, 7, np.uint8)
+        extra = () if kernel is kernels._normalize_pool2 else (2,)
+        kernel(x, center, a, b, relu_after, *extra, lo, hi, y, argmax)
+        outputs.append((y, argmax))
+    (y, argmax), (y_ref, argmax_ref) = outputs
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(argmax, argmax_ref)
+    assert np.isnan(y[:, :lo]).all() and np.isnan(y[:, hi:]).all()   # other channels untouched
+
+
 def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
     from arraybn.backends import numba_fused_kernels as kernels
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
