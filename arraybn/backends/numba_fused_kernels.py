@@ -174,7 +174,7 @@ def _pool(plane, relu_after, k, y, argmax):
 
 
 @jit()
-def _offset_tables(k):
+def offset_tables(k):
     """(row, column) offset in the window of each argmax value (no division per element)."""
     di, dj = np.empty(k * k, np.int64), np.empty(k * k, np.int64)
     for at in range(k * k):
@@ -202,7 +202,7 @@ def _planes(a):
 def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
     """Per channel lo..hi-1, in float64: sum of gy and of gy * (x - mean) at each window's
     argmax (each channel's planes in batch order)."""
-    di, dj = _offset_tables(k)
+    di, dj = offset_tables(k)
     n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
     sum_gy[lo:hi] = 0.0
@@ -313,7 +313,7 @@ def _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx):
     """gx = a_gy * g + ((x - mean) * a_x + b), g the unpooled gradient; 0 where x <= 0 if
     ``relu_before``; for channels lo..hi-1. Every position gets the second term (one
     vectorised pass), then each window's argmax gets the whole formula."""
-    di, dj = _offset_tables(k)
+    di, dj = offset_tables(k)
     n_ch, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
     x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
     size = x2.shape[1]
