@@ -41,6 +41,9 @@ def _fill(image, kh, kw, stride, pad, oh, ow, cols, col0):
     (C*kh*kw, *): ``cols[(c*kh + ki)*kw + kj, col0 + i*OW + j] = padded[c, i*stride + ki,
     j*stride + kj]``, zero on the padding."""
     c, h, w = image.shape
+    if stride == 1 and oh == h and ow == w:
+        _fill_same(image, kh, kw, pad, cols, col0)
+        return
     for ch in range(c):
         for ki in range(kh):
             for kj in range(kw):
@@ -59,6 +62,36 @@ def _fill(image, kh, kw, stride, pad, oh, ow, cols, col0):
                     for j in range(j0, j1):
                         source = uidx(j * stride + kj - pad)
                         cols[row, uidx(base + j)] = image[uidx(ch), uidx(src), source]
+
+
+@jit()
+def _fill_same(image, kh, kw, pad, cols, col0):
+    """``_fill`` for a 'same' convolution (stride 1, output as large as the input): a window
+    row (c, ki, kj) is the flattened plane c shifted by (ki - pad) * W + kj - pad, so it is one
+    contiguous copy with zeros before and after (the rows off the image), then zeros in the
+    columns that wrapped around a row's end (|kj - pad| of them). Per output row, as the
+    general loop copies, VGG-8's 14x14 and 7x7 planes cost 0.45 and 0.74 ns a value against
+    0.2 at 28x28 (one thread)."""
+    c, h, w = image.shape
+    size = h * w
+    planes = image.reshape(c, size)
+    for ch in range(c):
+        for ki in range(kh):
+            for kj in range(kw):
+                row, shift = uidx((ch * kh + ki) * kw + kj), (ki - pad) * w + kj - pad
+                lo, hi = min(max(0, -shift), size), max(0, min(size, size - shift))
+                for q in range(lo):
+                    cols[row, uidx(col0 + q)] = 0
+                for q in range(lo, hi):
+                    cols[row, uidx(col0 + q)] = planes[uidx(ch), uidx(q + shift)]
+                for q in range(max(lo, hi), size):
+                    cols[row, uidx(col0 + q)] = 0
+                j0, j1 = _valid(kj - pad, 1, w, w)          # the columns that did not wrap
+                for i in range(h):
+                    for j in range(j0):
+                        cols[row, uidx(col0 + i * w + j)] = 0
+                    for j in range(j1, w):
+                        cols[row, uidx(col0 + i * w + j)] = 0
 
 
 @jit()

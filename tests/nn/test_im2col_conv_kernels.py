@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(not flat.available(np.float32),
     ((7, 3, 9, 9), 5, 3, 2, 2, True),          # 'image' with col2im, padding beyond the window
     ((6, 4, 8, 8), 5, 5, 1, 1, True),          # 'chunk', not 'same': col2im
     ((4, 64, 7, 7), 64, 3, 1, 1, False),       # 'chunk', same padding: the NumPy path
+    ((3, 4, 6, 9), 5, 5, 1, 2, False),         # 'same' 5x5: shifted runs, 2 wrapped columns
+    ((3, 2, 2, 3), 4, 5, 1, 2, True),          # 'same', windows wider than the plane
 ])
 def test_the_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, stride, pad, bias):
     rng = np.random.default_rng(0)
