@@ -100,8 +100,8 @@ def _normalize_pool2(x, center, a, b, relu_after, lo, hi, y, argmax):
 
 @jit()
 def _forward(x, center, a, b, relu_after, k, lo, hi, y, argmax):
-    """The forward of channels lo..hi-1: one pass per plane at k = 1, all the windows of an
-    image in one loop at k = 2, else the window loops of each plane."""
+    """The forward of channels lo..hi-1: one pass per plane at k = 1, the windows of groups of
+    planes in one loop at k = 2, else the window loops of each plane."""
     if k == 1:
         _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax)
     elif k == 2:
