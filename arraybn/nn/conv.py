@@ -34,7 +34,8 @@ from arraybn.nn.chunk_threads import (CHUNK_MULTIPLE, one_blas_thread, parallel_
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
 
 CHUNK_BYTES = 1 << 20         # im2col columns per chunk of the batch: about one core's L2 cache
-MIN_CHUNK_COLUMNS = 1024      # output positions per chunk: below this the GEMM slows down
+MIN_CHUNK_COLUMNS = 256       # output positions per chunk at least (a wide enough GEMM); see
+                              # batch_chunks for why not 1024
 PER_IMAGE_MIN_POSITIONS = 256  # one GEMM per image from this many output positions per image
 PER_IMAGE_MAX_ROWS = 64        # or up to this many im2col rows (C*kh*kw); see _per_image
 
@@ -63,7 +64,10 @@ def batch_chunks(n, column_bytes, positions, xp, multiple=1):
 
     On the CPU a chunk's columns take about ``CHUNK_BYTES`` (they stay in cache from im2col to
     the GEMM) with at least ``MIN_CHUNK_COLUMNS`` output positions (a GEMM wide enough to run
-    at speed); ``column_bytes`` and ``positions`` are one image's. The number of chunks is a
+    at speed); ``column_bytes`` and ``positions`` are one image's. The floor was 1024 until the
+    ninth session: it made VGG-8's 7x7 layers 4 chunks of 25 images, 5.6 MB of columns each,
+    far past the cache; with 256 (12 chunks) the VGG-8 step took 239 ms instead of 242-251 on
+    one thread and 117-125 instead of 130-131 on two (two runs each; 128 no better). The number of chunks is a
     ``multiple`` (as the batch allows), so that threads get equal shares: rounded down (chunks
     a little over the cache budget keep the GEMMs wide), or up from fewer. On a GPU the whole
     batch is one chunk.

@@ -172,13 +172,13 @@ def test_conv_gradients_by_centred_differences(rng, backend, k, stride, pad):
 
 
 @pytest.mark.parametrize("n,column_bytes,positions,multiple,expected", [
-    (100, 288 * 784 * 4, 784, 1, [2] * 50),       # columns of 0.9 MB an image: 1024 positions
+    (100, 288 * 784 * 4, 784, 1, [1] * 100),      # columns of 0.9 MB an image: one a chunk
     (100, 9 * 676 * 4, 676, 1, [33, 33, 34]),       # 24 KB an image: 43 fit, sizes evened out
     (5, 1 << 30, 2048, 1, [1] * 5),                # bigger than the budget: one image a chunk
     (3, 4, 4, 1, [3]),                             # all of a small batch in one chunk
     (0, 36, 9, 1, [0]),                            # an empty batch is one empty chunk
-    (100, 1152 * 49 * 4, 49, 4, [25] * 4),         # VGG-8 conv6: 5 chunks of 21 -> 4 of 25
-    (100, 288 * 196 * 4, 196, 4, [6, 6, 6, 7] * 4),    # VGG-8 conv3: 17 of 6 -> 16
+    (100, 1152 * 49 * 4, 49, 4, [6, 6, 6, 7] * 4),  # VGG-8 conv6: 17 chunks of 6 -> 16
+    (100, 288 * 196 * 4, 196, 4, [4, 4, 4, 4, 4, 5] * 4),  # VGG-8 conv3: 25 of 4 -> 24
     (100, 9 * 676 * 4, 676, 4, [25] * 4),          # 3 chunks -> 4: every thread gets a share
     (3, 4, 4, 4, [1] * 3),                         # ... as far as the batch allows
 ])
