@@ -65,12 +65,12 @@ def batch_chunks(n, column_bytes, positions, xp, multiple=1):
     On the CPU a chunk's columns take about ``CHUNK_BYTES`` (they stay in cache from im2col to
     the GEMM) with at least ``MIN_CHUNK_COLUMNS`` output positions (a GEMM wide enough to run
     at speed); ``column_bytes`` and ``positions`` are one image's. The floor was 1024 until the
-    ninth session: it made VGG-8's 7x7 layers 4 chunks of 25 images, 5.6 MB of columns each,
-    far past the cache; with 256 (12 chunks) the VGG-8 step took 239 ms instead of 242-251 on
-    one thread and 117-125 instead of 130-131 on two (two runs each; 128 no better). The number of chunks is a
-    ``multiple`` (as the batch allows), so that threads get equal shares: rounded down (chunks
-    a little over the cache budget keep the GEMMs wide), or up from fewer. On a GPU the whole
-    batch is one chunk.
+    ninth session: it made VGG-8's 7x7 layers 4 chunks of 25 images, up to 5.6 MB of columns
+    each, far past the cache; with 256 (12 and 16 chunks) the VGG-8 step took 239 ms instead of
+    242-251 on one thread and 117-125 instead of 130-131 on two (two runs each; 128 no better).
+    The number of chunks is a ``multiple`` (as the batch allows), so that threads get equal
+    shares: rounded down (chunks a little over the cache budget keep the GEMMs wide), or up from
+    fewer. On a GPU the whole batch is one chunk.
     """
     if xp is not np:
         return [slice(0, n)]
