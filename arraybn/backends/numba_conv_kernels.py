@@ -62,11 +62,6 @@ def _maxpool_backward(gy, argmax, k, gx):
                         uidx(n), uidx(c), uidx(i), uidx(j)]
 
 
-def threads():
-    """How many threads the convolution kernels share a layer's chunks among (Numba's)."""
-    return numba.get_num_threads()
-
-
 def conv_forward(x, weight, bias, chunks, stride, pad, layout, y):
     """y of the convolution, chunk by chunk of ``chunks`` (slices of the batch) in
     ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no padding; 'image' or 'chunk': one GEMM

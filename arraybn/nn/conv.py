@@ -272,7 +272,7 @@ def _chunks(x, weight_shape, stride, pad, xp):
     return parts, parallel
 
 
-def _kernels(ops, dtype, gemm_dims, chunk_forward=False):
+def _kernels(ops, dtype, gemm_dims):
     """Whether the backend's ``conv_ops()`` runs this convolution's chunks in its own kernels,
     without the GIL and with the same results bit for bit (numba: ``numba_flat_conv`` for the
     'flat' layout, ``numba_im2col_conv`` for the others), all chunks in one call that shares
@@ -281,13 +281,13 @@ def _kernels(ops, dtype, gemm_dims, chunk_forward=False):
     differ from GEMM's in the last bit. In every layout: Numba's workers spin between parallel
     kernels (``arraybn.backends.numba_backend``), so chunks on the chunk threads would fight
     them for the cores (VGG-8 epoch, two threads, with the 'chunk' layout's forward on the
-    chunk threads 15.8 s, in the kernels 11.8 s). On one thread the 'chunk' layout's forward
-    stays on the NumPy path (``conv2d_forward``): there the kernels' row-by-row im2col of 14x14
-    and 7x7 planes lost to NumPy's slice copies (VGG-8 step 278 ms in the kernels, 263-266 ms
-    on NumPy's; ResNet-20 a tie): ``chunk_forward`` says the call is that forward."""
+    chunk threads 15.8 s, in the kernels 11.8 s). Until the ninth session the 'chunk' layout's
+    forward stayed on NumPy's slice copies on one thread, where the kernels' row-by-row im2col
+    of 14x14 and 7x7 planes lost; with 'same' windows copied as shifted runs and cache-sized
+    chunks the kernels win at 14x14 (VGG-8's 64-channel layer 15.8 -> 14.2 ms, one thread) and
+    tie at 7x7."""
     available = getattr(ops, "conv_kernels_available", None)
-    return (available is not None and available(dtype) and min(gemm_dims) > 1
-            and (not chunk_forward or ops.threads() > 1))
+    return available is not None and available(dtype) and min(gemm_dims) > 1
 
 
 def _gemm_dims(o, c, kh, kw, oh, ow, w, layout):
@@ -313,7 +313,7 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     w2 = weight.reshape(o, -1)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout), layout == "chunk"):
+    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
         x = xp.ascontiguousarray(x)
         one_blas_thread()
         ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
