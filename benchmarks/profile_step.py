@@ -1,7 +1,9 @@
 """Where one training step of a model + BN goes (LeNet-5 by default, ``--model``): a per-layer timer and a cProfile listing.
 
 Times ``--steps`` steps (after ``--warmup``) of forward, loss, backward and the optimizer, each
-layer's forward and backward timed on its own; prints the median per step of every part. Set the
+layer's forward and backward timed on its own; prints the median per step of every part. The
+heap is kept as in ``arraybn train`` (``timing.steady_heap``: without it a fresh process pays
+660 page faults a LeNet-5 step that the trainer does not). Set the
 thread variables before running, e.g.::
 
     NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 \
@@ -59,6 +61,8 @@ def timed_step(model, opt, images, labels, times):
 def main(argv=None):
     args = parse_args(argv)
     from arraybn.nn import SGD, build_model
+    from timing import steady_heap
+    steady_heap()                     # freed memory kept, as it is in ``arraybn train``
     model = build_model(args.model, backend=args.backend, seed=0, bn_position=args.bn_position,
                         depth=args.depth, width=args.width)
     opt = SGD(model.parameters(), lr=0.01, momentum=0.9)

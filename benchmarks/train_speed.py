@@ -115,8 +115,11 @@ def time_steps(step, first, count):
 
 
 def time_contender(args):
-    """Seconds per step of ``args.contender`` ('torch' or a backend name), in this process."""
+    """Seconds per step of ``args.contender`` ('torch' or a backend name), in this process,
+    with the heap kept as in ``arraybn train`` (``timing.steady_heap``)."""
     import numpy as np
+    from timing import steady_heap
+    steady_heap()
     rng = np.random.default_rng(0)
     pool = min(EPOCH_IMAGES, (args.warmup + args.steps) * args.batch)
     images = rng.standard_normal((pool, 1, 28, 28)).astype(np.float32)

@@ -1,6 +1,7 @@
 """The CPU BN benchmark runs end to end on tiny shapes (no timing is asserted), and its
 interleaved sampling helpers compute what they say."""
 import importlib.util
+import subprocess
 import pathlib
 import sys
 
@@ -54,3 +55,48 @@ def test_benchmark_rejects_a_bad_shape():
     bench = _load("bn_kernels")
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "8xfoo"])
+
+
+CHURN = """
+import resource, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from timing import steady_heap
+
+def faults_in(rounds):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        blocks = [np.ones(1 << 17) for _ in range(3)]    # three 1 MiB blocks, freed together
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults_in(3)
+default = faults_in(20)
+kept = steady_heap()
+faults_in(3)                                             # the heap grows once
+print(kept, default, faults_in(20))
+"""
+
+
+def test_steady_heap_keeps_freed_blocks_that_glibc_hands_back_by_default():
+    done = subprocess.run([sys.executable, "-c", CHURN, str(BENCHMARKS)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    kept, default, after = done.stdout.split()
+    if kept != "True":
+        pytest.skip("not glibc: its malloc settings do not exist here")
+    # by default the 1 MiB blocks go on the heap once the first is freed (the mmap threshold
+    # rises to 1 MiB), and 3 MiB free at its top pass the 2 MiB trim threshold: every round
+    # gives back most of it (here 480 of the 768 pages) and faults it in again
+    assert int(default) >= 20 * 256
+    assert int(after) == 0
+
+
+def test_steady_heap_sets_nothing_without_mallopt(monkeypatch):
+    timing = _load("timing")
+
+    class NoMallopt:
+        def __init__(self, _name):
+            pass
+    import ctypes
+    monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
+    assert timing.steady_heap() is False
