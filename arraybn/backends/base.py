@@ -159,7 +159,9 @@ class Backend(abc.ABC):
         ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``), and ``conv_kernels_available``
         with ``conv_forward``/``conv_backward``, the convolution kernels that ``arraybn.nn.conv``
         runs a chunk of the batch in (``numba_conv_kernels``; they must give the ``xp`` code's
-        results bit for bit).
+        results bit for bit), and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
+        and ``add``, the residual blocks' element-wise kernels (``numba_residual_kernels``; the
+        same bits as NumPy's).
         """
         return None
 

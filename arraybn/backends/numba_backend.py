@@ -85,7 +85,8 @@ class NumbaBackend(Backend):
         self._numba = numba_module
 
     def conv_ops(self):
-        """``numba_conv_kernels``: one-pass max pooling and the fused BN block kernels."""
+        """``numba_conv_kernels``: one-pass max pooling, the fused BN block, convolution and
+        residual block kernels."""
         from arraybn.backends import numba_conv_kernels     # compiled only when conv layers ask
         return numba_conv_kernels
 

@@ -1,10 +1,15 @@
-"""Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks' and the
-convolutions' kernels).
+"""Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks', the
+convolutions' and the residual blocks' kernels).
 
-Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, and ``Conv2d``: ``numba_flat_conv`` for the
-'flat' convolutions, ``numba_im2col_conv`` for the others) on the 'numba' backend only. The
-convolutions keep ``arraybn.nn.conv``'s im2col + BLAS GEMMs over cache-sized chunks of the
-batch (a direct convolution loop in Numba was 3-10x slower); their kernels run a chunk's im2col,
+Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, ``ResidualBlock``: ``numba_residual_kernels``,
+and ``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the
+others) on the 'numba' backend only. The convolutions keep ``arraybn.nn.conv``'s im2col + BLAS
+GEMMs over cache-sized chunks of the batch: a direct convolution loop in Numba was 3-10x slower;
+in the tenth session one with unsigned indices, the nine taps of a 3x3 window in one vectorised
+loop and two output channels a pass (its sums the GEMM's, bit for bit, where OpenBLAS sums K in
+one chain) took, against the GEMM path, 0.79x for 16 channels at 28x28, 1.06-2.7x for 32 and 64
+channels and 1.3x for LeNet-5's conv2 (forward, one thread), about 3% of a ResNet-20 step, so it
+was not kept. Their kernels run a chunk's im2col,
 GEMMs and col2im in one call without the GIL. Numba loops for im2col were once 2-2.5x slower
 than NumPy's slice copies (third and fourth sessions): signed indices made Numba wrap negative
 ones around on every access, which kept the copies scalar; unsigned ones make them as fast as
@@ -22,6 +27,8 @@ from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_back
 from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward
 from arraybn.backends.numba_fused_kernels import bn_pool_backward  # noqa: F401
 from arraybn.backends.numba_fused_kernels import bn_pool_forward, offset_tables
+from arraybn.backends.numba_residual_kernels import (add, add_relu,  # noqa: F401
+                                                    elementwise_applies, relu_gradient)
 
 
 @jit(parallel=True)

@@ -131,7 +131,8 @@ def _residual_block(b, prefix, cin, cout, stride):
         shortcut.linear_norm(shortcut.conv("conv1", cin, cout, 1, stride=stride), cout)
     # the Network fuses top-level runs only; a block's runs are fused here (where the backend can)
     return ResidualBlock(fuse_bn_blocks(branch.layers, b.backend),
-                         fuse_bn_blocks(shortcut.layers, b.backend), b.backend.xp)
+                         fuse_bn_blocks(shortcut.layers, b.backend), b.backend.xp,
+                         b.backend.conv_ops())
 
 
 def _resnet(b, in_shape, num_classes, depth, width):
