@@ -19,14 +19,15 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @jit(parallel=True)
-def _add_relu(a, b, y):
+def _sum(a, b, relu, y):
+    """y = a + b, then max(., 0) as NumPy's if ``relu``."""
     n = a.shape[0]
     m = a.size // n
     fa, fb, fy = a.reshape(n, m), b.reshape(n, m), y.reshape(n, m)
     for i in prange(n):
-        for j in range(fa.shape[1]):
+        for j in range(m):
             v = fa[i, uidx(j)] + fb[i, uidx(j)]
-            fy[i, uidx(j)] = v if (v > 0 or v != v) else 0
+            fy[i, uidx(j)] = v if (not relu or v > 0 or v != v) else 0
 
 
 @jit(parallel=True)
@@ -38,16 +39,6 @@ def _relu_gradient(gy, y, g):
     for i in prange(n):
         for j in range(fg.shape[1]):
             fg[i, uidx(j)] = fgy[i, uidx(j)] * (one if fy[i, uidx(j)] > 0 else zero)
-
-
-@jit(parallel=True)
-def _add(a, b, y):
-    n = a.shape[0]
-    m = a.size // n
-    fa, fb, fy = a.reshape(n, m), b.reshape(n, m), y.reshape(n, m)
-    for i in prange(n):
-        for j in range(fa.shape[1]):
-            fy[i, uidx(j)] = fa[i, uidx(j)] + fb[i, uidx(j)]
 
 
 def elementwise_applies(*arrays):
@@ -62,7 +53,7 @@ def elementwise_applies(*arrays):
 def add_relu(a, b):
     """max(a + b, 0), a new array (``elementwise_applies`` arrays)."""
     y = np.empty_like(a)
-    _add_relu(a, b, y)
+    _sum(a, b, True, y)
     return y
 
 
@@ -76,5 +67,5 @@ def relu_gradient(gy, y):
 def add(a, b):
     """a + b, a new array."""
     y = np.empty_like(a)
-    _add(a, b, y)
+    _sum(a, b, False, y)
     return y
