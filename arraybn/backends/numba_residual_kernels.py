@@ -2,12 +2,13 @@
 forward, the ReLU's gradient and the sum of the two paths' gradients of the backward.
 
 NumPy ran them on one thread in five passes (``out + skip``, then the ReLU in place; ``gy *
-(y > 0)`` through a mask array; ``g_branch + g_skip``): on two threads ResNet-20's step spent
-17 ms there against 7 in the rest of its element-wise work that the kernels share out. Each
-value is computed as NumPy computes it, so the results are the same bit for bit: the sum
-rounded once, then ``max`` as NumPy's ``maximum(v, 0)`` (``v > 0 or v is NaN``: v, else 0; so
-NaN passes and -0.0 becomes +0.0), the gradient ``gy * 1`` or ``gy * 0`` (so -0.0 where gy < 0, NaN where gy is
-infinite or NaN, as NumPy's multiply by the mask gives). Shares of the batch go to Numba's
+(y > 0)`` through a mask array; ``g_branch + g_skip``): 21 ms of ResNet-20's one-thread step
+(batch 100) and still 17 ms of its 215 ms two-thread step. Here, 100 x 16 x 28 x 28, the three
+take 1.58 ms on one thread and 0.80 on two, against NumPy's 2.15 and 2.12. Each value is
+computed as NumPy computes it, so the results are the same bit for bit: the sum rounded once,
+then ``max`` as NumPy's ``maximum(v, 0)`` (``v > 0 or v is NaN``: v, else 0; so NaN passes and
+-0.0 becomes +0.0), the gradient ``gy * 1`` or ``gy * 0`` (so -0.0 where gy < 0, NaN where gy
+is infinite or NaN, as NumPy's multiply by the mask gives). Shares of the batch go to Numba's
 threads (one image per task at least).
 """
 import numpy as np
