@@ -33,12 +33,13 @@ def _sum(a, b, relu, y):
 
 @jit(parallel=True)
 def _relu_gradient(gy, y, g):
+    """g = gy * 1 where y > 0, else gy * 0, as NumPy's multiply by the mask."""
     n = gy.shape[0]
     m = gy.size // n
     fgy, fy, fg = gy.reshape(n, m), y.reshape(n, m), g.reshape(n, m)
     one, zero = gy.dtype.type(1), gy.dtype.type(0)
     for i in prange(n):
-        for j in range(fg.shape[1]):
+        for j in range(m):
             fg[i, uidx(j)] = fgy[i, uidx(j)] * (one if fy[i, uidx(j)] > 0 else zero)
 
 
