@@ -13,8 +13,6 @@ element-wise passes around them:
   (every other position of the unpooled gradient is zero), in float64; then one pass writes
   ``gx = a_gy[c] * g + ((x - mean[c]) * a_x[c] + b[c])`` (the unfused BN backward's formula),
   zeroed where ``x <= 0`` when a ReLU came before the BN (``relu_before``: x is its output).
-  Without pooling this runs in groups of channels that fit the cache (``group_size``): a
-  group's sums, then its gx, while its planes are still there.
 
 Blocks without pooling (k = 1: VGG-8's and ResNet's BN + ReLU) take one-pass kernels with the
 same roundings as the window kernels at k = 1 (the window loops cost 10x in the forward and
@@ -40,7 +38,6 @@ from arraybn.backends.numba_config import jit, uidx
 
 PARALLEL_MIN_SIZE = 1 << 16   # values from which a block shares out its channels
 POOL_WINDOWS = 512      # 2x2 windows per pooling loop at least (see _normalize_pool2)
-GROUP_BYTES = 1 << 20   # the backward's channel groups: x, gy and argmax in about one L2 cache
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -286,6 +283,16 @@ def _channel_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
         _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc)
 
 
+@jit(parallel=True)
+def _sums_parallel(gy, x, argmax, mean, k, tasks, sum_gy, sum_gy_xc):
+    """``_channel_sums`` with the channels shared out among ``tasks`` (each channel's sums as
+    on one thread)."""
+    n_ch = x.shape[1]
+    for t in prange(tasks):
+        _channel_sums(gy, x, argmax, mean, k, t * n_ch // tasks, (t + 1) * n_ch // tasks, sum_gy,
+                      sum_gy_xc)
+
+
 @jit()
 def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx):
     """k = 1: ``_unpool_gx`` in one pass per plane, for channels lo..hi-1."""
@@ -336,50 +343,13 @@ def _gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx):
         _unpool_gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, lo, hi, gx)
 
 
-@jit()
-def _backward_channels(gy, x, argmax, mean, scale, w, centered, count, k, relu_before, group,
-                       lo, hi, sum_gy, sum_gy_xc, a_x, b, gx):
-    """Channels lo..hi-1 in groups of ``group`` channels (``group_size``): the group's sums
-    (``_channel_sums``), its coefficients (as ``bn_pool_backward`` wrote them in NumPy: a_x =
-    -scale * (w * sum_gy_xc / count), b = -scale * (sum_gy / count), or 0 for statistics that
-    are constants), then its gx (``_gx``). The second pass over a group's planes finds them in
-    the cache, where all the sums before any gx read the whole block twice from memory (see
-    ``GROUP_BYTES``)."""
-    for c0 in range(lo, hi, group):
-        c1 = min(hi, c0 + group)
-        _channel_sums(gy, x, argmax, mean, k, c0, c1, sum_gy, sum_gy_xc)
-        for c in range(c0, c1):
-            if centered:
-                a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count)
-                b[c] = -scale[c] * (sum_gy[c] / count)
-            else:
-                a_x[c] = 0.0
-                b[c] = 0.0
-        _gx(gy, x, argmax, mean, scale, a_x, b, k, relu_before, c0, c1, gx)
-
-
-def group_size(x, k):
-    """The backward's channels per group. Without pooling (k = 1): their x, gy and argmax at
-    most ``GROUP_BYTES``, at least one; a ResNet-20 block (100 x 16 x 28 x 28, one thread)
-    1.59 -> 1.53 ms with its data in the cache, 3.07 -> 2.58 ms without (all of its sums before
-    its gx), and the step's BN backward 39-40 -> 36.5-38 ms. Pooled blocks take all their
-    channels as one group (their sums, then their gx): in groups LeNet-5's first block's took
-    0.58 -> 0.66 ms (0.92 -> 1.11 from memory), VGG-8's first 2.75 -> 2.94."""
-    if k != 1:
-        return x.shape[1]
-    per_channel = x.shape[0] * x.shape[2] * x.shape[3] * (2 * x.itemsize + 1)
-    return max(1, GROUP_BYTES // per_channel)
-
-
 @jit(parallel=True)
-def _backward_parallel(gy, x, argmax, mean, scale, w, centered, count, k, relu_before, group,
-                       tasks, sum_gy, sum_gy_xc, a_x, b, gx):
-    """``_backward_channels`` with the channels shared out among ``tasks``."""
+def _gx_parallel(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, tasks, gx):
+    """``_gx`` with the channels shared out among ``tasks``."""
     n_ch = x.shape[1]
     for t in prange(tasks):
-        _backward_channels(gy, x, argmax, mean, scale, w, centered, count, k, relu_before, group,
-                           t * n_ch // tasks, (t + 1) * n_ch // tasks, sum_gy, sum_gy_xc, a_x, b,
-                           gx)
+        _gx(gy, x, argmax, mean, a_gy, a_x, b, k, relu_before, t * n_ch // tasks,
+            (t + 1) * n_ch // tasks, gx)
 
 
 def _tasks(x):
@@ -444,16 +414,20 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
                          f"pooled shape of x {x.shape}")
     channels = x.shape[1]
     mean, scale, w = (_channels(v, channels) for v in (mean, scale, w))
-    sum_gy, sum_gy_xc, a_x, b = (np.empty(channels) for _ in range(4))
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    # gx = scale * (g - sum_gy / m - w * (x - mean) * sum_gy_xc / m), channel by channel;
-    # with statistics that are constants (not ``centered``) gx = scale * g
-    gx = np.empty_like(x)
-    args = (gy, x, argmax, mean, scale, w, bool(centered), count, int(k), bool(relu_before),
-            group_size(x, int(k)))
-    tasks = _tasks(x)
+    sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
+    tasks, k = _tasks(x), int(k)
     if tasks:
-        _backward_parallel(*args, tasks, sum_gy, sum_gy_xc, a_x, b, gx)
+        _sums_parallel(gy, x, argmax, mean, k, tasks, sum_gy, sum_gy_xc)
     else:
-        _backward_channels(*args, 0, channels, sum_gy, sum_gy_xc, a_x, b, gx)
+        _channel_sums(gy, x, argmax, mean, k, 0, channels, sum_gy, sum_gy_xc)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    if centered:          # gx = scale * (g - sum_gy / m - w * (x - mean) * sum_gy_xc / m)
+        a_x, b = -scale * (w * sum_gy_xc / count), -scale * (sum_gy / count)
+    else:                 # statistics are constants: gx = scale * g
+        a_x = b = np.zeros(channels)
+    gx = np.empty_like(x)
+    if tasks:
+        _gx_parallel(gy, x, argmax, mean, scale, a_x, b, k, bool(relu_before), tasks, gx)
+    else:
+        _gx(gy, x, argmax, mean, scale, a_x, b, k, bool(relu_before), 0, channels, gx)
     return gx, sum_gy, sum_gy_xc

@@ -227,37 +227,6 @@ def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_afte
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("k", [1, 2])
-@pytest.mark.parametrize("centered", [True, False])
-def test_the_backward_gives_the_same_bits_for_any_channel_group(dtype, k, centered):
-    """Channel groups (sums, coefficients, then gx, group after group, so that the second pass
-    finds the group in the cache) of 1, 2, 3 and all 7 channels, also over a channel range:
-    each channel's sums, coefficients and gx are the same."""
-    from arraybn.backends import numba_fused_kernels as kernels
-    rng = np.random.default_rng(7)
-    x = _data(dtype, shape=(3, 7, 6, 4))
-    gy = rng.standard_normal((3, 7, 6 // k, 4 // k)).astype(dtype)
-    center, a, b, w = (rng.standard_normal(7), rng.uniform(0.5, 1.5, 7), rng.standard_normal(7),
-                       rng.uniform(0.5, 1.5, 7))
-    _, argmax = kernels.bn_pool_forward(x, center, a, b, True, k)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    results = []
-    for group in (1, 2, 3, 7):
-        for lo, hi in ((0, 7), (2, 6)):
-            out = [np.full(7, np.nan) for _ in range(4)] + [np.full_like(x, np.nan)]
-            kernels._backward_channels(gy, x, argmax, center, a, w, centered, count, k, False,
-                                       group, lo, hi, *out)
-            results.append([v[lo:hi] if v.ndim == 1 else v[:, lo:hi] for v in out])
-    for other in results[2:]:
-        for got, want in zip(other, results[0] if len(other[0]) == 7 else results[1]):
-            np.testing.assert_array_equal(got, want)
-    assert np.isfinite(results[0][4]).all()
-    assert kernels.group_size(np.empty((100, 16, 28, 28), np.float32), 1) == 1
-    assert kernels.group_size(np.empty((100, 64, 7, 7), np.float32), 1) == 23
-    assert kernels.group_size(np.empty((100, 64, 7, 7), np.float32), 2) == 64
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True)])
 @pytest.mark.parametrize("tasks", [2, 3, 5])
 @pytest.mark.parametrize("k", [1, 2, 3])
@@ -280,16 +249,14 @@ def test_kernels_sharing_channels_among_threads_equal_one_thread(
     np.testing.assert_array_equal(argmax_par, argmax)
     gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
                                                      relu_before, k)
+    sums = np.full(5, np.nan), np.full(5, np.nan)
+    kernels._sums_parallel(gy, x, argmax, center, k, tasks, *sums)
+    np.testing.assert_array_equal(sums[0], sum_gy)
+    np.testing.assert_array_equal(sums[1], sum_gy_xc)
     count = x.shape[0] * x.shape[2] * x.shape[3]
-    sums_and_coefficients = [np.full(5, np.nan) for _ in range(4)]
     gx_par = np.full_like(x, np.nan)
-    kernels._backward_parallel(gy, x, argmax, center, a, w, True, count, k, relu_before,
-                               kernels.group_size(x, k), tasks, *sums_and_coefficients, gx_par)
-    sum_par, sum_xc_par, a_x, b_gx = sums_and_coefficients
-    np.testing.assert_array_equal(sum_par, sum_gy)
-    np.testing.assert_array_equal(sum_xc_par, sum_gy_xc)
-    np.testing.assert_array_equal(a_x, -a * (w * sum_gy_xc / count))   # NumPy's coefficients
-    np.testing.assert_array_equal(b_gx, -a * (sum_gy / count))
+    kernels._gx_parallel(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
+                         -a * (sum_gy / count), k, relu_before, tasks, gx_par)
     np.testing.assert_array_equal(gx_par, gx)
 
 
