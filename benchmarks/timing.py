@@ -1,4 +1,6 @@
-"""Small helpers shared by the CPU benchmarks: warm-up, median of repeats, a markdown table."""
+"""Small helpers shared by the CPU benchmarks: warm-up, median of repeats, a markdown table, and
+the heap setting of processes that run bare training steps (``steady_heap``)."""
+import ctypes
 import statistics
 import time
 
@@ -112,14 +114,12 @@ def steady_heap():
     top past twice that; so a step's large temporaries came back as fresh zero-filled pages
     every step: LeNet-5 660 minor page faults a step (batch 128), ResNet-20 11,000 (batch 100),
     and a one-thread LeNet-5 step of 5.2-5.3 ms instead of 4.4. ``arraybn train`` has none in
-    its epochs (counted: 0 in epochs 2 and 3; the large blocks it freed while loading the data
-    raised the threshold; with this setting in the trainer its epoch took 0.808 s against 0.805,
-    4 rounds), so only the bare-step benchmarks set it: the largest mmap threshold (32 MB on
-    64 bits) and a 1 GiB trim threshold.
-    Both are needed: setting one turns the dynamic threshold off with the other at its default
+    its epochs (counted: 0 in epochs 2 and 3; presumably the large blocks it frees while loading
+    the data raise the threshold; with this setting in the trainer its epoch took 0.808 s against
+    0.805, 4 rounds), so only the bare-step benchmarks set it: the largest mmap threshold (32 MB
+    on 64 bits) and a 1 GiB trim threshold. Both are needed: setting one turns the dynamic threshold off with the other at its default
     (the trim threshold alone: 1,800 faults a step).
     """
-    import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):     # no C library by that name, no mallopt

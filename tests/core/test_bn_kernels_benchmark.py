@@ -1,8 +1,9 @@
 """The CPU BN benchmark runs end to end on tiny shapes (no timing is asserted), and its
-interleaved sampling helpers compute what they say."""
+interleaved sampling helpers and the bare-step heap setting do what they say."""
+import ctypes
 import importlib.util
-import subprocess
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -97,6 +98,5 @@ def test_steady_heap_sets_nothing_without_mallopt(monkeypatch):
     class NoMallopt:
         def __init__(self, _name):
             pass
-    import ctypes
     monkeypatch.setattr(ctypes, "CDLL", NoMallopt)
     assert timing.steady_heap() is False
