@@ -76,13 +76,23 @@ def _fill(image, kh, kw, run, cols):
 
 
 @jit()
+def _columns(rows, width, run, dtype):
+    """A buffer for ``_fill``'s columns: (rows, width), its last width - run columns (which
+    ``_fill`` never writes) zero. Zeroing only those, not the whole buffer, saved the
+    memset of 84-90 KB a chunk (LeNet-5's conv1 and conv2, per call and chunk)."""
+    cols = np.empty((rows, width), dtype)
+    cols[:, run:] = 0
+    return cols
+
+
+@jit()
 def _forward(x, w2, bias, has_bias, kh, kw, gemm, one, zero, lo, hi, y):
     """y[lo:hi] (images lo..hi-1) of ``flat_conv_forward``."""
     h, w = x.shape[2:]
     o, rows = w2.shape
     oh, ow = y.shape[2], y.shape[3]
     width, run = oh * w, (h - kh) * w + w - kw + 1
-    cols = np.zeros((rows, width), x.dtype)           # the last W - OW columns stay zero
+    cols = _columns(rows, width, run, x.dtype)
     out = np.empty((o, width), x.dtype)
     for i in range(lo, hi):
         _fill(x[i], kh, kw, run, cols)
@@ -104,8 +114,10 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, partial, gx):
     o, rows = w2.shape
     oh, ow = gy.shape[2], gy.shape[3]
     width, run = oh * w, (h - kh) * w + w - kw + 1
-    cols = np.zeros((rows, width), x.dtype)
-    gy_flat = np.zeros((o, width), x.dtype)           # zero in the wrapped-around columns
+    cols = _columns(rows, width, run, x.dtype)
+    gy_flat = np.empty((o, width), x.dtype)
+    for r in range(oh):                               # zero in the wrapped-around columns
+        gy_flat[:, r * w + ow:(r + 1) * w] = 0
     gcols = np.empty((rows, width), x.dtype)
     product = np.empty((rows, o), x.dtype)
     if hi <= lo:
