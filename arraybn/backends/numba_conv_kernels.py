@@ -25,7 +25,8 @@ from arraybn.backends.numba_flat_conv import available as conv_kernels_available
 from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward
 from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward
 from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward
-from arraybn.backends.numba_fused_kernels import bn_pool_backward  # noqa: F401
+from arraybn.backends.numba_fused_kernels import (bn_pool_backward,  # noqa: F401
+                                                  bn_pool_train_forward)
 from arraybn.backends.numba_fused_kernels import bn_pool_forward, offset_tables
 from arraybn.backends.numba_residual_kernels import (add, add_relu,  # noqa: F401
                                                     elementwise_applies, relu_gradient)

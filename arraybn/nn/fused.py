@@ -10,9 +10,10 @@ the core does: same statistics kernel, same update kernel) and inference (runnin
 statistics), with or without running buffers. Anything else (ghost batches, renorm, an
 observer, a communicator, one value per channel) goes the unfused way.
 
-Forward: the backend's statistics pass, then one kernel that normalises, applies the ReLU and
-pools, writing only the pooled output and the argmax. Backward: the BN sums over the pooled
-positions only, then one pass that writes the input gradient (see ``numba_fused_kernels``).
+Forward: the backend's statistics pass, then one pass that normalises, applies the ReLU and
+pools, writing only the pooled output and the argmax; in training both run in one kernel call
+(``bn_pool_train_forward``). Backward: the BN sums over the pooled positions only, then one pass
+that writes the input gradient, also one call (see ``numba_fused_kernels``).
 """
 import numpy as np
 
@@ -98,8 +99,11 @@ class FusedBNBlock(Layer):
             return x
         if self.relu_before:
             x = np.maximum(x, 0, out=x)              # in place, as the unfused ReLU(inplace=True)
-        center, a, b, cache = self._coefficients(x, options)
-        y, argmax = self._ops.bn_pool_forward(x, center, a, b, self.relu_after, self.k)
+        if options["training"]:
+            y, argmax, cache = self._train_forward(x, options)
+        else:
+            center, a, b, cache = self._inference_coefficients(options)
+            y, argmax = self._ops.bn_pool_forward(x, center, a, b, self.relu_after, self.k)
         self._cache = ("fused", x, argmax) + cache
         return y
 
@@ -133,31 +137,35 @@ class FusedBNBlock(Layer):
             return None                      # the core's error for one value per channel
         return options
 
-    def _coefficients(self, x, options):
-        """(center, a, b, backward cache) of ``y = (x - center) * a + b``, running buffers
-        updated in training, exactly as ``batch_norm_forward`` on this backend does."""
+    def _train_forward(self, x, options):
+        """(y, argmax, backward cache) of a training call: batch statistics, running buffers
+        updated, exactly as ``batch_norm_forward`` on this backend does, in one kernel call
+        (``bn_pool_train_forward``)."""
         bn = self.bn
         gamma = bn.weight.data.astype(np.float64)
-        beta = bn.bias.data.astype(np.float64)
         center_only = options["variant"] == "mean_only"
-        eps, rm, rv = options["eps"], options["running_mean"], options["running_var"]
-        be = bn.backend
-        if not options["training"]:
-            a, shift, mean, scale = be.inference_coefficients(
-                gamma, beta, rm, None if center_only else rv, eps, v.check_running_statistics)
-            cache = (mean, gamma * scale, np.zeros_like(mean), scale, False)
-            return np.zeros_like(mean), a, shift, cache
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)
-        mean, var = be.moments(x3)
-        _, inv_std = be.finish_statistics(mean, var, eps, options.get("momentum", 0.0),
-                                          x3.shape[0] * x3.shape[2], rm,
-                                          None if center_only else rv)
+        rm, rv = options["running_mean"], options["running_var"]
+        y, argmax, mean, var, inv_std = self._ops.bn_pool_train_forward(
+            x, gamma, bn.bias.data.astype(np.float64), options["eps"], center_only,
+            options.get("momentum", 0.0), rm, None if center_only else rv, self.relu_after,
+            self.k)
         if inv_std is None:
             raise v.non_finite_error(np, [mean, var], "batch statistics").located(bn.name)
         if bn.track_running_stats and rm is not None:
             bn.num_batches_tracked += 1
         if center_only:
-            ones = np.ones_like(mean)
-            return mean, gamma, beta, (mean, gamma, np.zeros_like(mean), ones, True)
-        a = gamma / np.sqrt(var + eps)
-        return mean, a, beta, (mean, gamma * inv_std, inv_std * inv_std, inv_std, True)
+            return y, argmax, (mean, gamma, np.zeros_like(mean), np.ones_like(mean), True)
+        return y, argmax, (mean, gamma * inv_std, inv_std * inv_std, inv_std, True)
+
+    def _inference_coefficients(self, options):
+        """(center, a, b, backward cache) of ``y = (x - center) * a + b`` in inference, as
+        ``batch_norm_forward`` on this backend computes them."""
+        bn = self.bn
+        gamma = bn.weight.data.astype(np.float64)
+        center_only = options["variant"] == "mean_only"
+        rv = None if center_only else options["running_var"]
+        a, shift, mean, scale = bn.backend.inference_coefficients(
+            gamma, bn.bias.data.astype(np.float64), options["running_mean"], rv, options["eps"],
+            v.check_running_statistics)
+        cache = (mean, gamma * scale, np.zeros_like(mean), scale, False)
+        return np.zeros_like(mean), a, shift, cache

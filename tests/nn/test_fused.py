@@ -247,17 +247,38 @@ def test_kernels_sharing_channels_among_threads_equal_one_thread(
     kernels._forward_parallel(x, center, a, b, relu_after, k, tasks, y_par, argmax_par)
     np.testing.assert_array_equal(y_par, y)
     np.testing.assert_array_equal(argmax_par, argmax)
+    _assert_train_forward_shared_equals_one_thread(kernels, x, relu_after, k, tasks)
     gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
                                                      relu_before, k)
-    sums = np.full(5, np.nan), np.full(5, np.nan)
-    kernels._sums_parallel(gy, x, argmax, center, k, tasks, *sums)
-    np.testing.assert_array_equal(sums[0], sum_gy)
-    np.testing.assert_array_equal(sums[1], sum_gy_xc)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    gx_par = np.full_like(x, np.nan)
-    kernels._gx_parallel(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
-                         -a * (sum_gy / count), k, relu_before, tasks, gx_par)
-    np.testing.assert_array_equal(gx_par, gx)
+    outputs = (np.full(5, np.nan), np.full(5, np.nan), np.full(5, np.nan), np.full(5, np.nan),
+               np.full_like(x, np.nan))
+    kernels._backward_parallel(gy, x, argmax, center, a, w, True, relu_before, k, tasks, *outputs)
+    np.testing.assert_array_equal(outputs[0], sum_gy)
+    np.testing.assert_array_equal(outputs[1], sum_gy_xc)
+    np.testing.assert_array_equal(outputs[4], gx)
+
+
+def _assert_train_forward_shared_equals_one_thread(kernels, x, relu_after, k, tasks):
+    """The training forward on ``tasks`` (statistics, running buffers, output) equals
+    ``bn_pool_train_forward`` on one thread (x is below the sharing threshold) bit for bit."""
+    rng = np.random.default_rng(8)
+    gamma, beta = rng.uniform(0.5, 1.5, x.shape[1]), rng.standard_normal(x.shape[1])
+    pooled = x.shape[:2] + (x.shape[2] // k, x.shape[3] // k)
+    runs = []
+    for shared in (False, True):
+        running = np.full(x.shape[1], 0.5, x.dtype), np.full(x.shape[1], 2.0, x.dtype)
+        if shared:
+            out = (np.full(pooled, np.nan, x.dtype), np.full(pooled, 7, np.uint8),
+                   *(np.full(x.shape[1], np.nan) for _ in range(4)))
+            assert kernels._train_forward_parallel(x, gamma, beta, 1e-5, False, relu_after, k,
+                                                   0.1, *running, tasks, *out)
+            out = out[:4] + out[5:]                        # without the coefficients a
+        else:
+            out = kernels.bn_pool_train_forward(x, gamma, beta, 1e-5, False, 0.1, *running,
+                                                relu_after, k)
+        runs.append(tuple(out) + running)
+    for one_thread, shared in zip(*runs):
+        np.testing.assert_array_equal(shared, one_thread)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -327,3 +348,19 @@ def test_the_backward_sums_add_four_interleaved_lanes_then_the_lanes_in_pairs(si
 
     got = _lane_sums(g, values, mu, size)
     assert got in (lanes(fma), lanes(lambda a, b, c: a * b + c))
+
+
+def test_the_training_forward_refuses_bad_running_buffers():
+    from arraybn.backends import numba_fused_kernels as kernels
+    x = _data(np.float32, shape=(2, 3, 4, 4))
+    gamma, beta = np.ones(3), np.zeros(3)
+    frozen = np.zeros(3, np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="running_mean must be a writeable"):
+        kernels.bn_pool_train_forward(x, gamma, beta, 1e-5, False, 0.1, frozen, None, True, 2)
+    with pytest.raises(ValueError, match=r"running_var must be .* of shape \(3,\)"):
+        kernels.bn_pool_train_forward(x, gamma, beta, 1e-5, False, 0.1, None, np.ones(4), True,
+                                      2)
+    with pytest.raises(TypeError, match="C-contiguous"):
+        kernels.bn_pool_train_forward(x[..., ::2], gamma, beta, 1e-5, False, 0.1, None, None,
+                                      True, 2)
