@@ -1,4 +1,6 @@
 """Input checks shared by the BN functions: every message says what was wrong and what to do."""
+import math
+
 import numpy as np
 
 from arraybn.backends import is_cupy_array
@@ -39,7 +41,7 @@ def as_nc_m(x, xp):
     n, c = x.shape[:2]
     if c == 0:
         raise ValueError(f"x has no channel (shape {tuple(x.shape)}); BN needs at least one")
-    return xp.ascontiguousarray(x).reshape(n, c, int(np.prod(x.shape[2:], dtype=np.int64)))
+    return xp.ascontiguousarray(x).reshape(n, c, math.prod(x.shape[2:]))   # np.prod: 3 us
 
 
 def check_variant(variant):
