@@ -1,7 +1,7 @@
 """Softmax cross-entropy: the loss and its gradient with respect to the logits, in one pass."""
 import numpy as np
 
-from arraybn.backends import backend_for
+from arraybn.backends import get_backend, is_cupy_array
 from arraybn.backends.arrays import to_host
 
 
@@ -25,7 +25,8 @@ def softmax_cross_entropy(logits, labels):
     Returns ``(loss, g_logits)``: loss a python float, g_logits (N, K) in the logits' dtype,
     ``(softmax(logits) - onehot(labels)) / N``. Stable for large logits (max is subtracted).
     """
-    xp = backend_for(logits).xp
+    # the logits' array module (backend_for would read ARRAYBN_BACKEND from os.environ each step)
+    xp = get_backend("cupy").xp if is_cupy_array(logits) else np
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"logits must have shape (N, K) with N >= 1; got {tuple(logits.shape)}")
     n, classes = logits.shape
