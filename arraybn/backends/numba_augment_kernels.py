@@ -16,12 +16,21 @@ Same numbers as NumPy because every operation is NumPy's, in its order: source c
 float64 (two products, their sum, then the image's ``centre + offset``), the fractional parts
 rounded to the data type, the four weights and the blend ``(((0 + w00 v00) + w01 v01) + w10 v10)
 + w11 v11`` in the data type, and no FMA contraction (``jit(contract=False)``). The public
-function validates and allocates; the ``@njit`` kernel is private and writes into ``out``.
+function validates and allocates; the ``@njit`` kernels are private and write into ``out``.
+
+The images are shared out among Numba's threads (each image's pixels depend on it alone, so the
+output is the same on any number of threads). In a kernel of its own on the calling thread the
+augmentation of a training batch was serial while Numba's second worker spun: on two threads it
+added 1.04 ms to the LeNet-5 step (3.85 -> 4.89 ms), against 0.76 ms on one.
 """
+import numba
 import numpy as np
+from numba import prange
 
 from arraybn.backends.augment_args import check_affine_crop_args
 from arraybn.backends.numba_config import jit
+
+MIN_TASK_IMAGES = 16        # images a thread at least: fewer are not worth waking it
 
 
 @jit(contract=False)
@@ -63,15 +72,16 @@ def _blend_row(framed, taps, weights, zero, out):
 
 
 @jit(contract=False)
-def _affine_crop(images, inverse, offset, shift, fill, framed, out):
-    n_images, channels, height, width = images.shape
+def _affine_crop(images, inverse, offset, shift, fill, lo, hi, framed, out):
+    """Images lo..hi-1 of ``affine_crop`` (each image's pixels depend on it alone)."""
+    _, channels, height, width = images.shape
     zero, fill_value = images.dtype.type(0), images.dtype.type(fill)
-    framed[...] = fill_value
-    framed[:, :, 1:height + 1, 1:width + 1] = images
-    framed_flat = framed.reshape(n_images, channels, framed.shape[2] * framed.shape[3])
+    framed[lo:hi] = fill_value
+    framed[lo:hi, :, 1:height + 1, 1:width + 1] = images[lo:hi]
+    framed_flat = framed.reshape(framed.shape[0], channels, framed.shape[2] * framed.shape[3])
     taps, weights = np.empty((4, width), np.uint32), np.empty((4, width), images.dtype)
     centre_r, centre_c = (height - 1) / 2.0, (width - 1) / 2.0
-    for n in range(n_images):
+    for n in range(lo, hi):
         map_ = (inverse[n, 0, 0], inverse[n, 0, 1], inverse[n, 1, 0], inverse[n, 1, 1],
                 centre_r + offset[n, 0], centre_c + offset[n, 1])
         shift_r, shift_c = shift[n, 0], shift[n, 1]
@@ -88,6 +98,15 @@ def _affine_crop(images, inverse, offset, shift, fill, framed, out):
                 out[n, c, i, col_hi:] = fill_value
 
 
+@jit(parallel=True, contract=False)
+def _affine_crop_parallel(images, inverse, offset, shift, fill, tasks, framed, out):
+    """``_affine_crop`` of the whole batch, its images shared out among ``tasks``."""
+    n = images.shape[0]
+    for t in prange(tasks):
+        _affine_crop(images, inverse, offset, shift, fill, t * n // tasks, (t + 1) * n // tasks,
+                     framed, out)
+
+
 def affine_crop(images, inverse, offset, shift, fill=0.0):
     """Warp ``images`` (N, C, H, W) float32/float64 through the inverse maps and cut the crop
     windows, in one pass; returns a new array of the input's shape and dtype.
@@ -102,7 +121,12 @@ def affine_crop(images, inverse, offset, shift, fill=0.0):
     n, channels, height, width = images.shape
     framed = np.empty((n, channels, height + 2, width + 2), dtype=images.dtype)
     out = np.empty_like(images)
-    _affine_crop(images, np.ascontiguousarray(inverse, dtype=np.float64),
-                 np.ascontiguousarray(offset, dtype=np.float64),
-                 np.ascontiguousarray(shift, dtype=np.int64), float(fill), framed, out)
+    args = (images, np.ascontiguousarray(inverse, dtype=np.float64),
+            np.ascontiguousarray(offset, dtype=np.float64),
+            np.ascontiguousarray(shift, dtype=np.int64), float(fill))
+    tasks = min(numba.get_num_threads(), n // MIN_TASK_IMAGES)
+    if tasks > 1:
+        _affine_crop_parallel(*args, tasks, framed, out)
+    else:
+        _affine_crop(*args, 0, n, framed, out)
     return out

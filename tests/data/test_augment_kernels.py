@@ -82,6 +82,34 @@ def test_window_entirely_on_the_padding_is_all_fill(kernel_backend, rng):
     assert np.all(got == 0.5)
 
 
+@pytest.mark.parametrize("tasks", [2, 3, 5])
+def test_images_shared_out_among_threads_equal_the_reference(rng, tasks):
+    """Each thread's images (11 into 2, 3 or 5 uneven shares) come out as on one thread."""
+    from arraybn.backends import numba_augment_kernels as kernels
+    images = _images(rng, (11, 2, 9, 8), np.float32)
+    transforms = draw_transforms(11, 9, 8, np.random.default_rng(3), AugmentConfig(crop=2))
+    framed, out = np.full((11, 2, 11, 10), np.nan, np.float32), np.full_like(images, np.nan)
+    kernels._affine_crop_parallel(images, transforms.inverse, transforms.offset,
+                                  np.asarray(transforms.window_shifts(), np.int64), -0.42, tasks,
+                                  framed, out)
+    np.testing.assert_array_equal(out, _reference(images, transforms, -0.42))
+
+
+def test_a_batch_is_shared_out_from_the_threshold(rng, monkeypatch):
+    from arraybn.backends import numba_augment_kernels as kernels
+    shared, real = [], kernels._affine_crop_parallel
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(kernels, "_affine_crop_parallel",
+                        lambda *args: (shared.append(args[5]), real(*args)))
+    numba = arraybn.get_backend("numba")
+    for n in (3 * kernels.MIN_TASK_IMAGES, 2 * kernels.MIN_TASK_IMAGES - 1):
+        images = _images(rng, (n, 1, 6, 6), np.float32)
+        transforms = draw_transforms(n, 6, 6, np.random.default_rng(4), AugmentConfig())
+        np.testing.assert_array_equal(apply_transforms(images, transforms, 0.0, numba),
+                                      _reference(images, transforms, 0.0))
+    assert shared == [3]                                   # the second batch ran on one thread
+
+
 def test_empty_batch_and_non_contiguous_images(rng):
     numba = arraybn.get_backend("numba")
     empty = draw_transforms(0, 6, 6, np.random.default_rng(0), AugmentConfig(crop=1))
