@@ -161,7 +161,8 @@ class Backend(abc.ABC):
         runs a chunk of the batch in (``numba_conv_kernels``; they must give the ``xp`` code's
         results bit for bit), and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
         and ``add``, the residual blocks' element-wise kernels (``numba_residual_kernels``; the
-        same bits as NumPy's).
+        same bits as NumPy's), and ``dense_backward_applies`` with ``dense_backward_gemms``, a
+        dense layer's two backward GEMMs side by side (``numba_dense_kernels``; NumPy's bits).
         """
         return None
 

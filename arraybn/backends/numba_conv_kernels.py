@@ -1,9 +1,9 @@
 """Numba kernels for the trainer's CPU hot spots: max pooling (and the fused BN blocks', the
-convolutions' and the residual blocks' kernels).
+convolutions', the residual blocks' and the dense layers' kernels).
 
 Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, ``ResidualBlock``: ``numba_residual_kernels``,
-and ``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the
-others) on the 'numba' backend only. The convolutions keep ``arraybn.nn.conv``'s im2col + BLAS
+``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the
+others, and ``Dense``: ``numba_dense_kernels``) on the 'numba' backend only. The convolutions keep ``arraybn.nn.conv``'s im2col + BLAS
 GEMMs over cache-sized chunks of the batch: a direct convolution loop in Numba was 3-10x slower;
 in the tenth session one with unsigned indices, the nine taps of a 3x3 window in one vectorised
 loop and two output channels a pass (its sums the GEMM's, bit for bit, where OpenBLAS sums K in
@@ -21,6 +21,8 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit, uidx
+from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noqa: F401
+                                                  dense_backward_gemms)
 from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401
 from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward
 from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward

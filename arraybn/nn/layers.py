@@ -75,11 +75,18 @@ def dense_forward(x, weight, bias):
     return y, (x, weight, bias is not None)
 
 
-def dense_backward(gy, cache, need_gx=True):
-    """gy: (N, out) -> (gx (N, in) or None, gweight (out, in), gbias (out,) or None)."""
+def dense_backward(gy, cache, need_gx=True, ops=None):
+    """gy: (N, out) -> (gx (N, in) or None, gweight (out, in), gbias (out,) or None).
+
+    ops: the backend's ``conv_ops()``; where it has ``dense_backward_gemms`` (numba) and that
+    applies, the two GEMMs run side by side, with the same results."""
     x, weight, has_bias = cache
-    gx = gy @ weight if need_gx else None
-    gweight = gy.T @ x
+    applies = getattr(ops, "dense_backward_applies", None)
+    if need_gx and applies is not None and applies(gy, x, weight):
+        gx, gweight = ops.dense_backward_gemms(gy, x, weight)
+    else:
+        gx = gy @ weight if need_gx else None
+        gweight = gy.T @ x
     gbias = gy.sum(axis=0) if has_bias else None
     return gx, gweight, gbias
 
@@ -87,8 +94,8 @@ def dense_backward(gy, cache, need_gx=True):
 class Dense(Layer):
     """Fully connected layer; PyTorch ``nn.Linear`` layout and init (weight (out, in))."""
 
-    def __init__(self, name, in_features, out_features, *, bias, rng, xp, dtype):
-        self.name = name
+    def __init__(self, name, in_features, out_features, *, bias, rng, xp, dtype, ops=None):
+        self.name, self._ops = name, ops       # ops: see dense_backward
         self.weight = Parameter(f"{name}.weight", xp.asarray(
             kaiming_uniform(rng, (out_features, in_features), in_features, dtype)))
         self.bias = None
@@ -105,7 +112,8 @@ class Dense(Layer):
         return y
 
     def backward(self, gy):
-        gx, self.weight.grad, gbias = dense_backward(gy, self._take_cache(), self.need_input_grad)
+        gx, self.weight.grad, gbias = dense_backward(gy, self._take_cache(), self.need_input_grad,
+                                                     self._ops)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx

@@ -164,7 +164,8 @@ class _Builder:
 
     def dense(self, name, fin, fout):
         return lambda bias: Dense(self.prefix + name, fin, fout, bias=bias, rng=self.init_rng,
-                                  xp=self.backend.xp, dtype=self.dtype)
+                                  xp=self.backend.xp, dtype=self.dtype,
+                                  ops=self.backend.conv_ops())
 
 
 def _lenet5(b, in_shape, num_classes):

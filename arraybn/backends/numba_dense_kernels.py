@@ -1,0 +1,61 @@
+"""A dense layer's backward GEMMs side by side on two of Numba's threads.
+
+``gx = gy @ W`` and ``gW = gy.T @ x`` do not depend on each other; NumPy runs them one after the
+other on the calling thread (the numba backend holds OpenBLAS to one thread), while Numba's
+workers, which spin between kernels, wait. Here one parallel region runs each GEMM on its own
+thread: LeNet-5's fc1 backward (128 x 120 x 400) 0.263 -> 0.107 ms on two threads isolated,
+0.233 -> 0.145 ms in the step (``benchmarks/profile_step.py``).
+
+The GEMMs are the calls ``np.matmul`` makes for C-contiguous operands (``numba_flat_conv.GEMMS``:
+NumPy's own OpenBLAS, the same arguments; ``gy.T`` is read transposed in place), so the results
+equal NumPy's bit for bit. Not used where a dimension is 1 (NumPy calls GEMV there, whose sums
+differ in the last bit), on one thread, or below ``MIN_MULTIPLY_ADDS`` per GEMM.
+"""
+import numba
+import numpy as np
+from numba import prange
+
+from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_flat_conv import NO_TRANS, ROW_MAJOR, TRANS, available, gemm_args
+
+MIN_MULTIPLY_ADDS = 1 << 22     # per GEMM: LeNet-5's fc1 (6.1 M) pays in the step, fc2 (1.3 M)
+                                # not: 0.054 -> 0.074 ms (waking the worker costs more)
+
+
+@jit(parallel=True)
+def _backward_gemms(gy, x, weight, gemm, one, zero, gx, gweight):
+    """gx = gy @ weight on one thread, gweight = gy.T @ x on another."""
+    n, o = gy.shape
+    i = x.shape[1]
+    for task in prange(2):
+        if task == 0:
+            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, i, o, one, gy.ctypes.data, o,
+                 weight.ctypes.data, i, zero, gx.ctypes.data, i)
+        else:
+            gemm(ROW_MAJOR, TRANS, NO_TRANS, o, i, n, one, gy.ctypes.data, o, x.ctypes.data, i,
+                 zero, gweight.ctypes.data, i)
+
+
+def dense_backward_applies(gy, x, weight):
+    """Whether ``dense_backward_gemms`` runs this backward: 2-D operands with every dimension
+    over 1 and at least ``MIN_MULTIPLY_ADDS`` per GEMM (checked first: the small layers get
+    their answer cheaply), two or more Numba threads, one float dtype with NumPy's OpenBLAS
+    found, all C-contiguous."""
+    arrays = (gy, x, weight)
+    if not all(isinstance(a, np.ndarray) and a.ndim == 2 for a in arrays):
+        return False
+    (n, o), i = gy.shape, x.shape[1]
+    if n * o * i < MIN_MULTIPLY_ADDS or min(n, o, i) < 2 or x.shape[0] != n:
+        return False
+    return (weight.shape == (o, i) and numba.get_num_threads() > 1
+            and len({a.dtype for a in arrays}) == 1 and available(gy.dtype)
+            and all(a.flags.c_contiguous for a in arrays))
+
+
+def dense_backward_gemms(gy, x, weight):
+    """(gy @ weight, gy.T @ x) of a dense layer's backward, computed side by side; the caller
+    checks ``dense_backward_applies`` first."""
+    gx = np.empty(x.shape, gy.dtype)
+    gweight = np.empty(weight.shape, gy.dtype)
+    _backward_gemms(gy, x, weight, *gemm_args(gy.dtype), gx, gweight)
+    return gx, gweight
