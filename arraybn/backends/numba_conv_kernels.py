@@ -2,20 +2,20 @@
 convolutions', the residual blocks' and the dense layers' kernels).
 
 Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, ``ResidualBlock``: ``numba_residual_kernels``,
-``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the
-others, and ``Dense``: ``numba_dense_kernels``) on the 'numba' backend only. The convolutions
-keep ``arraybn.nn.conv``'s im2col + BLAS GEMMs over cache-sized chunks of the batch: a direct
-convolution loop in Numba was 3-10x slower; in the tenth session one with unsigned indices, the nine taps of a 3x3 window in one vectorised
-loop and two output channels a pass (its sums the GEMM's, bit for bit, where OpenBLAS sums K in
-one chain) took, against the GEMM path, 0.79x for 16 channels at 28x28, 1.06-2.7x for 32 and 64
-channels and 1.3x for LeNet-5's conv2 (forward, one thread), about 3% of a ResNet-20 step, so it
-was not kept. Their kernels run a chunk's im2col,
-GEMMs and col2im in one call without the GIL. Numba loops for im2col were once 2-2.5x slower
-than NumPy's slice copies (third and fourth sessions): signed indices made Numba wrap negative
-ones around on every access, which kept the copies scalar; unsigned ones make them as fast as
-NumPy's (see ``numba_im2col_conv``). The public functions are plain Python that validate and
-allocate; the ``@njit`` kernels are private and write into preallocated outputs, in parallel
-over the batch. Compile flags come from ``numba_config.jit``, shared with the BN kernels.
+``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the others,
+and ``Dense``: ``numba_dense_kernels``) on the 'numba' backend only. The convolutions keep
+``arraybn.nn.conv``'s im2col + BLAS GEMMs over cache-sized chunks of the batch: a direct
+convolution loop in Numba was 3-10x slower; in the tenth session one with unsigned indices, the
+nine taps of a 3x3 window in one vectorised loop and two output channels a pass (its sums the
+GEMM's, bit for bit, where OpenBLAS sums K in one chain) took, against the GEMM path, 0.79x for 16
+channels at 28x28, 1.06-2.7x for 32 and 64 channels and 1.3x for LeNet-5's conv2 (forward, one
+thread), about 3% of a ResNet-20 step, so it was not kept. Their kernels run a chunk's im2col,
+GEMMs and col2im in one call without the GIL. Numba loops for im2col were once 2-2.5x slower than
+NumPy's slice copies (third and fourth sessions): signed indices made Numba wrap negative ones
+around on every access, which kept the copies scalar; unsigned ones make them as fast as NumPy's
+(see ``numba_im2col_conv``). The public functions are plain Python that validate and allocate; the
+``@njit`` kernels are private and write into preallocated outputs, in parallel over the batch.
+Compile flags come from ``numba_config.jit``, shared with the BN kernels.
 """
 import numba
 import numpy as np
