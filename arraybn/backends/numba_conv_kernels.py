@@ -21,6 +21,8 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit, uidx
+from arraybn.backends.numba_dense_bn_kernels import (bn_dense_backward,  # noqa: F401
+                                                     bn_dense_forward, bn_dense_train_forward)
 from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noqa: F401
                                                   dense_backward_gemms)
 from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401

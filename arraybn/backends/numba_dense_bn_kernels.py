@@ -1,0 +1,122 @@
+"""Numba kernels of a dense layer's fused BN + ReLU block: (N, C) data, one call each way.
+
+Used by ``arraybn.nn.fused.FusedBNBlock`` after a ``Dense`` layer (through ``conv_ops()`` on the
+numba backend). The BN arithmetic is the numba backend's own dense kernels on (N, C, 1) data
+(``forward_finish_range``, ``affine_range``, ``backward_range``, on the calling thread as the
+backend runs dense BN), so every value equals the unfused ``BatchNorm``'s; the ReLU is
+``arraybn.nn.layers``' to the bit: NumPy's ``maximum(y, 0)`` (NaN passes, -0.0 becomes +0.0),
+its gradient ``gy * (y > 0)`` as a multiply (gy * 0 keeps NaN and the sign of zero). What the
+fusion saves is the calls: LeNet-5's dense tail ran a BatchNorm layer (the core's checks and
+cache) and a ReLU layer (two NumPy passes) each way, for 128 x 120 values.
+
+``mask`` is 1 where the ReLU after the BN let the gradient through, 0 elsewhere (all 1 without a
+ReLU after); a ReLU before the BN ran in place on x, which the backward reads.
+"""
+import numpy as np
+
+from arraybn.backends.numba_backend import _running_buffer
+from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_kernels import affine_range, backward_range, forward_finish_range
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@jit()
+def _relu_mask(y2, relu_after, mask):
+    """The ReLU after the BN, in place, and its mask (all 1 without one)."""
+    for i in range(y2.shape[0]):
+        for j in range(y2.shape[1]):
+            v = y2[i, j]
+            on = v > 0 or not relu_after
+            y2[i, j] = v if on or v != v else 0          # NumPy's maximum(v, 0)
+            mask[i, j] = on
+
+
+@jit()
+def _train_forward(x3, gamma, beta, eps, center_only, momentum, running_mean, running_var,
+                   relu_after, y3, mask, mean, var, inv_std):
+    """The backend's training forward (statistics, y, running buffers), then the ReLU: the
+    statistics' finite flag."""
+    finite = forward_finish_range(x3, gamma, beta, eps, center_only, momentum, running_mean,
+                                  running_var, y3, mean, var, inv_std)
+    _relu_mask(y3.reshape(y3.shape[0], y3.shape[1]), relu_after, mask)
+    return finite
+
+
+@jit()
+def _forward(x3, a, b, relu_after, y3, mask):
+    """``y = a * x + b`` (the backend's ``affine``), then the ReLU."""
+    affine_range(x3, a, b, 0, x3.shape[1], y3)
+    _relu_mask(y3.reshape(y3.shape[0], y3.shape[1]), relu_after, mask)
+
+
+@jit()
+def _backward(gy3, x3, mask, mean, scale, w, centered, relu_before, g3, gx3, sum_gy, sum_gy_xc):
+    """g = gy * mask, the backend's BN backward of g, then gx *= (x > 0) for a ReLU before."""
+    g2, gy2 = g3.reshape(mask.shape), gy3.reshape(mask.shape)
+    for i in range(g2.shape[0]):
+        for j in range(g2.shape[1]):     # times exactly 1 or 0: the same in any precision
+            g2[i, j] = gy2[i, j] * (1.0 if mask[i, j] else 0.0)
+    backward_range(g3, x3, mean, scale, w, centered, 0, x3.shape[1], gx3, sum_gy, sum_gy_xc)
+    if relu_before:
+        gx2, x2 = gx3.reshape(mask.shape), x3.reshape(mask.shape)
+        for i in range(gx2.shape[0]):
+            for j in range(gx2.shape[1]):
+                gx2[i, j] = gx2[i, j] * (1.0 if x2[i, j] > 0 else 0.0)
+
+
+def _check(x):
+    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype in _FLOATS
+            and x.flags.c_contiguous):
+        raise TypeError(f"fused dense BN block: x must be a C-contiguous float32/float64 NumPy "
+                        f"array of shape (N, C); got {type(x).__name__} "
+                        f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
+    return x.reshape(x.shape[0], x.shape[1], 1)
+
+
+def _channels(values, channels):
+    arr = np.ascontiguousarray(values, dtype=np.float64)
+    if arr.shape != (channels,):
+        raise ValueError(f"fused dense BN block: per-channel values must have shape "
+                         f"({channels},); got {arr.shape}")
+    return arr
+
+
+def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_mean, running_var,
+                           relu_after):
+    """The training forward of a fused dense block: ``bn_pool_train_forward``'s contract for
+    (N, C) x without pooling. Returns ``(y, mask, mean, var, inv_std)``; inv_std is None, and the
+    running buffers untouched, when a statistic is NaN or inf."""
+    x3, c = _check(x), x.shape[1]
+    y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
+    mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
+    finite = _train_forward(x3, _channels(gamma, c), _channels(beta, c), float(eps),
+                            bool(center_only), float(momentum),
+                            _running_buffer(running_mean, c, "running_mean"),
+                            _running_buffer(running_var, c, "running_var"), bool(relu_after),
+                            y.reshape(x3.shape), mask, mean, var, inv_std)
+    return y, mask, mean, var, (inv_std if finite else None)
+
+
+def bn_dense_forward(x, a, b, relu_after):
+    """``(y, mask)`` of ``y = relu?(a[c] * x + b[c])`` (inference coefficients) for (N, C) x."""
+    x3, c = _check(x), x.shape[1]
+    y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
+    _forward(x3, _channels(a, c), _channels(b, c), bool(relu_after), y.reshape(x3.shape), mask)
+    return y, mask
+
+
+def bn_dense_backward(gy, x, mask, mean, scale, w, centered, relu_before):
+    """``(gx, sum_gy, sum_gy_xc)`` of the fused dense block: ``bn_pool_backward``'s contract for
+    (N, C) x, ``mask`` from the forward."""
+    x3, c = _check(x), x.shape[1]
+    gy = np.ascontiguousarray(gy, dtype=x.dtype)
+    if gy.shape != x.shape or mask.shape != x.shape:
+        raise ValueError(f"fused dense BN block: gy {gy.shape} and mask {mask.shape} must have "
+                         f"x's shape {x.shape}")
+    sum_gy, sum_gy_xc = np.empty(c), np.empty(c)
+    g, gx = np.empty_like(x), np.empty_like(x)
+    _backward(gy.reshape(x3.shape), x3, mask, *(_channels(v, c) for v in (mean, scale, w)),
+              bool(centered), bool(relu_before), g.reshape(x3.shape), gx.reshape(x3.shape),
+              sum_gy, sum_gy_xc)
+    return gx, sum_gy, sum_gy_xc
