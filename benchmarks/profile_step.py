@@ -65,7 +65,7 @@ def main(argv=None):
     steady_heap()                     # freed memory kept, as it is in ``arraybn train``
     model = build_model(args.model, backend=args.backend, seed=0, bn_position=args.bn_position,
                         depth=args.depth, width=args.width)
-    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9, ops=model.backend.conv_ops())
     rng = np.random.default_rng(0)
     images = rng.standard_normal((args.batch, 1, 28, 28)).astype(np.float32)
     labels = rng.integers(0, 10, args.batch)

@@ -56,7 +56,7 @@ def arraybn_contender(backend, args, images, labels):
     """A ``step(i)`` closure training arraybn's ``args.model`` + BN on ``backend``."""
     from arraybn.nn import SGD, build_model, softmax_cross_entropy
     model = build_model(args.model, backend=backend, seed=0, depth=args.depth, width=args.width)
-    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9, ops=model.backend.conv_ops())
     xp = model.backend.xp
     images, labels = xp.asarray(images), xp.asarray(labels)
 

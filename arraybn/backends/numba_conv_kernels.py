@@ -32,6 +32,7 @@ from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forwa
 from arraybn.backends.numba_fused_kernels import (bn_pool_backward,  # noqa: F401
                                                   bn_pool_train_forward)
 from arraybn.backends.numba_fused_kernels import bn_pool_forward, offset_tables
+from arraybn.backends.numba_optim_kernels import sgd_update, sgd_update_applies  # noqa: F401
 from arraybn.backends.numba_residual_kernels import (add, add_relu,  # noqa: F401
                                                     elementwise_applies, relu_gradient)
 

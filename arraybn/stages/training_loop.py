@@ -32,7 +32,7 @@ def make_optimizer(config, model):
     if config.optimizer == "adam":
         return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
     return SGD(model.parameters(), config.lr, momentum=config.momentum,
-               weight_decay=config.weight_decay)
+               weight_decay=config.weight_decay, ops=model.backend.conv_ops())
 
 
 class ForcedInterrupt(KeyboardInterrupt):
