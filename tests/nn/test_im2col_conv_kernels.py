@@ -46,6 +46,16 @@ def test_without_the_input_gradient_no_gx_is_made_and_the_rest_is_the_same(strid
     assert_same(reference, kernels)
 
 
+@pytest.mark.parametrize("stride,pad", [(1, 0), (2, 1)])      # flat kernels, im2col kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_an_empty_batch_gives_zero_gradients_on_both_paths(stride, pad, bias):
+    x = np.zeros((0, 3, 10, 10), np.float32)
+    w = np.random.default_rng(1).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    reference, kernels = both_paths(x, w, np.ones(4, np.float32) if bias else None, stride, pad)
+    assert_same(reference, kernels)
+    assert reference[2].shape == w.shape and not reference[2].any()
+
+
 @pytest.mark.parametrize("pad", [0, 1])                        # flat kernels, im2col kernels
 def test_a_convolution_on_the_kernels_is_bit_identical_on_1_2_and_3_threads(chunk_threads, pad):
     rng = np.random.default_rng(2)
