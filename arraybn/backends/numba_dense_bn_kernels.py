@@ -16,9 +16,8 @@ import numpy as np
 
 from arraybn.backends.numba_backend import _running_buffer
 from arraybn.backends.numba_config import jit
+from arraybn.backends.numba_fused_kernels import channel_values, check_input
 from arraybn.backends.numba_kernels import affine_range, backward_range, forward_finish_range
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 @jit()
@@ -65,21 +64,10 @@ def _backward(gy3, x3, mask, mean, scale, w, centered, relu_before, g3, gx3, sum
                 gx2[i, j] = gx2[i, j] * (1.0 if x2[i, j] > 0 else 0.0)
 
 
-def _check(x):
-    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.dtype in _FLOATS
-            and x.flags.c_contiguous):
-        raise TypeError(f"fused dense BN block: x must be a C-contiguous float32/float64 NumPy "
-                        f"array of shape (N, C); got {type(x).__name__} "
-                        f"{getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}")
+def _as_x3(x):
+    """The checked (N, C) x as the backend kernels' (N, C, 1)."""
+    check_input(x, ndim=2)
     return x.reshape(x.shape[0], x.shape[1], 1)
-
-
-def _channels(values, channels):
-    arr = np.ascontiguousarray(values, dtype=np.float64)
-    if arr.shape != (channels,):
-        raise ValueError(f"fused dense BN block: per-channel values must have shape "
-                         f"({channels},); got {arr.shape}")
-    return arr
 
 
 def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_mean, running_var,
@@ -87,10 +75,10 @@ def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_m
     """The training forward of a fused dense block: ``bn_pool_train_forward``'s contract for
     (N, C) x without pooling. Returns ``(y, mask, mean, var, inv_std)``; inv_std is None, and the
     running buffers untouched, when a statistic is NaN or inf."""
-    x3, c = _check(x), x.shape[1]
+    x3, c = _as_x3(x), x.shape[1]
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
     mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
-    finite = _train_forward(x3, _channels(gamma, c), _channels(beta, c), float(eps),
+    finite = _train_forward(x3, channel_values(gamma, c), channel_values(beta, c), float(eps),
                             bool(center_only), float(momentum),
                             _running_buffer(running_mean, c, "running_mean"),
                             _running_buffer(running_var, c, "running_var"), bool(relu_after),
@@ -100,23 +88,24 @@ def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_m
 
 def bn_dense_forward(x, a, b, relu_after):
     """``(y, mask)`` of ``y = relu?(a[c] * x + b[c])`` (inference coefficients) for (N, C) x."""
-    x3, c = _check(x), x.shape[1]
+    x3, c = _as_x3(x), x.shape[1]
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
-    _forward(x3, _channels(a, c), _channels(b, c), bool(relu_after), y.reshape(x3.shape), mask)
+    _forward(x3, channel_values(a, c), channel_values(b, c), bool(relu_after), y.reshape(x3.shape),
+             mask)
     return y, mask
 
 
 def bn_dense_backward(gy, x, mask, mean, scale, w, centered, relu_before):
     """``(gx, sum_gy, sum_gy_xc)`` of the fused dense block: ``bn_pool_backward``'s contract for
     (N, C) x, ``mask`` from the forward."""
-    x3, c = _check(x), x.shape[1]
+    x3, c = _as_x3(x), x.shape[1]
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
     if gy.shape != x.shape or mask.shape != x.shape:
-        raise ValueError(f"fused dense BN block: gy {gy.shape} and mask {mask.shape} must have "
+        raise ValueError(f"fused BN block: gy {gy.shape} and mask {mask.shape} must have "
                          f"x's shape {x.shape}")
     sum_gy, sum_gy_xc = np.empty(c), np.empty(c)
     g, gx = np.empty_like(x), np.empty_like(x)
-    _backward(gy.reshape(x3.shape), x3, mask, *(_channels(v, c) for v in (mean, scale, w)),
+    _backward(gy.reshape(x3.shape), x3, mask, *(channel_values(v, c) for v in (mean, scale, w)),
               bool(centered), bool(relu_before), g.reshape(x3.shape), gx.reshape(x3.shape),
               sum_gy, sum_gy_xc)
     return gx, sum_gy, sum_gy_xc

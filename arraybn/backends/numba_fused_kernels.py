@@ -409,15 +409,19 @@ def _tasks(x):
     return tasks if tasks > 1 else 0
 
 
-def _check_input(x):
-    if not (isinstance(x, np.ndarray) and x.ndim == 4 and x.dtype in _FLOATS
+def check_input(x, ndim=4):
+    """TypeError unless x is a C-contiguous float32/float64 NumPy array of ``ndim`` dimensions:
+    (N, C, H, W), or (N, C) for a dense block."""
+    if not (isinstance(x, np.ndarray) and x.ndim == ndim and x.dtype in _FLOATS
             and x.flags.c_contiguous):
+        shape = "(N, C, H, W)" if ndim == 4 else "(N, C)"
         raise TypeError(f"fused BN block: x must be a C-contiguous float32/float64 NumPy array of "
-                        f"shape (N, C, H, W); got {type(x).__name__} {getattr(x, 'dtype', '')} "
+                        f"shape {shape}; got {type(x).__name__} {getattr(x, 'dtype', '')} "
                         f"{getattr(x, 'shape', '')}")
 
 
-def _channels(values, channels):
+def channel_values(values, channels):
+    """``values`` as a contiguous float64 (C,) array; ValueError for another shape."""
     arr = np.ascontiguousarray(values, dtype=np.float64)
     if arr.shape != (channels,):
         raise ValueError(f"fused BN block: per-channel values must have shape ({channels},); "
@@ -427,7 +431,7 @@ def _channels(values, channels):
 
 def _pooled_outputs(x, k):
     """Empty y and argmax, (N, C, H//k, W//k), for a checked x and pooling size k."""
-    _check_input(x)
+    check_input(x)
     n, c, h, w = x.shape
     if h < k or w < k or not 1 <= k * k < INACTIVE:
         raise ValueError(f"fused BN block: pooling {k}x{k} needs inputs of at least {k}x{k} and "
@@ -444,7 +448,7 @@ def bn_pool_forward(x, center, a, b, relu_after, k):
     """
     y, argmax = _pooled_outputs(x, k)
     c = x.shape[1]
-    center, a, b = (_channels(v, c) for v in (center, a, b))
+    center, a, b = (channel_values(v, c) for v in (center, a, b))
     tasks = _tasks(x)
     if tasks:
         _forward_parallel(x, center, a, b, bool(relu_after), int(k), tasks, y, argmax)
@@ -469,7 +473,7 @@ def bn_pool_train_forward(x, gamma, beta, eps, center_only, momentum, running_me
     """
     y, argmax = _pooled_outputs(x, k)
     c = x.shape[1]
-    gamma, beta = _channels(gamma, c), _channels(beta, c)
+    gamma, beta = channel_values(gamma, c), channel_values(beta, c)
     buffers = (_running_buffer(running_mean, c, "running_mean"),
                _running_buffer(running_var, c, "running_var"))
     mean, var, a, inv_std = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
@@ -493,13 +497,13 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     ``scale * g`` when the statistics were constants. Each thread takes its channels from the
     sums to gx in one parallel region.
     """
-    _check_input(x)
+    check_input(x)
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
     if gy.shape != argmax.shape or argmax.shape[:2] != x.shape[:2]:
         raise ValueError(f"fused BN block: gy {gy.shape} and argmax {argmax.shape} must be the "
                          f"pooled shape of x {x.shape}")
     channels = x.shape[1]
-    mean, scale, w = (_channels(v, channels) for v in (mean, scale, w))
+    mean, scale, w = (channel_values(v, channels) for v in (mean, scale, w))
     sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
     a_x, b, gx = np.empty(channels), np.empty(channels), np.empty_like(x)
     args = (gy, x, argmax, mean, scale, w, bool(centered), bool(relu_before), int(k))

@@ -30,6 +30,20 @@ def _set_grads(params, step):
         p.grad = g.astype(p.data.dtype)
 
 
+def _same_steps(pairs, steps):
+    """For each step: the same gradients into both optimizers' parameters, a step of each, and
+    every parameter equal bit for bit afterwards. ``pairs``: ((optimizer, params), ...)."""
+    (sgd, params), (ref, ref_params) = pairs
+    for step in steps:
+        _set_grads(params, step)
+        _set_grads(ref_params, step)
+        sgd.step()
+        ref.step()
+        for a, b in zip(params, ref_params):
+            np.testing.assert_array_equal(a.data, b.data)
+            assert a.data.dtype == b.data.dtype
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("flat", [True, False])
 @pytest.mark.parametrize("options", SETTINGS)
@@ -44,15 +58,8 @@ def test_steps_with_the_kernel_equal_numpys_bit_for_bit(dtype, flat, options):
     sgd._ops = type("Spy", (), {"sgd_update_applies": staticmethod(_ops().sgd_update_applies),
                                 "sgd_update": staticmethod(
                                     lambda *a: calls.append(1) or kernel(*a))})
-    for step in range(4):
-        _set_grads(params, step)
-        _set_grads(ref_params, step)
-        sgd.step()
-        ref.step()
-        for a, b in zip(params, ref_params):
-            np.testing.assert_array_equal(a.data, b.data)
-            assert a.data.dtype == dtype
-    assert calls
+    _same_steps(((sgd, params), (ref, ref_params)), range(4))
+    assert calls and params[0].data.dtype == dtype
     for key, value in ref.state_dict().items():
         np.testing.assert_array_equal(sgd.state_dict()[key], value, err_msg=key)
 
@@ -65,13 +72,7 @@ def test_a_loaded_state_continues_as_numpys_does():
     sgd.load_state_dict(ref.state_dict())
     for p, r in zip(params, ref_params):
         p.data[...] = r.data
-    for step in (1, 2):
-        _set_grads(params, step)
-        _set_grads(ref_params, step)
-        sgd.step()
-        ref.step()
-    for a, b in zip(params, ref_params):
-        np.testing.assert_array_equal(a.data, b.data)
+    _same_steps(((sgd, params), (ref, ref_params)), (1, 2))
 
 
 def test_the_kernel_refuses_what_it_does_not_cover():
