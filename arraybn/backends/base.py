@@ -161,8 +161,12 @@ class Backend(abc.ABC):
         runs a chunk of the batch in (``numba_conv_kernels``; they must give the ``xp`` code's
         results bit for bit), and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
         and ``add``, the residual blocks' element-wise kernels (``numba_residual_kernels``; the
-        same bits as NumPy's), and ``dense_backward_applies`` with ``dense_backward_gemms``, a
-        dense layer's two backward GEMMs side by side (``numba_dense_kernels``; NumPy's bits).
+        same bits as NumPy's), ``dense_backward_applies`` with ``dense_backward_gemms``, a
+        dense layer's two backward GEMMs side by side (``numba_dense_kernels``; NumPy's bits),
+        ``bn_dense_train_forward``/``bn_dense_forward``/``bn_dense_backward``, the fused dense
+        BN + ReLU blocks (``numba_dense_bn_kernels``; the unfused layers' bits), and
+        ``sgd_update_applies`` with ``sgd_update``, the SGD step in one pass that ``SGD(ops=...)``
+        takes (``numba_optim_kernels``; NumPy's bits).
         """
         return None
 
