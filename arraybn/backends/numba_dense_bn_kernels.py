@@ -2,22 +2,25 @@
 
 Used by ``arraybn.nn.fused.FusedBNBlock`` after a ``Dense`` layer (through ``conv_ops()`` on the
 numba backend). The BN arithmetic is the numba backend's own dense kernels on (N, C, 1) data
-(``forward_finish_range``, ``affine_range``, ``backward_range``, on the calling thread as the
-backend runs dense BN), so every value equals the unfused ``BatchNorm``'s; the ReLU is
+(``forward_finish_range``, ``center_affine_range``, ``backward_range``, on the calling thread as
+the backend runs dense BN), so every value equals the unfused ``BatchNorm``'s; the ReLU is
 ``arraybn.nn.layers``' to the bit: NumPy's ``maximum(y, 0)`` (NaN passes, -0.0 becomes +0.0),
 its gradient ``gy * (y > 0)`` as a multiply (gy * 0 keeps NaN and the sign of zero). What the
 fusion saves is the calls: LeNet-5's dense tail ran a BatchNorm layer (the core's checks and
 cache) and a ReLU layer (two NumPy passes) each way, for 128 x 120 values.
 
 ``mask`` is 1 where the ReLU after the BN let the gradient through, 0 elsewhere (all 1 without a
-ReLU after); a ReLU before the BN ran in place on x, which the backward reads.
+ReLU after); a ReLU before the BN ran in place on x, which the backward reads. The public
+functions take the conv blocks' (``numba_fused_kernels.bn_pool_*``) arguments, so that a block
+calls either set the same way; ``k``, the pooling size, must be 1.
 """
 import numpy as np
 
 from arraybn.backends.numba_backend import _running_buffer
 from arraybn.backends.numba_config import jit
 from arraybn.backends.numba_fused_kernels import channel_values, check_input
-from arraybn.backends.numba_kernels import affine_range, backward_range, forward_finish_range
+from arraybn.backends.numba_kernels import backward_range, forward_finish_range
+from arraybn.backends.numba_split_kernels import center_affine_range
 
 
 @jit()
@@ -43,9 +46,9 @@ def _train_forward(x3, gamma, beta, eps, center_only, momentum, running_mean, ru
 
 
 @jit()
-def _forward(x3, a, b, relu_after, y3, mask):
-    """``y = a * x + b`` (the backend's ``affine``), then the ReLU."""
-    affine_range(x3, a, b, 0, x3.shape[1], y3)
+def _forward(x3, center, a, b, relu_after, y3, mask):
+    """``y = (x - center) * a + b`` (with center 0 the backend's ``affine``), then the ReLU."""
+    center_affine_range(x3, center, a, b, 0, x3.shape[1], y3)
     _relu_mask(y3.reshape(y3.shape[0], y3.shape[1]), relu_after, mask)
 
 
@@ -64,18 +67,20 @@ def _backward(gy3, x3, mask, mean, scale, w, centered, relu_before, g3, gx3, sum
                 gx2[i, j] = gx2[i, j] * (1.0 if x2[i, j] > 0 else 0.0)
 
 
-def _as_x3(x):
-    """The checked (N, C) x as the backend kernels' (N, C, 1)."""
+def _as_x3(x, k):
+    """The checked (N, C) x as the backend kernels' (N, C, 1); ValueError unless k is 1."""
     check_input(x, ndim=2)
+    if k != 1:
+        raise ValueError(f"fused BN block: a dense block has no pooling (k = 1); got k = {k}")
     return x.reshape(x.shape[0], x.shape[1], 1)
 
 
 def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_mean, running_var,
-                           relu_after):
+                           relu_after, k=1):
     """The training forward of a fused dense block: ``bn_pool_train_forward``'s contract for
     (N, C) x without pooling. Returns ``(y, mask, mean, var, inv_std)``; inv_std is None, and the
     running buffers untouched, when a statistic is NaN or inf."""
-    x3, c = _as_x3(x), x.shape[1]
+    x3, c = _as_x3(x, k), x.shape[1]
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
     mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
     finite = _train_forward(x3, channel_values(gamma, c), channel_values(beta, c), float(eps),
@@ -86,19 +91,20 @@ def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_m
     return y, mask, mean, var, (inv_std if finite else None)
 
 
-def bn_dense_forward(x, a, b, relu_after):
-    """``(y, mask)`` of ``y = relu?(a[c] * x + b[c])`` (inference coefficients) for (N, C) x."""
-    x3, c = _as_x3(x), x.shape[1]
+def bn_dense_forward(x, center, a, b, relu_after, k=1):
+    """``(y, mask)`` of ``y = relu?((x - center[c]) * a[c] + b[c])`` for (N, C) x:
+    ``bn_pool_forward``'s contract without pooling."""
+    x3, c = _as_x3(x, k), x.shape[1]
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
-    _forward(x3, channel_values(a, c), channel_values(b, c), bool(relu_after), y.reshape(x3.shape),
-             mask)
+    _forward(x3, *(channel_values(v, c) for v in (center, a, b)), bool(relu_after),
+             y.reshape(x3.shape), mask)
     return y, mask
 
 
-def bn_dense_backward(gy, x, mask, mean, scale, w, centered, relu_before):
+def bn_dense_backward(gy, x, mask, mean, scale, w, centered, relu_before, k=1):
     """``(gx, sum_gy, sum_gy_xc)`` of the fused dense block: ``bn_pool_backward``'s contract for
     (N, C) x, ``mask`` from the forward."""
-    x3, c = _as_x3(x), x.shape[1]
+    x3, c = _as_x3(x, k), x.shape[1]
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
     if gy.shape != x.shape or mask.shape != x.shape:
         raise ValueError(f"fused BN block: gy {gy.shape} and mask {mask.shape} must have "

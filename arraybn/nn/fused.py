@@ -79,7 +79,11 @@ class FusedBNBlock(Layer):
     dense one (``dense=True``: (N, C) inputs), as one layer (see the module)."""
 
     def __init__(self, layers, ops, dense=False):
-        self.layers, self._ops, self.dense = list(layers), ops, dense
+        self.layers, self.dense = list(layers), dense
+        kernels = "bn_dense" if dense else "bn_pool"     # the same arguments either way
+        self._train_kernel = getattr(ops, kernels + "_train_forward")
+        self._forward_kernel = getattr(ops, kernels + "_forward")
+        self._backward_kernel = getattr(ops, kernels + "_backward")
         kinds = [type(layer) for layer in self.layers]
         self.bn = next(layer for layer in self.layers if isinstance(layer, BatchNorm))
         self.name = self.bn.name
@@ -106,12 +110,9 @@ class FusedBNBlock(Layer):
             x = np.maximum(x, 0, out=x)              # in place, as the unfused ReLU(inplace=True)
         if options["training"]:
             y, argmax, cache = self._train_forward(x, options)
-        elif self.dense:
-            _, a, b, cache = self._inference_coefficients(options)
-            y, argmax = self._ops.bn_dense_forward(x, a, b, self.relu_after)
         else:
             center, a, b, cache = self._inference_coefficients(options)
-            y, argmax = self._ops.bn_pool_forward(x, center, a, b, self.relu_after, self.k)
+            y, argmax = self._forward_kernel(x, center, a, b, self.relu_after, self.k)
         self._cache = ("fused", x, argmax) + cache
         return y
 
@@ -123,12 +124,8 @@ class FusedBNBlock(Layer):
             return gy
         _, x, argmax, mean, scale, w, xhat_scale, centered = cache
         bn = self.bn
-        if self.dense:
-            gx, sum_gy, sum_gy_xc = self._ops.bn_dense_backward(
-                gy, x, argmax, mean, scale, w, centered, self.relu_before)
-        else:
-            gx, sum_gy, sum_gy_xc = self._ops.bn_pool_backward(
-                gy, x, argmax, mean, scale, w, centered, self.relu_before, self.k)
+        gx, sum_gy, sum_gy_xc = self._backward_kernel(gy, x, argmax, mean, scale, w, centered,
+                                                      self.relu_before, self.k)
         dtype = bn.weight.data.dtype
         bn.weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
         bn.bias.grad = sum_gy.astype(dtype, copy=False)
@@ -158,12 +155,10 @@ class FusedBNBlock(Layer):
         gamma = bn.weight.data.astype(np.float64)
         center_only = options["variant"] == "mean_only"
         rm, rv = options["running_mean"], options["running_var"]
-        args = (x, gamma, bn.bias.data.astype(np.float64), options["eps"], center_only,
-                options.get("momentum", 0.0), rm, None if center_only else rv, self.relu_after)
-        if self.dense:
-            y, argmax, mean, var, inv_std = self._ops.bn_dense_train_forward(*args)
-        else:
-            y, argmax, mean, var, inv_std = self._ops.bn_pool_train_forward(*args, self.k)
+        y, argmax, mean, var, inv_std = self._train_kernel(
+            x, gamma, bn.bias.data.astype(np.float64), options["eps"], center_only,
+            options.get("momentum", 0.0), rm, None if center_only else rv, self.relu_after,
+            self.k)
         if inv_std is None:
             raise v.non_finite_error(np, [mean, var], "batch statistics").located(bn.name)
         if bn.track_running_stats and rm is not None:

@@ -164,7 +164,9 @@ def test_the_kernels_refuse_inputs_they_do_not_cover():
         with pytest.raises(TypeError, match="C-contiguous float32/float64 NumPy array"):
             ops.bn_dense_train_forward(bad, ones, ones, 1e-5, False, 0.1, None, None, True)
     with pytest.raises(ValueError, match=r"per-channel values must have shape \(7,\)"):
-        ops.bn_dense_forward(x, ones[:3], ones, True)
+        ops.bn_dense_forward(x, ones, ones[:3], ones, True)
+    with pytest.raises(ValueError, match="a dense block has no pooling"):
+        ops.bn_dense_forward(x, ones, ones, ones, True, 2)
     y, mask, mean, var, inv_std = ops.bn_dense_train_forward(x + np.arange(4)[:, None], ones,
                                                              ones, 1e-5, False, 0.1, None, None,
                                                              True)
