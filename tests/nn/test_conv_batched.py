@@ -242,8 +242,9 @@ def test_a_same_convolutions_input_gradient_as_a_forward_convolution_equals_col2
     y, cache = plain.conv2d_forward(x, w, None, 1, (k - 1) // 2, np)
     gy = rng.standard_normal(y.shape).astype(dtype)
     assert plain._same_padding(k, k, 1, (k - 1) // 2)
+    monkeypatch.setattr(plain, "_transposed_input_gradient", lambda *geometry: True)
     transposed = plain.conv2d_backward(gy, cache, np)[0]
-    monkeypatch.setattr(plain, "_same_padding", lambda kh, kw, stride, pad: False)
+    monkeypatch.setattr(plain, "_transposed_input_gradient", lambda *geometry: False)
     columns = plain.conv2d_backward(gy, cache, np)[0]
     scale = np.abs(columns).max()
     np.testing.assert_allclose(transposed, columns, rtol=0, atol=rtol * scale)
@@ -254,6 +255,9 @@ def test_a_same_convolutions_input_gradient_as_a_forward_convolution_equals_col2
                                                (1, 2, 0, False)])
 def test_only_same_convolutions_take_the_transposed_input_gradient(k, stride, pad, same):
     assert plain._same_padding(k, k, stride, pad) is same
+    for layout in ("image", "flat"):
+        assert plain._transposed_input_gradient(k, k, stride, pad, layout) is same
+    assert not plain._transposed_input_gradient(k, k, stride, pad, "chunk")
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -9,6 +9,7 @@ import pytest
 from arraybn.backends import numba_flat_conv as flat
 from arraybn.backends import numba_im2col_conv as im2col
 from arraybn.nn import build_model
+from arraybn.nn import chunk_threads as ct
 from arraybn.nn import conv as plain
 from tests.nn.conv_paths import OPS, assert_same, both_paths
 from tests.nn.threaded_steps import step_results
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(not flat.available(np.float32),
     ((4, 64, 7, 7), 64, 3, 1, 1, False),       # 'chunk', same padding: shifted runs per image
     ((3, 4, 6, 9), 5, 5, 1, 2, False),         # 'same' 5x5: shifted runs, 2 wrapped columns
     ((3, 2, 2, 3), 4, 5, 1, 2, True),          # 'same', windows wider than the plane
+    ((3, 4, 2, 3), 4, 5, 1, 2, False),         # the same in 'chunk': col2im of shifted runs
 ])
 def test_the_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, stride, pad, bias):
     rng = np.random.default_rng(0)
@@ -34,6 +36,31 @@ def test_the_kernels_equal_the_numpy_path_bit_for_bit(dtype, shape, out, k, stri
     w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
     b = rng.standard_normal(out).astype(dtype) if bias else None
     assert_same(*both_paths(x, w, b, stride, pad))
+
+
+@pytest.mark.parametrize("shape,k,pad", [((4, 64, 7, 7), 3, 1), ((3, 4, 2, 3), 5, 2)])
+def test_same_runs_keep_every_bit_of_non_finite_values_and_signed_zeros(shape, k, pad):
+    """'same' convolutions in the 'chunk' layout: im2col and col2im run over shifted runs of the
+    plane, the wrapped-around columns masked by selects. NaN, infinities and zeros of both
+    signs in x and gy give the NumPy path's bit patterns (assert_array_equal would let -0.0
+    pass for 0.0)."""
+    assert plain._layout(shape[1], k, k, 1, pad, shape[2] * shape[3]) == "chunk"
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(shape).astype(np.float32)
+    # NaN and infinities on edge columns, where the windows wrap around a row's end
+    x.flat[::5], x[0, 0, 1, 0], x[-1, -1, 0, -1] = -0.0, np.nan, np.inf
+    w = rng.standard_normal((shape[1], shape[1], k, k)).astype(np.float32)
+    gy = rng.standard_normal(shape).astype(np.float32)
+    gy.flat[::3], gy[0, 0, 1, 0], gy[-1, -1, 0, -1] = -0.0, -np.inf, np.nan
+    ct.threads()
+    results = []
+    for ops in (None, OPS):
+        with np.errstate(invalid="ignore"):                    # inf - inf in the GEMMs
+            y, cache = plain.conv2d_forward(x, w, None, 1, pad, np, {}, ops)
+            results.append((y,) + plain.conv2d_backward(gy, cache, np, True, {}, ops)[:2])
+    for want, got in zip(*results):
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.signbit(results[0][1]).any() and np.isnan(results[0][1]).any()
 
 
 @pytest.mark.parametrize("stride,pad", [(1, 0), (2, 1)])      # flat kernels, im2col kernels
