@@ -446,9 +446,10 @@ def _transposed_input_gradient(kh, kw, stride, pad, layout):
     layout, whose GEMMs are narrow in O (the column gradients' GEMM, of depth O, runs slowly
     there). In the 'chunk' layout O is large enough, and the column gradients' GEMM reuses
     the weight gradient's transposed gy where the forward convolution makes another im2col
-    and copy of gy: VGG-8's 14x14 and 7x7 convolutions' backward 21.7 -> 17.0, 35.3 -> 33.9,
-    20.9 -> 15.6 and 36.2 -> 31.7 ms (one thread), against 18.9 -> 20.6 ms for ResNet-20's
-    16-channel 28x28 'image' one."""
+    and copy of gy. Backward, one thread, forward convolution -> col2im: VGG-8's 14x14 and 7x7
+    convolutions ('chunk') 19.8 -> 15.9, 33.8 -> 31.3, 17.9 -> 14.2 and 32.2 -> 28.8 ms;
+    its 32-channel 28x28 one ('image') 38.2 -> 38.9 ms, ResNet-20's 16-channel one 17.2 ->
+    17.4 (batch 100 and 128)."""
     return _same_padding(kh, kw, stride, pad) and layout != "chunk"
 
 
