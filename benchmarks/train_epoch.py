@@ -6,9 +6,9 @@ split), batch 128, SGD with momentum, 2 epochs; with ``--model vgg8`` or ``--mod
 The time is the second epoch's (training loop + validation): ``seconds`` in arraybn's
 history.csv, and the same span in PyTorch (``nn.Sequential`` LeNet-5 + BN with arraybn's layout,
 or the test suite's twin of the deep net, ``torch.optim.SGD``, ``F.cross_entropy``,
-validation under ``no_grad`` over the same validation split, in batches of 1000, the same batch
-order, and with ``--augment`` the same random maps, applied the usual PyTorch way:
-``F.affine_grid`` + ``F.grid_sample``). Every run is a fresh process with
+validation under ``no_grad`` over the same validation split, in batches of the job's eval
+batch size (256), the same batch order, and with ``--augment`` the same random maps, applied
+the usual PyTorch way: ``F.affine_grid`` + ``F.grid_sample``). Every run is a fresh process with
 BLAS, OpenMP, Numba and PyTorch threads all set to the thread count; runs are interleaved
 (arraybn, torch, arraybn, ...) so that load from other processes hits both alike; the median of
 ``--rounds`` is kept. A "machine limit" line gives what the hardware allows for one step: the

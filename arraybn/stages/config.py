@@ -74,7 +74,8 @@ class TrainConfig:
     augment_zoom: float = 0.1
     augment_shift: float = 0.1
     augment_crop: int = 0
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256     # validation/test; 1000 gave the same logits, 1.7-1.8x slower
+                                   # for VGG-8 and ResNet-20 (100 MB activations, off-cache)
     backend: str = "auto"
     seed: int = 0
     dtype: str = "float32"
