@@ -4,10 +4,12 @@ Each ``--tree`` is a checkout of arraybn (e.g. a ``git worktree`` of the commit 
 and the working tree); every round runs each tree in a fresh process of its own (its arraybn
 first on ``sys.path``), interleaved (A, B, A, B, ...) so that load from other processes hits
 both alike, and the median round is reported. Threads for BLAS and Numba are ``--threads``.
-Usage::
+``--torch`` adds PyTorch's ``F.conv2d`` (forward, then backward to the input and the weight) in
+the same rounds, and each tree's time as a ratio to it. Usage::
 
     git worktree add --detach /tmp/before HEAD~1
     python3 benchmarks/conv_speed.py --tree /tmp/before --tree . --rounds 5 --backend numba
+    python3 benchmarks/conv_speed.py --torch --rounds 3
 """
 import argparse
 import os
@@ -37,8 +39,20 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backend", default="numba")
-    parser.add_argument("--time-here", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch", action="store_true",
+                        help="also time PyTorch's convolutions (the test extra installs it)")
+    parser.add_argument("--time-here", choices=("arraybn", "torch"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _median_ms(step, repeats):
+    step()                                                            # compile, buffers
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def time_layers(args):
@@ -54,14 +68,24 @@ def time_layers(args):
                        backend=be, dtype=np.float32)
         x = rng.standard_normal((n, cin, size, size)).astype(np.float32)
         gy = rng.standard_normal(layer.forward(x, True).shape).astype(np.float32)
-        layer.backward(gy)                                            # compile, buffers
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            layer.forward(x, True)
-            layer.backward(gy)
-            times.append(time.perf_counter() - start)
-        results.append(statistics.median(times) * 1e3)
+        results.append(_median_ms(lambda: (layer.forward(x, True), layer.backward(gy)),
+                                  args.repeats))
+    return results
+
+
+def time_torch_layers(args):
+    """The same for PyTorch's ``F.conv2d``: forward, then the gradients of x and the weight."""
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = []
+    for _, n, cin, cout, size, k, stride, pad in LAYERS:
+        x = torch.randn(n, cin, size, size, requires_grad=True)
+        weight = torch.randn(cout, cin, k, k, requires_grad=True)
+        gy = torch.randn_like(F.conv2d(x, weight, stride=stride, padding=pad))
+        results.append(_median_ms(lambda: F.conv2d(x, weight, stride=stride, padding=pad)
+                                  .backward(gy), args.repeats))
     return results
 
 
@@ -69,31 +93,42 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.time_here:
-        print(" ".join(f"{ms:.4f}" for ms in time_layers(args)))
+        timer = time_torch_layers if args.time_here == "torch" else time_layers
+        print(" ".join(f"{ms:.4f}" for ms in timer(args)))
         return 0
     trees = [os.path.abspath(tree) for tree in (args.tree or ["."])]
+    contenders = [(tree, "arraybn") for tree in trees] + [(trees[0], "torch")] * args.torch
     env = dict(os.environ, **{var: str(args.threads) for var in (
         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")})
-    rounds = {tree: [] for tree in trees}
+    rounds = {contender: [] for contender in contenders}
     for _ in range(args.rounds):
-        for tree in trees:
+        for tree, kind in contenders:
             out = subprocess.run(
-                [sys.executable, __file__, *argv, "--time-here"], check=True, text=True,
+                [sys.executable, __file__, *argv, "--time-here", kind], check=True, text=True,
                 capture_output=True, env=dict(env, PYTHONPATH=tree), cwd=tree).stdout
-            rounds[tree].append([float(v) for v in out.split()])
-    medians = {tree: [statistics.median(r[i] for r in rs) for i in range(len(LAYERS))]
-               for tree, rs in rounds.items()}
-    header = "".join(f"{'tree ' + str(i):>12}" for i in range(len(trees)))
+            rounds[tree, kind].append([float(v) for v in out.split()])
+    medians = [[statistics.median(r[i] for r in rs) for i in range(len(LAYERS))]
+               for rs in rounds.values()]
+    _print_table(args, trees, medians)
+    return 0
+
+
+def _print_table(args, trees, medians):
+    """One row per layer: each tree's ms (then PyTorch's), tree 1 / tree 0 for two trees, and
+    each tree / PyTorch with ``--torch``."""
+    names = [f"tree {i}" for i in range(len(trees))] + ["PyTorch"] * args.torch
+    ratios = [("ratio 1/0", 1, 0)] if len(trees) == 2 else []
+    ratios += [(f"{i}/torch", i, len(trees)) for i in range(len(trees)) if args.torch]
     print(f"conv forward + backward, ms (median of {args.rounds} rounds), {args.backend}, "
           f"{args.threads} thread(s)")
     for i, tree in enumerate(trees):
         print(f"  tree {i}: {tree}")
-    print(f"{'layer':<22}{header}" + (f"{'ratio 1/0':>11}" if len(trees) == 2 else ""))
+    print(f"{'layer':<22}" + "".join(f"{name:>12}" for name in names)
+          + "".join(f"{label:>11}" for label, _, _ in ratios))
     for i, (label, *_) in enumerate(LAYERS):
-        row = [medians[tree][i] for tree in trees]
-        ratio = f"{row[1] / row[0]:11.2f}" if len(trees) == 2 else ""
-        print(f"{label:<22}" + "".join(f"{ms:12.3f}" for ms in row) + ratio)
-    return 0
+        row = [times[i] for times in medians]
+        print(f"{label:<22}" + "".join(f"{ms:12.3f}" for ms in row)
+              + "".join(f"{row[a] / row[b]:11.2f}" for _, a, b in ratios))
 
 
 if __name__ == "__main__":
