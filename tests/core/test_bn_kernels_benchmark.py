@@ -1,25 +1,16 @@
 """The CPU BN benchmark runs end to end on tiny shapes (no timing is asserted), and its
 interleaved sampling helpers and the bare-step heap setting do what they say."""
 import ctypes
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmark_scripts import BENCHMARKS, load_benchmark
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+    return load_benchmark(name)
 
 
 def test_interleaved_times_samples_every_callable_in_turns():

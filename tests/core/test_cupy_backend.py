@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from arraybn import backends
 from arraybn.backends import BackendUnavailableError
 from arraybn.backends import cuda_build
 from arraybn.backends import cupy_backend as cb
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import CUPY_SKIP
 from tests.core.cuda_fakes import _FakeArray, _fake_backend
 from tests.reference import moments as _ref_moments
@@ -151,11 +151,7 @@ def test_unusable_cuda_is_a_clear_unavailable_error(monkeypatch, fresh_registry,
 
 
 def _load_cuda_benchmark():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bn_kernels_cuda.py"
-    spec = importlib.util.spec_from_file_location("bn_kernels_cuda", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bn_kernels_cuda")
 
 
 @pytest.mark.skipif(CUPY_SKIP is None, reason="a CUDA GPU works here: the benchmark would run")

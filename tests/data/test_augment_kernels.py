@@ -5,9 +5,7 @@ give the same values bit for bit (same float64 coordinates, same rounding of the
 data type, same order of the blend, no FMA contraction), for every kind of transform alone and
 combined. The draws are checked to be the ones the trainer made before the kernels existed.
 """
-import importlib.util
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import pytest
 import arraybn
 from arraybn.data import (AugmentConfig, Transforms, apply_transforms, augment_batch, crop_at,
                           draw_transforms, random_affine, random_crop_offsets, warp_affine)
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import to_host
 
 KERNEL_BACKENDS = ["numba", pytest.param("cupy", marks=pytest.mark.gpu)]
@@ -191,10 +190,7 @@ def test_only_backends_with_a_kernel_offer_one():
 def test_the_speed_benchmark_checks_equality_and_prints_its_table(monkeypatch, capsys):
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         monkeypatch.setenv(variable, "1")          # what the script would set, undone afterwards
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "augment_speed.py"
-    spec = importlib.util.spec_from_file_location("augment_speed", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark("augment_speed")
     benchmark.main(["--batch", "3", "--size", "9", "--repeats", "1"])
     table = capsys.readouterr().out
     assert "3 9x9 float32 images" in table

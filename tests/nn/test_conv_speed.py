@@ -1,18 +1,12 @@
 """benchmarks/conv_speed.py: the table gives each tree's time, PyTorch's, and their ratios; the
 PyTorch timer runs the benchmark's layers."""
-import importlib.util
-import pathlib
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "conv_speed.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("conv_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("conv_speed")
 
 
 def test_the_table_has_each_tree_against_pytorch_and_tree_1_against_tree_0(capsys):

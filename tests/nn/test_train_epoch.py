@@ -1,22 +1,15 @@
 """benchmarks/train_epoch.py: its machine-limit arithmetic matches the model it times."""
 import argparse
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 import pytest
 
 from arraybn.nn import build_model
-
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "train_epoch.py"
+from tests.benchmark_scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("train_epoch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_epoch")
 
 
 def _model_gemm_flops(batch):
@@ -73,8 +66,7 @@ def test_machine_limit_counts_the_steps_of_the_subset_it_is_given():
 def test_the_pytorch_twin_of_a_deep_model_has_arraybn_s_parameter_count(model):
     torch = pytest.importorskip("torch")
     args = _load().parse_args(["--model", model])
-    sys.path.insert(0, str(SCRIPT.parent))
-    from train_speed import torch_twin
+    torch_twin = load_benchmark("train_speed").torch_twin
     net = torch_twin(argparse.Namespace(model=model, depth=args.job["depth"], width=16))
     ours = build_model(model, backend="numpy", seed=0, depth=args.job["depth"])
     assert sum(p.numel() for p in net.parameters()) == sum(
