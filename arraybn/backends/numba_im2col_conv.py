@@ -15,15 +15,57 @@ wrap-around to every access, which kept LLVM from vectorising the copies (im2col
 The GEMMs are the calls ``np.matmul`` makes in ``arraybn.nn.conv``, with the same shapes,
 transposes and leading dimensions, to the same OpenBLAS (``numba_flat_conv.GEMMS``); bias adds
 and col2im's sums run in the same order. So the results equal the NumPy path bit for bit, on any
-number of threads. (Where a GEMM dimension is 1 NumPy calls GEMV: the caller keeps the NumPy
-path there.)
+number of threads, except where a float32 convolution has at most 32 output channels or im2col
+rows (``own_gemm``): there W @ columns and W.T @ gy run on ``numba_gemm``, which
+OpenBLAS is slow at (ResNet-20's 16- and 32-channel convolutions, forward + backward, one
+thread: 19.0 -> 16.6 and 14.9 -> 13.1 ms), and the results are within float32 rounding of the
+NumPy path's, still the same bits on any number of threads. (Where a GEMM dimension is 1 NumPy
+calls GEMV: the caller keeps the NumPy path there.)
 """
 import numpy as np
 from numba import prange
 
+from arraybn.backends import numba_gemm
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, check_arrays,
                                               chunk_bounds, gemm_args)
+
+OWN_GEMM_MAX = 32     # numba_gemm where the output channels or im2col rows are this few or fewer
+
+
+def own_gemm(dtype, o, rows):
+    """Whether a convolution's W @ columns and W.T @ gy run on ``numba_gemm`` (float32, with O
+    or C*kh*kw at most ``OWN_GEMM_MAX``), not OpenBLAS. One thread, GFLOP/s, numba_gemm against
+    OpenBLAS: 16 x 144 x 784 (ResNet-20's 16-channel forward per image) 133 / 91, 32 x 288 x 784
+    (VGG-8 conv2's, ResNet-20's 32-channel chunk) 146 / 109, W.T @ gy 288 x 32 x 784 125 / 112,
+    144 x 16 x 784 127 / 88; where both are wider OpenBLAS wins or ties: 64 x 576 x 784 116 /
+    123, 128 x 1152 x 294 113 / 122, 576 x 64 x 441 128 / 127. (Not in the 'flat' kernels of
+    ``numba_flat_conv``: LeNet-5's conv1, 6 x 25 x 672 per image, took 0.85 -> 1.05 ms forward +
+    backward with it, conv2 a tie.)"""
+    return dtype == np.float32 and numba_gemm.available() and min(o, rows) <= OWN_GEMM_MAX
+
+
+def pack_weights(a, own):
+    """``a`` packed for ``numba_gemm.gemm`` if ``own``, else an empty placeholder."""
+    if not own:
+        return np.zeros((0, 1, numba_gemm.MR), np.float32)
+    packed = np.empty(numba_gemm.packed_shape(*a.shape), np.float32)
+    numba_gemm.pack_rows(a, packed)
+    return packed
+
+
+@jit()
+def weights_times(own, packed, w2, transpose, gemm, one, zero, b, out):
+    """out = w2 @ b, or w2.T @ b if ``transpose`` (b and out 2-D, contiguous): on
+    ``numba_gemm`` with ``packed`` (w2 or w2.T packed) if ``own``, else OpenBLAS."""
+    if own:
+        numba_gemm.gemm(packed, out.shape[0], b, out)
+        return
+    o, rows = w2.shape
+    n = b.shape[1]
+    m, k = (rows, o) if transpose else (o, rows)
+    gemm(ROW_MAJOR, TRANS if transpose else NO_TRANS, NO_TRANS, m, n, k, one, w2.ctypes.data,
+         rows, b.ctypes.data, n, zero, out.ctypes.data, n)
 
 
 @jit()
@@ -165,9 +207,36 @@ def _copy_out(out, col0, bias, has_bias, plane):
             plane[uidx(p), uidx(q)] = value + bias[p] if has_bias else value
 
 
+def own_dots(dtype, o, rows):
+    """Whether a convolution's weight gradient, columns @ gy.T, runs on ``numba_gemm.gemm_nt``
+    (float32, at most ``OWN_GEMM_MAX`` output channels and more im2col rows), not OpenBLAS.
+    One thread, GFLOP/s, against OpenBLAS: 144 x 16 x 784 (ResNet-20's 16 channels, per image)
+    97 / 69, 288 x 32 x 784 121 / 96, 144 x 32 x 784 101 / 87; with 64 or more channels
+    OpenBLAS wins (576 x 64 x 441: 94 / 120), and with few rows (VGG-8 conv1's 9: 84 / 90)."""
+    return (dtype == np.float32 and numba_gemm.available()
+            and o <= OWN_GEMM_MAX < rows)
+
+
+@jit()
+def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, partial):
+    """partial (rows, O) = cols (rows, P) @ gy2 (O, P).T, or partial += that if
+    ``accumulate`` (OpenBLAS's product written into ``product`` first, then added): on
+    ``numba_gemm.gemm_nt`` if ``own``, else OpenBLAS. cols and gy2 contiguous."""
+    if own:
+        numba_gemm.gemm_nt(cols, gy2, partial, accumulate)
+        return
+    rows, positions = cols.shape
+    o = gy2.shape[0]
+    target = product if accumulate else partial
+    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data, positions,
+         gy2.ctypes.data, positions, zero, target.ctypes.data, o)
+    if accumulate:
+        add_to(partial, product)
+
+
 @jit()
 def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero, lo, hi,
-             masks, y):
+             masks, own, packed, y):
     """y[lo:hi] of ``conv_forward``: W @ columns per image (into y) or per chunk (copied)."""
     o, rows = w2.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -176,10 +245,9 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
         cols = np.empty((rows, positions), x.dtype)
         for i in range(lo, hi):
             _fill(x[i], kh, kw, stride, pad, oh, ow, cols, 0, masks)
-            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, o, positions, rows, one, w2.ctypes.data, rows,
-                 cols.ctypes.data, positions, zero, y[i].ctypes.data, positions)
+            plane = y[i].reshape(o, positions)
+            weights_times(own, packed, w2, False, gemm, one, zero, cols, plane)
             if has_bias:
-                plane = y[i].reshape(o, positions)
                 _copy_out(plane, 0, bias, True, plane)
         return
     width = (hi - lo) * positions
@@ -187,15 +255,14 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
     out = np.empty((o, width), x.dtype)
     for i in range(lo, hi):
         _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
-    gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, o, width, rows, one, w2.ctypes.data, rows,
-         cols.ctypes.data, width, zero, out.ctypes.data, width)
+    weights_times(own, packed, w2, False, gemm, one, zero, cols, out)
     for i in range(lo, hi):
         _copy_out(out, (i - lo) * positions, bias, has_bias, y[i].reshape(o, positions))
 
 
 @jit()
 def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero, lo, hi,
-              masks, partial, gx):
+              masks, own, packed, own_dots, partial, gx):
     """Images lo..hi-1 of ``conv_backward``: ``partial`` = their transposed weight gradient
     (per image, added up in batch order as NumPy's ``sum(axis=0)``, or the chunk's one GEMM),
     and gx[i] if need_gx."""
@@ -211,14 +278,11 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         product = np.empty((rows, o), x.dtype)
         for i in range(lo, hi):
             _fill(x[i], kh, kw, stride, pad, oh, ow, cols, 0, masks)
-            gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data,
-                 positions, gy[i].ctypes.data, positions, zero,
-                 (partial if i == lo else product).ctypes.data, o)
-            if i > lo:
-                add_to(partial, product)
+            _columns_times_gy(own_dots, gemm, one, zero, cols, gy[i].reshape(o, positions),
+                              i > lo, product, partial)
             if need_gx:
-                gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, positions, o, one, w2.ctypes.data, rows,
-                     gy[i].ctypes.data, positions, zero, gcols.ctypes.data, positions)
+                weights_times(own, packed, w2, True, gemm, one, zero,
+                               gy[i].reshape(o, positions), gcols)
                 _add(gcols, 0, kh, kw, stride, pad, oh, ow, gx[i], masks)
         return
     width = (hi - lo) * positions
@@ -229,36 +293,34 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
         _copy_out(gy[i].reshape(o, positions), 0, no_bias, False,
                   gy_om[:, (i - lo) * positions:(i - lo + 1) * positions])
-    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
-         gy_om.ctypes.data, width, zero, partial.ctypes.data, o)
+    _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
     if need_gx:
         gcols = np.empty((rows, width), x.dtype)
-        gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
-             gy_om.ctypes.data, width, zero, gcols.ctypes.data, width)
+        weights_times(own, packed, w2, True, gemm, one, zero, gy_om, gcols)
         for i in range(lo, hi):
             _add(gcols, (i - lo) * positions, kh, kw, stride, pad, oh, ow, gx[i], masks)
 
 
 @jit(parallel=True)
 def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                   bounds, y):
+                   bounds, own, packed, y):
     """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
     Numba's threads."""
     masks = _column_masks(kw, pad, y.shape[2], y.shape[3])
     for t in prange(bounds.size - 1):
         _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                 bounds[t], bounds[t + 1], masks, y)
+                 bounds[t], bounds[t + 1], masks, own, packed, y)
 
 
 @jit(parallel=True)
 def _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                    bounds, partials, gx):
+                    bounds, own, packed, own_dots, partials, gx):
     """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
     threads."""
     masks = _column_masks(kw, pad, gy.shape[2], gy.shape[3])
     for t in prange(bounds.size - 1):
         _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                  bounds[t], bounds[t + 1], masks, partials[t], gx)
+                  bounds[t], bounds[t + 1], masks, own, packed, own_dots, partials[t], gx)
 
 
 def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
@@ -268,9 +330,11 @@ def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
     Numba's threads. Releases the GIL."""
     check_arrays(x, weight, y)
     o, _, kh, kw = weight.shape
-    _forward_tasks(x, weight.reshape(o, -1), np.zeros(o, x.dtype) if bias is None else bias,
+    w2 = weight.reshape(o, -1)
+    own = own_gemm(x.dtype, *w2.shape)
+    _forward_tasks(x, w2, np.zeros(o, x.dtype) if bias is None else bias,
                    bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
-                   chunk_bounds(chunks), y)
+                   chunk_bounds(chunks), own, pack_weights(w2, own), y)
 
 
 def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
@@ -280,7 +344,10 @@ def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
     check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
     partials = np.empty((len(chunks), c * kh * kw, o), x.dtype)
-    _backward_tasks(gy, x, weight.reshape(o, -1), kh, kw, stride, pad, per_image,
-                    gx is not None, *gemm_args(x.dtype), chunk_bounds(chunks), partials,
+    w2 = weight.reshape(o, -1)
+    own = gx is not None and own_gemm(x.dtype, *w2.shape)
+    _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, gx is not None,
+                    *gemm_args(x.dtype), chunk_bounds(chunks), own, pack_weights(w2.T, own),
+                    own_dots(x.dtype, *w2.shape), partials,
                     np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return partials

@@ -20,8 +20,9 @@ between copies: the numba backend's kernels do the same work without it. A backe
 from step to step (only the latest forward's cache is ever used by backward, so nothing else
 sees them), one set per chunk thread: on the NumPy path a large layer's chunks run on several
 threads (``chunk_threads``). A backend with its own convolution kernels (numba:
-``numba_flat_conv``, ``numba_im2col_conv``; the same results bit for bit, without the GIL; see
-``_kernels``) runs all of a layer's chunks in one call, shared out among its threads. The input
+``numba_flat_conv``, ``numba_im2col_conv``; without the GIL, the same results bit for bit or,
+in float32 with few channels, on its own GEMM within rounding; see ``_kernels``) runs all of a
+layer's chunks in one call, shared out among its threads. The input
 gradient of a 'same' convolution (stride 1, padding (k-1)/2) in a per-image layout is a forward
 convolution of the output gradient with the flipped weights, not a col2im.
 """
@@ -275,8 +276,9 @@ def _chunks(x, weight_shape, stride, pad, xp):
 def _kernels(ops, dtype, gemm_dims):
     """Whether the backend's ``conv_ops()`` runs this convolution's chunks in its own kernels,
     without the GIL and with the same results bit for bit (numba: ``numba_flat_conv`` for the
-    'flat' layout, ``numba_im2col_conv`` for the others), all chunks in one call that shares
-    them out among Numba's threads. Not where a GEMM dimension (``gemm_dims``: O, C*kh*kw and
+    'flat' layout, ``numba_im2col_conv`` for the others; within float32 rounding where they run
+    ``numba_gemm``, see ``numba_im2col_conv.own_gemm``), all chunks in one call that shares them
+    out among Numba's threads. Not where a GEMM dimension (``gemm_dims``: O, C*kh*kw and
     the positions per image, OH*W when flat) is 1: there NumPy's matmul calls GEMV, whose sums
     differ from GEMM's in the last bit. In every layout: Numba's workers spin between parallel
     kernels (``arraybn.backends.numba_backend``), so chunks on the chunk threads would fight

@@ -1,5 +1,6 @@
 """A convolution's forward and backward on the NumPy path and on the numba backend's kernels,
-for the tests that check that the kernels change no bit."""
+for the tests that check that the kernels change no bit (or, where they run their own float32
+GEMM, ``numba_gemm``, no more than rounding)."""
 import numpy as np
 
 from arraybn.backends import get_backend
@@ -28,3 +29,27 @@ def assert_same(reference, kernels):
         else:
             assert got.dtype == want.dtype
             np.testing.assert_array_equal(got, want)
+
+
+def assert_within_rounding(results, x, w, b, stride, pad, gy_seed=1):
+    """Each of (y, gx, gweight, gbias) in ``results`` within float32 rounding of the float64
+    NumPy path's: |got - exact| <= depth * eps * (the same sums of |terms|), where depth is
+    the number of terms each sum adds (the classic bound for a dot product, (depth * eps)
+    times the sum of the products' magnitudes; a wrong or missed window is off by a term)."""
+    n, c, kh, kw, o = x.shape[0], x.shape[1], w.shape[2], w.shape[3], w.shape[0]
+    wide = [None if a is None else a.astype(np.float64) for a in (x, w, b)]
+    y, cache = plain.conv2d_forward(*wide, stride, pad, np, {}, None)
+    gy = np.random.default_rng(gy_seed).standard_normal(y.shape).astype(x.dtype)
+    exact = (y,) + plain.conv2d_backward(gy.astype(np.float64), cache, np, True, {}, None)
+    magnitudes = [None if a is None else np.abs(a) for a in wide]
+    y_abs, cache = plain.conv2d_forward(*magnitudes, stride, pad, np, {}, None)
+    scale = (y_abs,) + plain.conv2d_backward(np.abs(gy).astype(np.float64), cache, np, True,
+                                             {}, None)
+    positions = y.shape[2] * y.shape[3]
+    depths = (c * kh * kw + 1, o * kh * kw, n * positions, n * positions)
+    eps = np.finfo(np.float32).eps
+    for got, want, bound, depth in zip(results, exact, scale, depths):
+        if got is None:
+            continue
+        assert got.dtype == np.float32 and got.shape == want.shape
+        assert np.all(np.abs(got - want) <= depth * eps * bound + 1e-30)

@@ -1,0 +1,131 @@
+"""``numba_gemm``: the float32 GEMM of the convolutions with few channels. Every element one
+chain of fused multiply-adds in the order of k (emulated here exactly), any M, N and K through
+the same tile (ragged rows and columns masked), nothing written outside ``out``, non-finite
+values carried as IEEE arithmetic carries them."""
+import numpy as np
+import pytest
+
+from arraybn.backends import numba_gemm
+
+pytestmark = pytest.mark.skipif(not numba_gemm.available(), reason="needs FMA and AVX2")
+
+
+def _product(a, b, out=None):
+    packed = np.empty(numba_gemm.packed_shape(*a.shape), np.float32)
+    numba_gemm.pack_rows(a, packed)
+    out = np.empty((a.shape[0], b.shape[1]), np.float32) if out is None else out
+    numba_gemm.gemm(packed, a.shape[0], b, out)
+    return out
+
+
+def _fma_chain(a, b):
+    """acc = fl32(acc + a[:, k] * b[k]) for k = 0, 1, ...: a float32 product is exact in
+    float64, and the float64 sum is rounded far below float32's precision, so rounding it to
+    float32 gives the fused multiply-add's one rounding except in rare halfway cases (none
+    with these seeds: the test passes or fails the same on every run)."""
+    acc = np.zeros((a.shape[0], b.shape[1]), np.float32)
+    for k in range(a.shape[1]):
+        acc = (acc.astype(np.float64)
+               + np.outer(a[:, k].astype(np.float64), b[k].astype(np.float64))).astype(np.float32)
+    return acc
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 144, 784), (8, 1, 48), (5, 7, 3), (13, 20, 49),
+                                   (1, 3, 50), (17, 9, 97), (32, 33, 16)])
+def test_each_element_is_one_fused_multiply_add_chain_in_the_order_of_k(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.uniform(0.5, 1.0, (k, n)).astype(np.float32)      # one sign: no cancellation
+    np.testing.assert_array_equal(_product(a, b), _fma_chain(a, b))
+
+
+def test_random_products_are_within_rounding_of_float64():
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((37, 300), (300, 201)))
+    bound = 300 * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b))
+    assert np.all(np.abs(_product(a, b) - a.astype(np.float64) @ b) <= bound)
+
+
+def test_views_transposed_a_and_b_and_out_inside_wider_buffers():
+    """A transposed (packing reads any strides); b and out rows of wider buffers: the columns
+    next to them are neither read into the product nor written."""
+    rng = np.random.default_rng(2)
+    at = rng.standard_normal((30, 11)).astype(np.float32)          # A = at.T: (11, 30)
+    wide_b = rng.standard_normal((30, 70)).astype(np.float32)
+    wide_b[:, 50:] = np.nan                                       # never read
+    wide_out = np.full((11, 64), 7.0, np.float32)
+    _product(at.T, wide_b[:, :50], wide_out[:, 3:53])
+    np.testing.assert_array_equal(wide_out[:, 3:53], _fma_chain(at.T.copy(), wide_b[:, :50]))
+    assert (wide_out[:, :3] == 7).all() and (wide_out[:, 53:] == 7).all()
+
+
+def test_non_finite_values_propagate_as_in_ieee_arithmetic():
+    a = np.ones((9, 4), np.float32)
+    b = np.ones((4, 20), np.float32)
+    b[2, 3], b[1, 5], b[0, 6], b[3, 6] = np.nan, np.inf, np.inf, -np.inf
+    out = _product(a, b)
+    assert np.isnan(out[:, 3]).all() and np.isposinf(out[:, 5]).all()
+    assert np.isnan(out[:, 6]).all()                               # inf + (-inf)
+    assert (np.delete(out, [3, 5, 6], axis=1) == 4).all()
+
+
+def test_an_empty_depth_gives_zeros_and_empty_outputs_are_fine():
+    np.testing.assert_array_equal(_product(np.zeros((3, 0), np.float32),
+                                           np.zeros((0, 5), np.float32)), np.zeros((3, 5)))
+    assert _product(np.ones((3, 4), np.float32), np.ones((4, 0), np.float32)).shape == (3, 0)
+
+
+def _lane_dots(a, b):
+    """gemm_nt's sums, emulated: lane l of each dot product an FMA chain over p = l, l + LANES,
+    ... (as ``_fma_chain``), then the lanes added as a tree, halves first, in float32."""
+    lanes = numba_gemm.LANES
+    depth = a.shape[1]
+    padded = -(-depth // lanes) * lanes
+    a = np.pad(a, ((0, 0), (0, padded - depth)))
+    b = np.pad(b, ((0, 0), (0, padded - depth)))
+    acc = np.zeros((a.shape[0], b.shape[0], lanes), np.float32)
+    for start in range(0, padded, lanes):
+        step = slice(start, start + lanes)
+        products = a[:, None, step].astype(np.float64) * b[None, :, step]
+        acc = (acc.astype(np.float64) + products).astype(np.float32)
+    while acc.shape[2] > 1:
+        half = acc.shape[2] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
+@pytest.mark.parametrize("m,n,depth", [(144, 16, 784), (7, 3, 5), (13, 5, 33), (6, 4, 16),
+                                       (25, 6, 672), (1, 1, 1)])
+def test_gemm_nt_sums_lanes_of_fused_multiply_adds_then_a_tree(m, n, depth):
+    """Ragged rows, columns and depths (a partial last vector, a depth below one vector)."""
+    rng = np.random.default_rng(m + 100 * n)
+    a = rng.standard_normal((m, depth)).astype(np.float32)
+    b = rng.uniform(0.5, 1.0, (n, depth)).astype(np.float32)
+    out = np.full((m, n), np.nan, np.float32)
+    numba_gemm.gemm_nt(a, b, out, False)
+    np.testing.assert_array_equal(out, _lane_dots(a, b))
+    bound = depth * np.finfo(np.float32).eps * (np.abs(a).astype(np.float64) @ np.abs(b).T)
+    assert np.all(np.abs(out - a.astype(np.float64) @ b.T.astype(np.float64)) <= bound)
+
+
+def test_gemm_nt_accumulates_by_adding_each_dot_product_once():
+    rng = np.random.default_rng(7)
+    a, b = (rng.standard_normal(shape).astype(np.float32) for shape in ((11, 40), (5, 40)))
+    start = rng.standard_normal((11, 5)).astype(np.float32)
+    total = start.copy()
+    numba_gemm.gemm_nt(a, b, total, True)
+    np.testing.assert_array_equal(total, start + _lane_dots(a, b))
+
+
+def test_gemm_nt_reads_only_its_rows_and_depth():
+    """a and b as column slices of wider buffers full of NaN beyond: none of it is read; out
+    a slice of a wider buffer: nothing else written."""
+    rng = np.random.default_rng(8)
+    wide_a = np.full((9, 64), np.nan, np.float32)
+    wide_b = np.full((3, 64), np.nan, np.float32)
+    wide_a[:, :37], wide_b[:, :37] = (rng.standard_normal(shape).astype(np.float32)
+                                      for shape in ((9, 37), (3, 37)))
+    wide_out = np.full((9, 8), 5.0, np.float32)
+    numba_gemm.gemm_nt(wide_a[:, :37], wide_b[:, :37], wide_out[:, 2:5], False)
+    np.testing.assert_array_equal(wide_out[:, 2:5], _lane_dots(wide_a[:, :37], wide_b[:, :37]))
+    assert (wide_out[:, :2] == 5).all() and (wide_out[:, 5:] == 5).all()
