@@ -1,5 +1,5 @@
 """A float32 GEMM for the convolutions' narrow products, out (M, N) = A (M, K) @ B (K, N) with
-M small (the output channels, 6-128) and N long (the output positions).
+M or K small (the output channels) and N long (the output positions).
 
 OpenBLAS runs these shapes well below its peak: W (16, 144) @ columns (144, 784), ResNet-20's
 16-channel forward per image, at 90 GFLOP/s on one thread of this machine (Xeon, AVX-512),
@@ -8,7 +8,8 @@ tiny and every B element is used only M times. This GEMM keeps an MR x (NV vecto
 ``out`` in registers while it walks down K: per step of K, NV vector loads of a row of B, MR
 broadcasts of a column of A (packed once, ``pack_rows``) and MR * NV fused multiply-adds. With
 MR = 8 and NV = 3 (24 of AVX-512's 32 registers) the same product runs at 133 GFLOP/s, 32 x 288 x
-784 at 127 against 107 (one thread).
+784 at 146 against 109 (one thread; tiles of 6 x 4, 12 x 2, 9 x 3 or 16 x 1 vectors were slower,
+and so were passes over K in blocks of 128 rows).
 
 The tile is written in LLVM IR (``_tile``, a Numba intrinsic) because LLVM's loop vectoriser
 does not keep a tile of accumulators in registers across the K loop; the rest is ordinary Numba.
@@ -18,11 +19,21 @@ results are reproducible, but not NumPy's bits (OpenBLAS sums in blocks of its o
 edges are masked loads and stores (columns) and zero rows of the packed A (rows), so any M, N
 and K >= 1 run through the same tile.
 
-Without AVX-512 the tile uses 8-lane vectors and MR = 4 (AVX2's 16 registers); without FMA
-(``available`` False) the callers keep OpenBLAS.
+``gemm_nt`` is the weight gradient's product, out (M, N) = A (M, P) @ B (N, P).T with N small
+(the output channels) and P long: DR x DS dot products at a time (6 x 4 with AVX-512), each in
+LANES lanes of fused multiply-adds along P, the lanes then added as a tree. ResNet-20's
+16-channel weight gradient per image, 144 x 16 x 784, at 97 GFLOP/s against OpenBLAS's 69.
+
+``gemm_windows`` is ``gemm`` on the im2col columns of a 'same' convolution without writing them:
+the tile reads each row of the columns from the image itself (an offset per row, a table of
+the positions that lie inside the image, masked loads for the rest), the same sums bit for bit.
+
+Without AVX-512 the tiles use 8-lane vectors and MR = 4, DR = 3 (AVX2's 16 registers); without
+FMA (``available`` False) the callers keep OpenBLAS.
 """
 import functools
 
+import numpy as np
 from llvmlite import binding, ir
 from numba import types
 from numba.extending import intrinsic
@@ -95,6 +106,86 @@ def _column_masks(builder, valid):
             for v in range(NV)]
 
 
+def _summing_loop(builder, initial, stop, step, body, enter=None):
+    """Emit a loop from the current block: a counter from 0 by ``step`` while below ``stop``
+    (an i64), and accumulators (lists of lists of vectors) from ``initial``; ``body(counter,
+    sums)`` emits one step and returns the updated accumulators. Entered unconditionally, or
+    where the i1 ``enter`` holds. Returns (the last step's accumulators, the block before the
+    loop, the loop's last block), the builder after the loop."""
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop, done = builder.append_basic_block("loop"), builder.append_basic_block("loop_done")
+    if enter is None:
+        builder.branch(loop)
+    else:
+        builder.cbranch(enter, loop, done)
+    builder.position_at_end(loop)
+    counter = builder.phi(i64)
+    counter.add_incoming(i64(0), entry)
+    sums = _join(builder, [(initial, entry)])
+    updated = body(counter, sums)
+    following, end = builder.add(counter, i64(step)), builder.block
+    counter.add_incoming(following, end)
+    for phis, news in zip(sums, updated):
+        for phi, new in zip(phis, news):
+            phi.add_incoming(new, end)
+    builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
+    builder.position_at_end(done)
+    return updated, entry, end
+
+
+def _join(builder, incoming):
+    """Phi nodes joining accumulators from several blocks: [(sums, block), ...]."""
+    joined = [[builder.phi(VECTOR) for _ in row] for row in incoming[0][0]]
+    for sums, block in incoming:
+        for phis, values in zip(joined, sums):
+            for phi, value in zip(phis, values):
+                phi.add_incoming(value, block)
+    return joined
+
+
+def _broadcast_step(builder, ops, a_ptr, k, b_row, masks, sums):
+    """One step of K of the MR x NV tile: sums + packed A's row k (broadcast) x the NV vectors
+    at b_row (a float pointer), loaded under ``masks``; returns the new sums."""
+    fma, load, _, vector_at = ops
+    i64, i32 = ir.IntType(64), ir.IntType(32)
+    zero = ir.Constant(VECTOR, [0.0] * LANES)
+    b_vectors = [builder.call(load, [vector_at(b_row, i64(v * LANES)), i32(4), masks[v], zero])
+                 for v in range(NV)]
+    a_row = builder.mul(k, i64(MR))
+    updated = []
+    for r in range(MR):
+        a_value = _splat(builder, builder.load(builder.gep(a_ptr, [builder.add(a_row, i64(r))])),
+                         VECTOR)
+        updated.append([builder.call(fma, [a_value, b_vectors[v], sums[r][v]])
+                        for v in range(NV)])
+    return updated
+
+
+def _tile_sums(builder, ops, packed_at, depth, columns, b_row_and_masks):
+    """The MR x NV tile's sums over k < depth, the step's b row and masks from
+    ``b_row_and_masks(k, column_masks)``; returns (sums, column masks)."""
+    a_ptr = builder.inttoptr(packed_at, F32.as_pointer())
+    masks = _column_masks(builder, columns)
+    zero = ir.Constant(VECTOR, [0.0] * LANES)
+
+    def step(k, sums):
+        return _broadcast_step(builder, ops, a_ptr, k, *b_row_and_masks(k, masks), sums)
+    return _summing_loop(builder, [[zero] * NV for _ in range(MR)], depth, 1, step)[0], masks
+
+
+def _store_tile(builder, ops, out_at, ldc, rows, masks, sums):
+    """out's rows r < rows of the tile = sums, columns under ``masks``."""
+    store, vector_at, i64, i32 = ops[2], ops[3], ir.IntType(64), ir.IntType(32)
+    out_ptr = builder.inttoptr(out_at, F32.as_pointer())
+    for r in range(MR):
+        with builder.if_then(builder.icmp_signed("<", i64(r), rows)):
+            out_row = builder.gep(out_ptr, [builder.mul(i64(r), ldc)])
+            for v in range(NV):
+                builder.call(store, [sums[r][v], vector_at(out_row, i64(v * LANES)), i32(4),
+                                     masks[v]])
+
+
 @intrinsic
 def _tile(typingctx, packed, b, out, depth, ldb, ldc, rows, columns):
     """out[r * ldc + j] = sum over k < depth of packed[k * MR + r] * b[k * ldb + j], for
@@ -105,45 +196,45 @@ def _tile(typingctx, packed, b, out, depth, ldb, ldc, rows, columns):
 
     def codegen(context, builder, sig, args):
         packed_at, b_at, out_at, depth, ldb, ldc, rows, columns = args
-        fma, load, store, vector_at = _vector_ops(builder)
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        a_ptr, b_ptr, out_ptr = (builder.inttoptr(address, F32.as_pointer())
-                                 for address in (packed_at, b_at, out_at))
-        masks = _column_masks(builder, columns)
-        zero = ir.Constant(VECTOR, [0.0] * LANES)
+        ops = _vector_ops(builder)
+        b_ptr = builder.inttoptr(b_at, F32.as_pointer())
+        sums, masks = _tile_sums(builder, ops, packed_at, depth, columns, lambda k, masks: (
+            builder.gep(b_ptr, [builder.mul(k, ldb)]), masks))
+        _store_tile(builder, ops, out_at, ldc, rows, masks, sums)
+        return context.get_dummy_value()
+    return signature, codegen
 
-        entry = builder.block
-        loop, done = builder.append_basic_block("tile_k"), builder.append_basic_block("tile_out")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(i64(0), entry)
-        sums = [[builder.phi(VECTOR) for _ in range(NV)] for _ in range(MR)]
-        for phi in (phi for row in sums for phi in row):
-            phi.add_incoming(zero, entry)
-        b_row = builder.mul(k, ldb)
-        b_vectors = [builder.call(load, [vector_at(b_ptr, builder.add(b_row, i64(v * LANES))),
-                                         i32(4), masks[v], zero]) for v in range(NV)]
-        a_row = builder.mul(k, i64(MR))
-        updated = []
-        for r in range(MR):
-            a_value = _splat(builder, builder.load(builder.gep(a_ptr, [builder.add(
-                a_row, i64(r))])), VECTOR)
-            updated.append([builder.call(fma, [a_value, b_vectors[v], sums[r][v]])
-                            for v in range(NV)])
-        k_next = builder.add(k, i64(1))
-        k.add_incoming(k_next, builder.block)
-        for r in range(MR):
-            for v in range(NV):
-                sums[r][v].add_incoming(updated[r][v], builder.block)
-        builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
-        builder.position_at_end(done)
-        for r in range(MR):
-            with builder.if_then(builder.icmp_signed("<", i64(r), rows)):
-                out_row = builder.mul(i64(r), ldc)
-                for v in range(NV):
-                    builder.call(store, [updated[r][v], vector_at(out_ptr, builder.add(
-                        out_row, i64(v * LANES))), i32(4), masks[v]])
+
+@intrinsic
+def _window_tile(typingctx, packed, image, offsets, table, table_rows, out, depth, ldc, rows,
+                 columns):
+    """``_tile`` with b's row k the ``image`` (float32) from offsets[k] (int64, may point
+    before or past the image: those columns are masked) and its valid columns the nonzero
+    bytes of ``table`` from table_rows[k]: an implicit im2col (b[k, j] = image[offsets[k] + j]
+    where table[table_rows[k] + j], else 0). image, table and out point at the tile's first
+    column; table is readable for NR bytes from there."""
+    signature = types.void(*[types.intp] * 10)
+
+    def codegen(context, builder, sig, args):
+        packed_at, image_at, offsets_at, table_at, rows_at, out_at, depth, ldc, rows, columns = (
+            args)
+        ops = _vector_ops(builder)
+        i64, i8 = ir.IntType(64), ir.IntType(8)
+        bytes_type = ir.VectorType(i8, LANES)
+        image, table = (builder.inttoptr(address, pointee.as_pointer()) for address, pointee in
+                        ((image_at, F32), (table_at, i8)))
+        offsets, table_rows = (builder.inttoptr(address, i64.as_pointer())
+                               for address in (offsets_at, rows_at))
+
+        def b_row_and_masks(k, masks):
+            row = builder.gep(table, [builder.load(builder.gep(table_rows, [k]))])
+            valid = [builder.icmp_unsigned("!=", builder.load(builder.bitcast(builder.gep(
+                row, [i64(v * LANES)]), bytes_type.as_pointer()), align=1),
+                ir.Constant(bytes_type, [0] * LANES)) for v in range(NV)]
+            return (builder.gep(image, [builder.load(builder.gep(offsets, [k]))]),
+                    [builder.and_(mask, ok) for mask, ok in zip(masks, valid)])
+        sums, masks = _tile_sums(builder, ops, packed_at, depth, columns, b_row_and_masks)
+        _store_tile(builder, ops, out_at, ldc, rows, masks, sums)
         return context.get_dummy_value()
     return signature, codegen
 
@@ -172,6 +263,8 @@ def gemm(packed, m, b, out):
     contiguous (any row stride: views of wider buffers are fine). Tiles column panel by column
     panel, every row block of a panel before the next panel (the panel of b stays in L1)."""
     depth, n = b.shape
+    if b.itemsize != 4 or out.itemsize != 4 or packed.itemsize != 4:
+        raise TypeError("numba_gemm.gemm: float32 arrays only")
     if depth == 0:
         out[:, :] = 0
         return
@@ -230,32 +323,11 @@ def _dot_tile(typingctx, a, b, out, depth, lda, ldb, ldc, rows, columns, accumul
             return [[builder.call(fma, [a_vectors[r], b_vectors[c], sums[r][c]])
                      for c in range(DS)] for r in range(DR)]
 
-        def merge(incoming):
-            """phi nodes joining [(sums, block), ...]."""
-            joined = [[builder.phi(VECTOR) for _ in range(DS)] for _ in range(DR)]
-            for sums, block in incoming:
-                for r in range(DR):
-                    for c in range(DS):
-                        joined[r][c].add_incoming(sums[r][c], block)
-            return joined
-
         zeros = [[zero] * DS for _ in range(DR)]
-        entry = builder.block
-        loop, after = builder.append_basic_block("dot_p"), builder.append_basic_block("dot_tail")
-        builder.cbranch(builder.icmp_signed(">", full, i64(0)), loop, after)
-        builder.position_at_end(loop)
-        p = builder.phi(i64)
-        p.add_incoming(i64(0), entry)
-        sums = merge([(zeros, entry)])
-        updated = step(p, sums, None)
-        p_next = builder.add(p, i64(LANES))
-        p.add_incoming(p_next, builder.block)
-        for r in range(DR):
-            for c in range(DS):
-                sums[r][c].add_incoming(updated[r][c], builder.block)
-        builder.cbranch(builder.icmp_signed("<", p_next, full), loop, after)
-        builder.position_at_end(after)
-        sums = merge([(zeros, entry), (updated, loop)])
+        updated, entry, loop = _summing_loop(builder, zeros, full, LANES,
+                                             lambda p, sums: step(p, sums, None),
+                                             enter=builder.icmp_signed(">", full, i64(0)))
+        sums = _join(builder, [(zeros, entry), (updated, loop)])
         before_tail = builder.block
         tail, done = builder.append_basic_block("dot_last"), builder.append_basic_block("dot_out")
         builder.cbranch(builder.icmp_signed("<", full, depth), tail, done)
@@ -263,7 +335,7 @@ def _dot_tile(typingctx, a, b, out, depth, lda, ldb, ldc, rows, columns, accumul
         last = step(full, sums, _column_masks(builder, builder.sub(depth, full))[0])
         builder.branch(done)
         builder.position_at_end(done)
-        sums = merge([(sums, before_tail), (last, tail)])
+        sums = _join(builder, [(sums, before_tail), (last, tail)])
         out_ptr = builder.inttoptr(out_at, F32.as_pointer())
         keep = builder.icmp_signed("!=", accumulate, i64(0))
         for r in range(DR):
@@ -284,10 +356,12 @@ def gemm_nt(a, b, out, accumulate):
     """out (M, N) = a (M, P) @ b (N, P).T, or out += that if ``accumulate`` (each element's
     dot product added to it once, as NumPy's ``out += a @ b.T`` adds); float32, rows
     contiguous. Faster than OpenBLAS where N is small: 144 x 16 x 784 (a weight gradient of
-    ResNet-20's 16-channel convolution, per image) at 91 GFLOP/s against 71, one thread; at 32
-    or more columns OpenBLAS wins."""
+    ResNet-20's 16-channel convolution, per image) at 97 GFLOP/s against 69, 288 x 32 x 784 at
+    121 against 96, one thread; with 64 columns or more OpenBLAS wins."""
     m, depth = a.shape
     n = b.shape[0]
+    if a.itemsize != 4 or b.itemsize != 4 or out.itemsize != 4:
+        raise TypeError("numba_gemm.gemm_nt: float32 arrays only")
     if depth == 0:
         if not accumulate:
             out[:, :] = 0
@@ -298,3 +372,57 @@ def gemm_nt(a, b, out, accumulate):
             _dot_tile(a.ctypes.data + 4 * r * lda, b.ctypes.data + 4 * c * ldb,
                       out.ctypes.data + 4 * (r * ldc + c), depth, lda, ldb, ldc,
                       min(DR, m - r), min(DS, n - c), accumulate)
+
+
+@jit()
+def window_offsets(c, kh, kw, pad, h, w):
+    """For a 'same' convolution (stride 1, output h x w) of a (c, h, w) image: per im2col row
+    k = (ch, ki, kj), the offset of its window in the flattened image, ch*h*w + (ki - pad)*w +
+    kj - pad, and its row of ``window_table``, ki*kw + kj, times the table's row length."""
+    size, length = h * w, h * w + NR
+    offsets = np.empty(c * kh * kw, np.int64)
+    table_rows = np.empty(c * kh * kw, np.int64)
+    for ch in range(c):
+        for ki in range(kh):
+            for kj in range(kw):
+                k = (ch * kh + ki) * kw + kj
+                offsets[k] = ch * size + (ki - pad) * w + kj - pad
+                table_rows[k] = (ki * kw + kj) * length
+    return offsets, table_rows
+
+
+@jit()
+def window_table(kh, kw, pad, h, w):
+    """table[ki*kw + kj, q]: whether output position q = i*w + j of a 'same' convolution
+    reads inside the image at window offset (ki, kj); rows NR bytes longer than h*w (zero), so
+    a tile may read past the last position."""
+    size = h * w
+    table = np.zeros((kh * kw, size + NR), np.uint8)
+    for ki in range(kh):
+        for kj in range(kw):
+            for i in range(h):
+                for j in range(w):
+                    inside = 0 <= i + ki - pad < h and 0 <= j + kj - pad < w
+                    table[ki * kw + kj, i * w + j] = inside
+    return table
+
+
+@jit()
+def gemm_windows(packed, m, image, offsets, table, table_rows, out):
+    """out (m, h*w) = A @ the im2col columns of ``image`` (c, h, w) for a 'same' convolution,
+    without writing them: b[k, q] = image.flat[offsets[k] + q] where table.flat[table_rows[k] +
+    q], else 0 (``window_offsets``, ``window_table``). The same sums, bit for bit, as ``gemm``
+    on the columns."""
+    depth, n = offsets.size, out.shape[1]
+    if image.itemsize != 4 or out.itemsize != 4 or packed.itemsize != 4:
+        raise TypeError("numba_gemm.gemm_windows: float32 arrays only")
+    if depth == 0:
+        out[:, :] = 0
+        return
+    ldc, blocks = out.strides[0] // 4, packed.shape[0]
+    for j in range(0, n, NR):
+        for block in range(blocks):
+            _window_tile(packed[block].ctypes.data, image.ctypes.data + 4 * j,
+                         offsets.ctypes.data, table.ctypes.data + j, table_rows.ctypes.data,
+                         out.ctypes.data + 4 * (block * MR * ldc + j), depth, ldc,
+                         min(MR, m - block * MR), min(NR, n - j))

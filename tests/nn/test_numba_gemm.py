@@ -2,6 +2,10 @@
 chain of fused multiply-adds in the order of k (emulated here exactly), any M, N and K through
 the same tile (ragged rows and columns masked), nothing written outside ``out``, non-finite
 values carried as IEEE arithmetic carries them."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -129,3 +133,77 @@ def test_gemm_nt_reads_only_its_rows_and_depth():
     numba_gemm.gemm_nt(wide_a[:, :37], wide_b[:, :37], wide_out[:, 2:5], False)
     np.testing.assert_array_equal(wide_out[:, 2:5], _lane_dots(wide_a[:, :37], wide_b[:, :37]))
     assert (wide_out[:, :2] == 5).all() and (wide_out[:, 5:] == 5).all()
+
+
+def test_other_dtypes_are_refused():
+    a, b = np.ones((3, 4)), np.ones((4, 5))                       # float64
+    with pytest.raises(TypeError, match="float32 arrays only"):
+        numba_gemm.gemm(np.ones((1, 4, numba_gemm.MR)), 3, b, np.empty((3, 5)))
+    with pytest.raises(TypeError, match="float32 arrays only"):
+        numba_gemm.gemm_nt(a, b.T.copy(), np.empty((3, 5)), False)
+
+
+AVX2_CHECK = """
+import numpy as np
+from llvmlite import binding
+features = binding.get_host_cpu_features()
+features["avx512f"] = False
+binding.get_host_cpu_features = lambda: features
+from arraybn.backends import numba_gemm
+from tests.nn.test_numba_gemm import _fma_chain, _lane_dots, _product
+assert (numba_gemm.LANES, numba_gemm.MR, numba_gemm.DR) == (8, 4, 3)
+rng = np.random.default_rng(9)
+a, b = rng.standard_normal((11, 30)).astype(np.float32), rng.random((30, 29), np.float32)
+assert np.array_equal(_product(a, b), _fma_chain(a, b))
+out = np.empty((11, 5), np.float32)
+numba_gemm.gemm_nt(a, b[:, :5].T.copy(), out, False)
+assert np.array_equal(out, _lane_dots(a, b[:, :5].T.copy()))
+print("ok")
+"""
+
+
+def test_the_avx2_tiles_give_the_same_sums(tmp_path):
+    """Without AVX-512: 8 lanes, 4 x 3 vectors and 3 x 4 dot products; ``gemm``'s results
+    are the same chains as with AVX-512, ``gemm_nt``'s are 8 lanes' (a fresh process that
+    hides avx512f from the feature list, with its own Numba cache)."""
+    if "avx2" not in numba_gemm.FEATURES:
+        pytest.skip("the AVX2 tiles need AVX2")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                              os.path.abspath(__file__)))))
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def _explicit_columns(image, k, pad):
+    """The im2col columns of one (c, h, w) image for a 'same' k x k convolution, zeros on the
+    padding: (c*k*k, h*w), rows (c, ki, kj)."""
+    c, h, w = image.shape
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)))
+    return np.stack([padded[ch, ki:ki + h, kj:kj + w].ravel()
+                     for ch in range(c) for ki in range(k) for kj in range(k)])
+
+
+@pytest.mark.parametrize("c,o,k,h,w", [(16, 16, 3, 28, 28), (1, 32, 3, 28, 28),
+                                       (4, 5, 5, 17, 16), (3, 4, 3, 16, 17), (2, 9, 5, 3, 4)])
+def test_gemm_windows_equals_gemm_on_the_columns_bit_for_bit(c, o, k, h, w):
+    """Windows read in place (offsets into the image and a table of valid positions): the
+    same bits as ``gemm`` on explicit columns, NaN and infinities on the image's edges (read
+    where a window covers them, never where it lies on the padding) and signed zeros
+    included."""
+    rng = np.random.default_rng(c * 100 + h)
+    image = rng.standard_normal((c, h, w)).astype(np.float32)
+    image[:, :, 0], image[:, 0, :], image[:, -1, -1] = np.nan, -0.0, np.inf
+    weights = rng.standard_normal((o, c * k * k)).astype(np.float32)
+    packed = np.empty(numba_gemm.packed_shape(*weights.shape), np.float32)
+    numba_gemm.pack_rows(weights, packed)
+    pad = (k - 1) // 2
+    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w)
+    got = np.full((o, h * w), 3.0, np.float32)
+    numba_gemm.gemm_windows(packed, o, image, offsets, numba_gemm.window_table(k, k, pad, h, w),
+                            table_rows, got)
+    want = np.empty_like(got)
+    with np.errstate(invalid="ignore"):
+        numba_gemm.gemm(packed, o, _explicit_columns(image, k, pad), want)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(got).any()
