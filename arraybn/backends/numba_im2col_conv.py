@@ -17,8 +17,9 @@ transposes and leading dimensions, to the same OpenBLAS (``numba_flat_conv.GEMMS
 and col2im's sums run in the same order. So the results equal the NumPy path bit for bit, on any
 number of threads, except where a float32 convolution has at most 32 output channels or im2col
 rows (``own_gemm``): there W @ columns and W.T @ gy run on ``numba_gemm``, which
-OpenBLAS is slow at (ResNet-20's 16- and 32-channel convolutions, forward + backward, one
-thread: 19.0 -> 16.6 and 14.9 -> 13.1 ms), and the results are within float32 rounding of the
+OpenBLAS is slow at, the weight gradient too (``own_dots``), and 'same' convolutions read their
+windows in place (ResNet-20's 16- and 32-channel convolutions, forward + backward, one thread:
+19.1 -> 11.8 and 14.9 -> 12.1 ms), and the results are within float32 rounding of the
 NumPy path's, still the same bits on any number of threads. (Where a GEMM dimension is 1 NumPy
 calls GEMV: the caller keeps the NumPy path there.)
 """
