@@ -44,6 +44,7 @@ from arraybn.backends.numba_kernels import finish_statistics, moments_range
 
 PARALLEL_MIN_SIZE = 1 << 16   # values from which a block shares out its channels
 POOL_WINDOWS = 512      # 2x2 windows per pooling loop at least (see _normalize_pool2)
+BLOCK_BYTES = 1 << 20     # data of a block of channels between a kernel's two passes
 INACTIVE = 255          # argmax value of a window whose maximum the ReLU zeroed (no gradient)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -126,15 +127,32 @@ def _forward_parallel(x, center, a, b, relu_after, k, tasks, y, argmax):
 
 
 @jit()
+def _block_channels(x, k, lo, hi, bytes_per_value):
+    """Channels per block of a two-pass kernel (statistics or sums, then the output) on
+    channels lo..hi-1. At k = 1 as many as keep ``bytes_per_value`` bytes a value of theirs
+    within ``BLOCK_BYTES`` (at least one), so that the second pass reads them from the core's
+    L2, not from memory; pooled blocks (k > 1) take lo..hi in one block, whose ``_pool2``
+    groups of planes would be cut short at the blocks' edges (LeNet-5's first block)."""
+    if k != 1:
+        return max(1, hi - lo)
+    return max(1, BLOCK_BYTES // max(1, x.shape[0] * x.shape[2] * x.shape[3] * bytes_per_value))
+
+
+@jit()
 def _train_forward(x, gamma, beta, eps, center_only, relu_after, k, lo, hi, y, argmax, mean,
                    var, a):
     """Channels lo..hi-1 of a training forward: their statistics (the backend's ``moments``
     kernel: the unfused BN's bits), ``a = gamma / sqrt(var + eps)`` (gamma when
-    ``center_only``), then ``_forward`` centred on the batch mean with shift beta."""
-    moments_range(x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3]), lo, hi, mean, var)
-    for c in range(lo, hi):
-        a[c] = gamma[c] if center_only else gamma[c] / np.sqrt(var[c] + eps)
-    _forward(x, mean, a, beta, relu_after, k, lo, hi, y, argmax)
+    ``center_only``), then ``_forward`` centred on the batch mean with shift beta; block by
+    block of channels (``_block_channels``)."""
+    x3 = x.reshape(x.shape[0], x.shape[1], x.shape[2] * x.shape[3])
+    step = _block_channels(x, k, lo, hi, 5)                      # x, y, argmax
+    for c0 in range(lo, hi, step):
+        c1 = min(c0 + step, hi)
+        moments_range(x3, c0, c1, mean, var)
+        for c in range(c0, c1):
+            a[c] = gamma[c] if center_only else gamma[c] / np.sqrt(var[c] + eps)
+        _forward(x, mean, a, beta, relu_after, k, c0, c1, y, argmax)
 
 
 @jit()
@@ -330,13 +348,17 @@ def _channel_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
 def _backward(gy, x, argmax, mean, scale, w, centered, relu_before, k, lo, hi, sum_gy,
               sum_gy_xc, a_x, b, gx):
     """The backward of channels lo..hi-1: their sums, their gx coefficients (the unfused BN
-    backward's formula, as ``bn_pool_backward`` documents), then their gx."""
-    _channel_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc)
+    backward's formula, as ``bn_pool_backward`` documents), then their gx; block by block of
+    channels (``_block_channels``)."""
     count = float(x.shape[0] * x.shape[2] * x.shape[3])
-    for c in range(lo, hi):
-        a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
-        b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
-    _gx(gy, x, argmax, mean, scale, a_x, b, k, relu_before, lo, hi, gx)
+    step = _block_channels(x, k, lo, hi, 9)                  # x, gy, gx, argmax
+    for c0 in range(lo, hi, step):
+        c1 = min(c0 + step, hi)
+        _channel_sums(gy, x, argmax, mean, k, c0, c1, sum_gy, sum_gy_xc)
+        for c in range(c0, c1):
+            a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
+            b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
+        _gx(gy, x, argmax, mean, scale, a_x, b, k, relu_before, c0, c1, gx)
 
 
 @jit(parallel=True)

@@ -311,6 +311,36 @@ def test_2x2_pooling_in_groups_of_planes_equals_the_per_plane_window_loops(
     assert np.isnan(y[:, :lo]).all() and np.isnan(y[:, hi:]).all()   # other channels untouched
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True)])
+def test_blocks_of_channels_give_each_channel_its_bits_alone(dtype, relu_after, relu_before):
+    """Without pooling the two-pass kernels go block by block of channels
+    (``_block_channels``: here one channel a block, x being large); every channel's statistics,
+    running buffers, output, sums and gx equal those of that channel run on its own."""
+    from arraybn.backends import numba_fused_kernels as kernels
+    x = _data(dtype, shape=(60, 3, 48, 48))
+    assert kernels._block_channels(x, 1, 0, 3, 5) == 1
+    assert kernels._block_channels(x, 2, 0, 3, 5) == 3                  # pooled: one block
+    rng = np.random.default_rng(9)
+    gy = rng.standard_normal(x.shape).astype(dtype)
+    gamma, beta, w = (rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), rng.uniform(0.5, 1.5, 3))
+
+    def run(c):
+        x_c, gy_c = np.ascontiguousarray(x[:, c]), np.ascontiguousarray(gy[:, c])
+        running = np.full(len(c), 0.5), np.full(len(c), 2.0)
+        y, argmax, mean, var, inv_std = kernels.bn_pool_train_forward(
+            x_c, gamma[c], beta[c], 1e-5, False, 0.1, *running, relu_after, 1)
+        backward = kernels.bn_pool_backward(gy_c, x_c, argmax, mean, gamma[c] * inv_std,
+                                            inv_std ** 2, True, relu_before, 1)
+        return (y, argmax, mean, var, inv_std) + running + backward
+
+    whole = run([0, 1, 2])
+    for c in range(3):
+        for got, alone in zip(whole, run([c])):
+            np.testing.assert_array_equal(got[:, c:c + 1] if got.ndim == 4 else got[c:c + 1],
+                                          alone)
+
+
 def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
     from arraybn.backends import numba_fused_kernels as kernels
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
