@@ -323,7 +323,7 @@ def test_blocks_of_channels_give_each_channel_its_bits_alone(dtype, relu_after, 
     assert kernels._block_channels(x, 2, 0, 3, 5) == 3                  # pooled: one block
     rng = np.random.default_rng(9)
     gy = rng.standard_normal(x.shape).astype(dtype)
-    gamma, beta, w = (rng.uniform(0.5, 1.5, 3), rng.standard_normal(3), rng.uniform(0.5, 1.5, 3))
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.standard_normal(3)
 
     def run(c):
         x_c, gy_c = np.ascontiguousarray(x[:, c]), np.ascontiguousarray(gy[:, c])
