@@ -288,6 +288,74 @@ def _horizontal_sum(builder, vector):
     return builder.extract_element(vector, i32(0))
 
 
+def _row_starts(builder, address, count, valid, stride):
+    """Float pointers to rows 0 .. count-1 of the matrix at ``address`` (an i64) with row
+    ``stride``; rows from ``valid`` on point at row 0."""
+    base = builder.inttoptr(address, F32.as_pointer())
+    return [builder.gep(base, [builder.mul(_row_or_first(builder, i, valid), stride)])
+            for i in range(count)]
+
+
+def _row_or_first(builder, i, valid):
+    """i (an i64) if below ``valid``, else 0."""
+    i64 = ir.IntType(64)
+    return builder.select(builder.icmp_signed("<", i64(i), valid), i64(i), i64(0))
+
+
+def _read(builder, ops, row, p, mask):
+    """The vector at row + p: an unmasked load if ``mask`` is None, else masked (zeros)."""
+    load, vector_at = ops[1], ops[3]
+    pointer = vector_at(row, p)
+    if mask is None:
+        return builder.load(pointer, align=4)
+    return builder.call(load, [pointer, ir.IntType(32)(4), mask,
+                               ir.Constant(VECTOR, [0.0] * LANES)])
+
+
+def _dot_sums(builder, ops, depth, read):
+    """The DR x DS dot products' lane sums over p < depth (>= 1): ``read(p, mask)`` gives the
+    DR vectors of a and DS of b at p, ``mask`` None in the main loop (whole vectors), the lanes
+    below depth in the last partial step."""
+    fma, i64 = ops[0], ir.IntType(64)
+    full = builder.and_(depth, i64(-LANES))
+
+    def step(p, sums, mask):
+        a_vectors, b_vectors = read(p, mask)
+        return [[builder.call(fma, [a_vectors[r], b_vectors[c], sums[r][c]])
+                 for c in range(DS)] for r in range(DR)]
+
+    zeros = [[ir.Constant(VECTOR, [0.0] * LANES)] * DS for _ in range(DR)]
+    updated, entry, loop = _summing_loop(builder, zeros, full, LANES,
+                                         lambda p, sums: step(p, sums, None),
+                                         enter=builder.icmp_signed(">", full, i64(0)))
+    sums = _join(builder, [(zeros, entry), (updated, loop)])
+    before_tail = builder.block
+    tail, done = builder.append_basic_block("dot_last"), builder.append_basic_block("dot_out")
+    builder.cbranch(builder.icmp_signed("<", full, depth), tail, done)
+    builder.position_at_end(tail)
+    last = step(full, sums, _column_masks(builder, builder.sub(depth, full))[0])
+    builder.branch(done)
+    builder.position_at_end(done)
+    return _join(builder, [(sums, before_tail), (last, tail)])
+
+
+def _store_dots(builder, out_at, ldc, rows, columns, accumulate, sums):
+    """out[r * ldc + s] = the lanes of sums[r][s] added as a tree, or out's value plus that if
+    ``accumulate`` (an i64), for r < rows and s < columns."""
+    i64 = ir.IntType(64)
+    out_ptr = builder.inttoptr(out_at, F32.as_pointer())
+    keep = builder.icmp_signed("!=", accumulate, i64(0))
+    for r in range(DR):
+        for c in range(DS):
+            valid = builder.and_(builder.icmp_signed("<", i64(r), rows),
+                                 builder.icmp_signed("<", i64(c), columns))
+            with builder.if_then(valid):
+                at = builder.gep(out_ptr, [builder.add(builder.mul(i64(r), ldc), i64(c))])
+                total = _horizontal_sum(builder, sums[r][c])
+                builder.store(builder.select(keep, builder.fadd(builder.load(at), total),
+                                             total), at)
+
+
 @intrinsic
 def _dot_tile(typingctx, a, b, out, depth, lda, ldb, ldc, rows, columns, accumulate):
     """out[r * ldc + s] (+= if ``accumulate``) sum over p < depth of a[r * lda + p] *
@@ -300,53 +368,52 @@ def _dot_tile(typingctx, a, b, out, depth, lda, ldb, ldc, rows, columns, accumul
 
     def codegen(context, builder, sig, args):
         a_at, b_at, out_at, depth, lda, ldb, ldc, rows, columns, accumulate = args
-        fma, load, _, vector_at = _vector_ops(builder)
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        zero = ir.Constant(VECTOR, [0.0] * LANES)
+        ops = _vector_ops(builder)
+        a_rows = _row_starts(builder, a_at, DR, rows, lda)
+        b_rows = _row_starts(builder, b_at, DS, columns, ldb)
+        sums = _dot_sums(builder, ops, depth, lambda p, mask: (
+            [_read(builder, ops, row, p, mask) for row in a_rows],
+            [_read(builder, ops, row, p, mask) for row in b_rows]))
+        _store_dots(builder, out_at, ldc, rows, columns, accumulate, sums)
+        return context.get_dummy_value()
+    return signature, codegen
 
-        def row_starts(address, count, valid, stride):
-            base = builder.inttoptr(address, F32.as_pointer())
-            return [builder.gep(base, [builder.mul(builder.select(
-                builder.icmp_signed("<", i64(i), valid), i64(i), i64(0)), stride)])
-                for i in range(count)]
-        a_rows, b_rows = row_starts(a_at, DR, rows, lda), row_starts(b_at, DS, columns, ldb)
-        full = builder.and_(depth, i64(-LANES))
 
-        def step(p, sums, mask):
-            """sums + this step's products: unmasked loads, or masked by ``mask``."""
-            def read(row):
-                pointer = vector_at(row, p)
-                if mask is None:
-                    return builder.load(pointer, align=4)
-                return builder.call(load, [pointer, i32(4), mask, zero])
-            a_vectors, b_vectors = [read(row) for row in a_rows], [read(row) for row in b_rows]
-            return [[builder.call(fma, [a_vectors[r], b_vectors[c], sums[r][c]])
-                     for c in range(DS)] for r in range(DR)]
+@intrinsic
+def _window_dot_tile(typingctx, image, offsets, table, table_rows, b, out, depth, ldb, ldc,
+                     rows, columns, accumulate):
+    """``_dot_tile`` with a's row r the ``image`` (float32) from offsets[r], its valid
+    positions the nonzero bytes of ``table`` from table_rows[r] (masked loads, zeros for the
+    rest): the weight gradient's implicit im2col, as ``_window_tile`` for ``_tile``. offsets
+    and table_rows point at the tile's first row; integer arguments."""
+    signature = types.void(*[types.intp] * 12)
 
-        zeros = [[zero] * DS for _ in range(DR)]
-        updated, entry, loop = _summing_loop(builder, zeros, full, LANES,
-                                             lambda p, sums: step(p, sums, None),
-                                             enter=builder.icmp_signed(">", full, i64(0)))
-        sums = _join(builder, [(zeros, entry), (updated, loop)])
-        before_tail = builder.block
-        tail, done = builder.append_basic_block("dot_last"), builder.append_basic_block("dot_out")
-        builder.cbranch(builder.icmp_signed("<", full, depth), tail, done)
-        builder.position_at_end(tail)
-        last = step(full, sums, _column_masks(builder, builder.sub(depth, full))[0])
-        builder.branch(done)
-        builder.position_at_end(done)
-        sums = _join(builder, [(sums, before_tail), (last, tail)])
-        out_ptr = builder.inttoptr(out_at, F32.as_pointer())
-        keep = builder.icmp_signed("!=", accumulate, i64(0))
-        for r in range(DR):
-            for c in range(DS):
-                valid = builder.and_(builder.icmp_signed("<", i64(r), rows),
-                                     builder.icmp_signed("<", i64(c), columns))
-                with builder.if_then(valid):
-                    at = builder.gep(out_ptr, [builder.add(builder.mul(i64(r), ldc), i64(c))])
-                    total = _horizontal_sum(builder, sums[r][c])
-                    builder.store(builder.select(keep, builder.fadd(builder.load(at), total),
-                                                 total), at)
+    def codegen(context, builder, sig, args):
+        (image_at, offsets_at, table_at, rows_at, b_at, out_at, depth, ldb, ldc, rows,
+         columns, accumulate) = args
+        ops = _vector_ops(builder)
+        i64, bytes_type = ir.IntType(64), ir.VectorType(ir.IntType(8), LANES)
+        image = builder.inttoptr(image_at, F32.as_pointer())
+        table = builder.inttoptr(table_at, ir.IntType(8).as_pointer())
+        offsets, table_rows = (builder.inttoptr(address, i64.as_pointer())
+                               for address in (offsets_at, rows_at))
+        firsts = [_row_or_first(builder, i, rows) for i in range(DR)]
+        a_rows = [builder.gep(image, [builder.load(builder.gep(offsets, [i]))]) for i in firsts]
+        a_tables = [builder.gep(table, [builder.load(builder.gep(table_rows, [i]))])
+                    for i in firsts]
+        b_rows = _row_starts(builder, b_at, DS, columns, ldb)
+
+        def read(p, mask):
+            a_vectors = []
+            for row, row_table in zip(a_rows, a_tables):
+                inside = builder.icmp_unsigned("!=", builder.load(builder.bitcast(
+                    builder.gep(row_table, [p]), bytes_type.as_pointer()), align=1),
+                    ir.Constant(bytes_type, [0] * LANES))
+                a_vectors.append(_read(builder, ops, row, p, inside if mask is None
+                                       else builder.and_(inside, mask)))
+            return a_vectors, [_read(builder, ops, row, p, mask) for row in b_rows]
+        sums = _dot_sums(builder, ops, depth, read)
+        _store_dots(builder, out_at, ldc, rows, columns, accumulate, sums)
         return context.get_dummy_value()
     return signature, codegen
 
@@ -426,3 +493,25 @@ def gemm_windows(packed, m, image, offsets, table, table_rows, out):
                          offsets.ctypes.data, table.ctypes.data + j, table_rows.ctypes.data,
                          out.ctypes.data + 4 * (block * MR * ldc + j), depth, ldc,
                          min(MR, m - block * MR), min(NR, n - j))
+
+
+@jit()
+def gemm_nt_windows(image, offsets, table, table_rows, b, out, accumulate):
+    """out (c*kh*kw, N) = the im2col columns of ``image`` (c, h, w) for a 'same' convolution
+    @ b (N, h*w).T (``window_offsets``, ``window_table``), or out += that if ``accumulate``,
+    without writing the columns: the same bits as ``gemm_nt`` on them. A weight gradient
+    (transposed) per image."""
+    m, n, depth = offsets.size, b.shape[0], b.shape[1]
+    if image.itemsize != 4 or b.itemsize != 4 or out.itemsize != 4:
+        raise TypeError("numba_gemm.gemm_nt_windows: float32 arrays only")
+    if depth == 0:
+        if not accumulate:
+            out[:, :] = 0
+        return
+    ldb, ldc = b.strides[0] // 4, out.strides[0] // 4
+    for r in range(0, m, DR):
+        for c in range(0, n, DS):
+            _window_dot_tile(image.ctypes.data, offsets.ctypes.data + 8 * r, table.ctypes.data,
+                             table_rows.ctypes.data + 8 * r, b.ctypes.data + 4 * c * ldb,
+                             out.ctypes.data + 4 * (r * ldc + c), depth, ldb, ldc,
+                             min(DR, m - r), min(DS, n - c), accumulate)

@@ -207,3 +207,36 @@ def test_gemm_windows_equals_gemm_on_the_columns_bit_for_bit(c, o, k, h, w):
         numba_gemm.gemm(packed, o, _explicit_columns(image, k, pad), want)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.isnan(got).any()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("c,o,k,h,w", [(16, 16, 3, 28, 28), (32, 32, 3, 14, 14),
+                                       (4, 5, 5, 17, 16), (3, 4, 3, 16, 17), (2, 9, 5, 3, 4)])
+def test_gemm_nt_windows_equals_gemm_nt_on_the_columns_bit_for_bit(c, o, k, h, w, accumulate):
+    """The weight gradient with windows read in place: the same bits as ``gemm_nt`` on
+    explicit columns (and accumulated the same way), NaN, infinities and signed zeros on the
+    image's edges and in gy included; rows that do not fill a tile and ragged depths too."""
+    rng = np.random.default_rng(c * 10 + w)
+    image = rng.standard_normal((c, h, w)).astype(np.float32)
+    image[:, :, 0], image[:, 0, :], image[:, -1, -1] = np.nan, -0.0, np.inf
+    gy = rng.standard_normal((o, h * w)).astype(np.float32)
+    gy[0, ::7], gy[-1, 3] = -0.0, -np.inf
+    pad = (k - 1) // 2
+    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w)
+    start = rng.standard_normal((c * k * k, o)).astype(np.float32)
+    got, want = start.copy(), start.copy()
+    with np.errstate(invalid="ignore"):
+        numba_gemm.gemm_nt_windows(image, offsets, numba_gemm.window_table(k, k, pad, h, w),
+                                   table_rows, gy, got, accumulate)
+        numba_gemm.gemm_nt(_explicit_columns(image, k, pad), gy, want, accumulate)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(got).any() and np.isfinite(got).any()
+
+
+def test_gemm_nt_windows_refuses_other_dtypes():
+    offsets, table_rows = numba_gemm.window_offsets(1, 3, 3, 1, 4, 4)
+    with pytest.raises(TypeError, match="float32 arrays only"):
+        numba_gemm.gemm_nt_windows(np.ones((1, 4, 4)), offsets,
+                                   numba_gemm.window_table(3, 3, 1, 4, 4), table_rows,
+                                   np.ones((2, 16), np.float32), np.empty((9, 2), np.float32),
+                                   False)
