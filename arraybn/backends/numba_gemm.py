@@ -26,7 +26,8 @@ LANES lanes of fused multiply-adds along P, the lanes then added as a tree. ResN
 
 ``gemm_windows`` is ``gemm`` on the im2col columns of a 'same' convolution without writing them:
 the tile reads each row of the columns from the image itself (an offset per row, a table of
-the positions that lie inside the image, masked loads for the rest), the same sums bit for bit.
+the positions that lie inside the image, masked loads for the rest), the same sums bit for bit;
+``gemm_nt_windows`` is ``gemm_nt`` on them in the same way (a weight gradient per image).
 
 Without AVX-512 the tiles use 8-lane vectors and MR = 4, DR = 3 (AVX2's 16 registers); without
 FMA (``available`` False) the callers keep OpenBLAS.
