@@ -46,7 +46,7 @@ def timed_step(model, opt, images, labels, times):
         x = layer.forward(x, True)
         times.setdefault(f"{i:2d} fwd {_label(layer)}", []).append(clock() - t)
     t = clock()
-    _, g = softmax_cross_entropy(x, labels)
+    _, g = softmax_cross_entropy(x, labels, model.backend.conv_ops())
     times.setdefault("loss", []).append(clock() - t)
     for i in range(len(model.layers) - 1, model._backward_from - 1, -1):
         layer = model.layers[i]

@@ -63,7 +63,8 @@ def arraybn_contender(backend, args, images, labels):
     def step(i):
         lo = (i * args.batch) % (len(images) - args.batch + 1)
         logits = model.forward(images[lo:lo + args.batch], training=True)
-        _, g_logits = softmax_cross_entropy(logits, labels[lo:lo + args.batch])
+        _, g_logits = softmax_cross_entropy(logits, labels[lo:lo + args.batch],
+                                            model.backend.conv_ops())
         model.backward(g_logits)
         opt.step()
 

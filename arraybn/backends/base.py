@@ -162,7 +162,10 @@ class Backend(abc.ABC):
         results bit for bit), and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
         and ``add``, the residual blocks' element-wise kernels (``numba_residual_kernels``; the
         same bits as NumPy's), ``dense_backward_applies`` with ``dense_backward_gemms``, a
-        dense layer's two backward GEMMs side by side (``numba_dense_kernels``; NumPy's bits),
+        dense layer's two backward GEMMs side by side, and ``dense_forward_applies`` with
+        ``dense_forward_gemm``, its forward GEMM in two halves (``numba_dense_kernels``; NumPy's
+        bits), ``softmax_cross_entropy_applies`` with ``softmax_cross_entropy``, the loss and
+        its gradient in one pass (``numba_loss_kernels``; NumPy's arithmetic, LLVM's ``exp``),
         ``bn_dense_train_forward``/``bn_dense_forward``/``bn_dense_backward``, the fused dense
         BN + ReLU blocks (``numba_dense_bn_kernels``; the unfused layers' bits), and
         ``sgd_update_applies`` with ``sgd_update``, the SGD step in one pass that ``SGD(ops=...)``

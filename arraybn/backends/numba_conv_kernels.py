@@ -24,7 +24,8 @@ from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_dense_bn_kernels import (bn_dense_backward,  # noqa: F401
                                                      bn_dense_forward, bn_dense_train_forward)
 from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noqa: F401
-                                                  dense_backward_gemms)
+                                                  dense_backward_gemms, dense_forward_applies,
+                                                  dense_forward_gemm)
 from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401
 from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward
 from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward
@@ -32,6 +33,8 @@ from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forwa
 from arraybn.backends.numba_fused_kernels import (bn_pool_backward,  # noqa: F401
                                                   bn_pool_train_forward)
 from arraybn.backends.numba_fused_kernels import bn_pool_forward, offset_tables
+from arraybn.backends.numba_loss_kernels import (softmax_cross_entropy,  # noqa: F401
+                                                 softmax_cross_entropy_applies)
 from arraybn.backends.numba_optim_kernels import sgd_update, sgd_update_applies  # noqa: F401
 from arraybn.backends.numba_residual_kernels import (add, add_relu,  # noqa: F401
                                                     elementwise_applies, relu_gradient)

@@ -30,24 +30,36 @@ from arraybn.backends.numba_config import jit, uidx
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112          # CBLAS enums
 
 
-def _numpy_gemms():
-    """{dtype: ctypes cblas_?gemm} of the OpenBLAS in NumPy's wheel (64-bit integers), or {}."""
+def _numpy_openblas():
+    """The OpenBLAS in NumPy's wheel (64-bit integers) as a ctypes library, or None."""
     folder = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for path in sorted(glob.glob(os.path.join(folder, "libscipy_openblas64_*.so"))):
-        lib = ctypes.CDLL(path)                        # already loaded by NumPy: the same one
-        gemms = {}
+        return ctypes.CDLL(path)                       # already loaded by NumPy: the same one
+    return None
+
+
+def _numpy_gemms(lib):
+    """{dtype: ctypes cblas_?gemm} of ``lib`` (NumPy's OpenBLAS), or {}."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    gemms = {}
+    if lib is not None:
         for dtype, scalar, name in ((np.float32, ctypes.c_float, "scipy_cblas_sgemm64_"),
                                     (np.float64, ctypes.c_double, "scipy_cblas_dgemm64_")):
             proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64,
                                      i64, scalar, ptr, i64, ptr, i64, scalar, ptr, i64)
             if hasattr(lib, name):
                 gemms[np.dtype(dtype)] = proto((name, lib))
-        return gemms
-    return {}
+    return gemms
 
 
-GEMMS = _numpy_gemms()
+_OPENBLAS = _numpy_openblas()
+GEMMS = _numpy_gemms(_OPENBLAS)
+_BLAS_THREADS = getattr(_OPENBLAS, "scipy_openblas_get_num_threads64_", None)
+
+
+def blas_threads():
+    """How many threads NumPy's OpenBLAS runs a GEMM on now (None where unknown)."""
+    return None if _BLAS_THREADS is None else _BLAS_THREADS()
 
 
 def available(dtype):

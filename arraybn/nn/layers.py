@@ -67,9 +67,13 @@ class Layer(abc.ABC):
 
 # --- Dense ------------------------------------------------------------------------------------
 
-def dense_forward(x, weight, bias):
-    """y = x @ W.T + b.  x: (N, in), weight: (out, in), bias: (out,) or None -> y: (N, out)."""
-    y = x @ weight.T
+def dense_forward(x, weight, bias, ops=None):
+    """y = x @ W.T + b.  x: (N, in), weight: (out, in), bias: (out,) or None -> y: (N, out).
+
+    ops: the backend's ``conv_ops()``; where it has ``dense_forward_gemm`` (numba) and that
+    applies, the GEMM runs in two halves side by side, with the same results."""
+    applies = getattr(ops, "dense_forward_applies", None)
+    y = ops.dense_forward_gemm(x, weight) if applies and applies(x, weight) else x @ weight.T
     if bias is not None:
         y += bias
     return y, (x, weight, bias is not None)
@@ -95,7 +99,7 @@ class Dense(Layer):
     """Fully connected layer; PyTorch ``nn.Linear`` layout and init (weight (out, in))."""
 
     def __init__(self, name, in_features, out_features, *, bias, rng, xp, dtype, ops=None):
-        self.name, self._ops = name, ops       # ops: see dense_backward
+        self.name, self._ops = name, ops       # ops: see dense_forward, dense_backward
         self.weight = Parameter(f"{name}.weight", xp.asarray(
             kaiming_uniform(rng, (out_features, in_features), in_features, dtype)))
         self.bias = None
@@ -108,7 +112,7 @@ class Dense(Layer):
 
     def forward(self, x, training):
         y, self._cache = dense_forward(x, self.weight.data,
-                                       None if self.bias is None else self.bias.data)
+                                       None if self.bias is None else self.bias.data, self._ops)
         return y
 
     def backward(self, gy):

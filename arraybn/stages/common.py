@@ -124,7 +124,7 @@ def _evaluate_batches(model, split, batch_size):
         x = xp.asarray(split.images[start:start + batch_size])
         y = split.labels[start:start + batch_size]
         logits = model.forward(x, training=False)
-        loss, _ = softmax_cross_entropy(logits, xp.asarray(y))
+        loss, _ = softmax_cross_entropy(logits, xp.asarray(y), model.backend.conv_ops())
         loss_sum += loss * len(y)
         predictions.append(to_host(logits.argmax(axis=1)).astype(np.int64))
     return loss_sum, predictions

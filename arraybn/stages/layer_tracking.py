@@ -225,7 +225,7 @@ class LayerTracker:
         model = self.model
         logits = model.forward(images, training=True)
         raise_deferred_errors(model.backend)
-        _, g_logits = loss_share(logits, labels, n_global)
+        _, g_logits = loss_share(logits, labels, n_global, model.backend.conv_ops())
         model.backward(g_logits)
         if only is not None:
             return _flat64(only.weight.grad)

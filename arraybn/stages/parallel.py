@@ -57,13 +57,14 @@ def bn_group(comm, bn_sync):
     return None if group_size == 1 else comm.split(group_size)
 
 
-def loss_share(logits, labels, n_global):
+def loss_share(logits, labels, n_global, ops=None):
     """``(loss sum over these rows, d loss / d logits)`` for the mean loss over ``n_global``
-    rows of which these are a part (none at all is allowed)."""
+    rows of which these are a part (none at all is allowed); ``ops``: the backend's
+    ``conv_ops()`` (its loss kernel, where it has one)."""
     n_local = logits.shape[0]
     if n_local == 0:
         return 0.0, logits * 0
-    loss, g_logits = softmax_cross_entropy(logits, labels)
+    loss, g_logits = softmax_cross_entropy(logits, labels, ops)
     if n_local != n_global:
         g_logits *= logits.dtype.type(n_local / n_global)
     return loss * n_local, g_logits
@@ -201,7 +202,8 @@ def evaluate_sharded(model, split, batch_size, comm):
             rows = shard_of_batch(start, min(start + batch_size, n), comm)
             logits = model.forward(xp.asarray(split.images[rows]), training=False)
             if rows.stop > rows.start:
-                loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]))
+                loss, _ = softmax_cross_entropy(logits, xp.asarray(split.labels[rows]),
+                                                model.backend.conv_ops())
                 loss_sum += loss * (rows.stop - rows.start)
                 predicted[rows] = to_host(logits).argmax(axis=1)
     total = comm.allreduce_sum(np.concatenate(([loss_sum], predicted)))

@@ -189,7 +189,8 @@ class Trainer:
         except NonFiniteStatisticsError as exc:
             raise exc.located(where) from None
         try:
-            loss_sum, g_logits = loss_share(logits, xp.asarray(labels), len(index))
+            loss_sum, g_logits = loss_share(logits, xp.asarray(labels), len(index),
+                                            model.backend.conv_ops())
         except FloatingPointError:
             raise non_finite_loss(model, images, where) from None
         model.backward(g_logits)

@@ -1,6 +1,7 @@
-"""The dense layer's backward GEMMs side by side (``numba_dense_kernels``): NumPy's bits."""
+"""The dense layer's GEMMs on two threads (``numba_dense_kernels``): NumPy's bits."""
 import numpy as np
 import pytest
+import threadpoolctl
 
 import arraybn
 from arraybn.nn import Dense
@@ -11,8 +12,21 @@ kernels = pytest.importorskip("arraybn.backends.numba_dense_kernels")
 @pytest.fixture
 def two_threads(monkeypatch):
     """As if Numba had two threads (its region then runs the two GEMMs in turn or side by
-    side, the same either way)."""
+    side, the same either way), with OpenBLAS on one thread (as the conv layers hold it)."""
     monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def test_with_openblas_on_threads_of_its_own_numpy_runs(rng, monkeypatch):
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 2)
+    gy, x, weight = _operands(rng, 128, 120, 400, np.float32)
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+        assert not kernels.dense_forward_applies(x, weight)
+        assert not kernels.dense_backward_applies(gy, x, weight)
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        assert kernels.dense_forward_applies(x, weight)
+        assert kernels.dense_backward_applies(gy, x, weight)
 
 
 def _operands(rng, n, o, i, dtype):
@@ -28,6 +42,30 @@ def test_both_gemms_equal_numpys_bit_for_bit(rng, dtype, shape, two_threads):
     gx, gweight = kernels.dense_backward_gemms(gy, x, weight)
     np.testing.assert_array_equal(gx, gy @ weight)
     np.testing.assert_array_equal(gweight, gy.T @ x)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(128, 120, 400), (97, 131, 401), (256, 4, 4096),
+                                   (3, 1000, 2000)])
+def test_forward_halves_equal_numpys_bit_for_bit(rng, dtype, shape, two_threads):
+    _, x, weight = _operands(rng, *shape, dtype)
+    x[0, 0], x[-1, -1], weight[-1, 0] = np.nan, np.inf, -np.inf
+    assert kernels.dense_forward_applies(x, weight)
+    with np.errstate(invalid="ignore"):                                 # inf - inf
+        np.testing.assert_array_equal(kernels.dense_forward_gemm(x, weight), x @ weight.T)
+
+
+def test_where_the_forward_does_not_apply_numpy_runs(rng, monkeypatch, two_threads):
+    _, x, weight = _operands(rng, 128, 120, 400, np.float32)
+    applies = kernels.dense_forward_applies
+    assert not applies(x, weight[:1])                                     # one feature: GEMV
+    assert not applies(x[:, :120].copy(), weight[:84, :120].copy())       # too small to pay
+    assert not applies(np.asfortranarray(x), weight)
+    assert not applies(x, weight.astype(np.float64))
+    assert not applies(x, weight[:, :-1])                                 # shapes disagree
+    assert not applies(x[0], weight)
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 1)
+    assert not applies(x, weight)
 
 
 def test_where_it_does_not_apply_numpy_runs(rng, monkeypatch, two_threads):
@@ -53,8 +91,8 @@ def test_a_dense_layer_with_the_kernels_equals_one_without(rng, two_threads, nee
     grads = []
     for layer in layers:
         layer.need_input_grad = need_gx
-        layer.forward(x, True)
-        grads.append((layer.backward(gy), layer.weight.grad, layer.bias.grad))
+        grads.append((layer.forward(x, True), layer.backward(gy), layer.weight.grad,
+                      layer.bias.grad))
     for with_kernels, without in zip(*grads):
         if without is None:
             assert with_kernels is None
