@@ -88,8 +88,8 @@ def dense_forward_gemm(x, weight):
 def dense_backward_applies(gy, x, weight):
     """Whether ``dense_backward_gemms`` runs this backward: 2-D operands with every dimension
     over 1 and at least ``MIN_MULTIPLY_ADDS`` per GEMM (checked first: the small layers get
-    their answer cheaply), two or more Numba threads, one float dtype with NumPy's OpenBLAS
-    found, all C-contiguous."""
+    their answer cheaply), two or more Numba threads and OpenBLAS on one, one float dtype with
+    NumPy's OpenBLAS found, all C-contiguous."""
     arrays = (gy, x, weight)
     if not all(isinstance(a, np.ndarray) and a.ndim == 2 for a in arrays):
         return False
