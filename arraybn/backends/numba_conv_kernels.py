@@ -3,7 +3,8 @@ convolutions', the residual blocks' and the dense layers' kernels).
 
 Used by ``MaxPool2d`` (and ``arraybn.nn.fused``, ``ResidualBlock``: ``numba_residual_kernels``,
 ``Conv2d``: ``numba_flat_conv`` for the 'flat' convolutions, ``numba_im2col_conv`` for the others,
-and ``Dense``: ``numba_dense_kernels``) on the 'numba' backend only. The convolutions keep
+``ConvBNBlock``: ``numba_conv_bn_kernels``, and ``Dense``: ``numba_dense_kernels``) on the
+'numba' backend only. The convolutions keep
 ``arraybn.nn.conv``'s im2col + BLAS GEMMs over cache-sized chunks of the batch: a direct
 convolution loop in Numba was 3-10x slower; in the tenth session one with unsigned indices, the
 nine taps of a 3x3 window in one vectorised loop and two output channels a pass (its sums the
@@ -21,6 +22,7 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit, uidx
+from arraybn.backends.numba_conv_bn_kernels import flat_conv_bn_backward  # noqa: F401
 from arraybn.backends.numba_dense_bn_kernels import (bn_dense_backward,  # noqa: F401
                                                      bn_dense_forward, bn_dense_train_forward)
 from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noqa: F401

@@ -426,7 +426,37 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
             gbias += chunk_gbias
     if transposed:
         gx = _input_gradient(gy, weight, pad, xp, workspace, ops)
-    return gx, xp.ascontiguousarray(gweight.T).reshape(weight.shape), gbias
+    return gx, _untransposed(gweight, weight.shape, xp), gbias
+
+
+def _untransposed(gweight, weight_shape, xp):
+    """The (C*kh*kw, O) sum of the chunks' transposed weight gradients as (O, C, kh, kw)."""
+    return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
+
+
+def flat_kernel_chunks(cache, ops):
+    """The chunks of the batch (``_chunks``) when the convolution of ``cache`` (a forward's)
+    ran on the backend's 'flat' kernels (stride 1, no padding, per image, ``_kernels``) and has
+    no bias, else None: where ``ops.flat_conv_bn_backward`` can take the convolution's part of
+    a ``ConvBNBlock``'s backward."""
+    x, weight, stride, pad, has_bias = cache
+    o, c, kh, kw = weight.shape
+    h, w = x.shape[2:]
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    layout = _layout(c, kh, kw, stride, pad, oh * ow)
+    if has_bias or layout != "flat" or not _kernels(ops, x.dtype,
+                                                     _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
+        return None
+    return _chunks(x, weight.shape, stride, pad, np)[0]
+
+
+def summed_weight_gradient(partials, weight_shape, dtype, xp):
+    """The weight gradient from the chunks' transposed partials (C*kh*kw, O), added in chunk
+    order from zero as ``conv2d_backward`` adds them."""
+    gweight = xp.zeros((int(np.prod(weight_shape[1:])), weight_shape[0]), dtype=dtype)
+    for partial in partials:
+        gweight += partial
+    return _untransposed(gweight, weight_shape, xp)
 
 
 def _chunk_bias_gradient(gy, part):

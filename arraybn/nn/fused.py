@@ -123,13 +123,16 @@ class FusedBNBlock(Layer):
                 gy = layer.backward(gy)
             return gy
         _, x, argmax, mean, scale, w, xhat_scale, centered = cache
-        bn = self.bn
         gx, sum_gy, sum_gy_xc = self._backward_kernel(gy, x, argmax, mean, scale, w, centered,
                                                       self.relu_before, self.k)
-        dtype = bn.weight.data.dtype
-        bn.weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
-        bn.bias.grad = sum_gy.astype(dtype, copy=False)
+        self.set_gradients(sum_gy, sum_gy_xc, xhat_scale)
         return gx
+
+    def set_gradients(self, sum_gy, sum_gy_xc, xhat_scale):
+        """The BN's weight and bias gradients from a fused backward's sums (float64)."""
+        dtype = self.bn.weight.data.dtype
+        self.bn.weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
+        self.bn.bias.grad = sum_gy.astype(dtype, copy=False)
 
     # --- the BN's statistics and coefficients -----------------------------------------------
 

@@ -165,7 +165,7 @@ def test_lenet5_logits_and_gradients_match_the_unfused_model(position, dtype):
     fused = build_model("lenet5", backend="numba", bn_position=position, dropout=0.0, dtype=dtype)
     reference = build_model("lenet5", backend="numba", bn_position=position, dropout=0.0,
                             dtype=dtype)
-    blocks = [layer for layer in reference.layers if isinstance(layer, FusedBNBlock)]
+    blocks = list(_fused_blocks(reference.layers))
     assert [block.dense for block in blocks] == [False, False, True, True]
     for block in blocks:
         block.unfused = True
@@ -185,14 +185,24 @@ def test_lenet5_logits_and_gradients_match_the_unfused_model(position, dtype):
     assert list(fused.state_dict()) == list(reference.state_dict())
 
 
+def _fused_blocks(layers):
+    """The FusedBNBlocks among ``layers``, in composite layers too (conv1's ConvBNBlock)."""
+    for layer in layers:
+        if isinstance(layer, FusedBNBlock):
+            yield layer
+        else:
+            yield from _fused_blocks(layer.sublayers())
+
+
 def test_a_network_without_pooling_fuses_bn_and_relu():
     be = get_backend("numba")
     model = build_model("lenet5", backend="numba")
-    conv, block = model.layers[0], model.layers[1]
+    conv, block = model.layers[0].sublayers()
     layers = fuse_bn_blocks([conv] + block.layers[:2], be)
     assert isinstance(layers[1], FusedBNBlock) and layers[1].k == 1
-    assert isinstance(Network(layers, {"in_shape": [1, 28, 28]}, be, np.float32,
-                              np.random.default_rng(0)).layers[1], FusedBNBlock)
+    first = Network(layers, {"in_shape": [1, 28, 28]}, be, np.float32,
+                    np.random.default_rng(0)).layers[0]      # conv1 + block: a ConvBNBlock
+    assert isinstance(first.block, FusedBNBlock) and first.block.k == 1
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,0 +1,211 @@
+"""LeNet-5's conv1 + fused bn1 block as one layer (``ConvBNBlock``, numba backend): its backward
+must equal the two layers' own backward bit for bit, and fall back to them where its kernel does
+not apply."""
+import numba
+import numpy as np
+import pytest
+
+from arraybn.backends import available_backends, get_backend
+from arraybn.nn import build_model
+from arraybn.nn.conv import Conv2d
+from arraybn.nn.conv_bn_block import ConvBNBlock, fuse_first_conv
+from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
+from arraybn.nn.layers import Flatten
+from arraybn.nn.models import Network
+
+pytestmark = pytest.mark.skipif("numba" not in available_backends(), reason="needs numba")
+
+
+def _pair(**options):
+    """(model, reference): two LeNet-5s with the same weights; the reference's first layer
+    always runs conv1's and bn1's own backward."""
+    models = [build_model("lenet5", backend="numba", dropout=0.0, **options) for _ in range(2)]
+    models[1].layers[0].fused = False
+    return models
+
+
+def _counting(layer):
+    """Wrap ``layer``'s kernel; returns the list its calls are appended to."""
+    calls, kernel = [], layer._kernel
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return kernel(*args)
+    layer._kernel = counted
+    return calls
+
+
+def _step(model, x, g_logits, training=True):
+    logits = model.forward(x, training)
+    model.backward(g_logits)
+    return logits, [p.grad.copy() for p in model.parameters()]
+
+
+def _data(n, dtype, seed=3):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, 1, 28, 28)).astype(dtype),
+            rng.standard_normal((n, 10)).astype(dtype))
+
+
+def test_lenet5_starts_with_the_block_and_keeps_its_layers():
+    model = build_model("lenet5", backend="numba")
+    first = model.layers[0]
+    assert isinstance(first, ConvBNBlock)
+    conv, block = first.sublayers()
+    assert isinstance(conv, Conv2d) and isinstance(block, FusedBNBlock) and block.k == 2
+    assert [p.name for p in first.parameters()] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+    assert list(model.state_dict()) == list(build_model("lenet5", backend="numpy").state_dict())
+    assert not conv.need_input_grad
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bn", ["full", "mean-only"])
+@pytest.mark.parametrize("n", [2, 7, 128])
+def test_training_steps_equal_the_two_layers_bit_for_bit(dtype, bn, n):
+    model, reference = _pair(dtype=dtype, bn=bn)
+    calls = _counting(model.layers[0])
+    for seed in (3, 4):                       # the second step after an SGD-free weight change
+        x, g_logits = _data(n, dtype, seed)
+        logits, grads = _step(model, x, g_logits)
+        logits_r, grads_r = _step(reference, x, g_logits)
+        np.testing.assert_array_equal(logits, logits_r)
+        for p, g, g_r in zip(model.parameters(), grads, grads_r):
+            np.testing.assert_array_equal(g, g_r, err_msg=p.name)
+        for m in (model, reference):
+            m.layers[0].conv.weight.data *= 1.5
+    assert len(calls) == 2
+    bn_model, bn_reference = model.bn_layers()[0][1], reference.bn_layers()[0][1]
+    np.testing.assert_array_equal(bn_model.running_var, bn_reference.running_var)
+
+
+def test_a_backward_after_an_inference_forward_equals_the_two_layers():
+    """Constant statistics (running buffers): the BN's gx is scale * g, nothing centred."""
+    model, reference = _pair()
+    calls = _counting(model.layers[0])
+    x, g_logits = _data(16, np.float32)
+    for m in (model, reference):
+        m.forward(x, True)                                  # some running statistics
+    logits, grads = _step(model, x, g_logits, training=False)
+    logits_r, grads_r = _step(reference, x, g_logits, training=False)
+    np.testing.assert_array_equal(logits, logits_r)
+    for g, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g, g_r)
+    assert len(calls) == 1
+
+
+def test_special_values_pass_through_as_in_the_two_layers():
+    model, reference = _pair()
+    x, g_logits = _data(8, np.float32)
+    for m in (model, reference):
+        m.forward(x, True)
+    x[0, 0, 3, 3], x[1, 0, 5, 5], x[2, 0, 7, 7] = np.nan, np.inf, -np.inf
+    g_logits[3, 2] = np.inf
+    with np.errstate(all="ignore"):
+        _, grads = _step(model, x, g_logits, training=False)
+        _, grads_r = _step(reference, x, g_logits, training=False)
+    assert not np.isfinite(grads[0]).all()
+    for g, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g, g_r)
+
+
+def test_the_results_do_not_depend_on_the_number_of_threads():
+    x, g_logits = _data(128, np.float32)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
+            numba.set_num_threads(threads)
+            results.append(_step(build_model("lenet5", backend="numba"), x, g_logits)[1])
+    finally:
+        numba.set_num_threads(before)
+    for g_1, g_n in zip(*results):
+        np.testing.assert_array_equal(g_1, g_n)
+
+
+def test_a_block_without_pooling_equals_the_two_layers():
+    """conv1 + BN + ReLU without the max pooling (k = 1)."""
+    be = get_backend("numba")
+    models = []
+    for _ in range(2):
+        conv, block = build_model("lenet5", backend="numba").layers[0].sublayers()
+        models.append(Network([conv] + fuse_bn_blocks(block.layers[:2], be) + [Flatten()],
+                              {"in_shape": [1, 28, 28]}, be, np.float32,
+                              np.random.default_rng(0)))
+    models[1].layers[0].fused = False
+    assert models[0].layers[0].block.k == 1
+    calls = _counting(models[0].layers[0])
+    x, _ = _data(8, np.float32)
+    g = np.random.default_rng(5).standard_normal((8, 6 * 26 * 26)).astype(np.float32)
+    grads, grads_r = (_step(m, x, g)[1] for m in models)
+    assert len(calls) == 1
+    for g_f, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g_f, g_r)
+
+
+def test_an_unfused_block_falls_back_to_the_two_layers():
+    """Layer tracking unfuses every FusedBNBlock; conv1's block then has no kernel cache."""
+    model, reference = _pair()
+    calls = _counting(model.layers[0])
+    model.layers[0].block.unfused = True
+    x, g_logits = _data(16, np.float32)
+    grads, grads_r = _step(model, x, g_logits)[1], _step(reference, x, g_logits)[1]
+    assert calls == []
+    for g, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g, g_r)
+
+
+@pytest.mark.parametrize("options", [dict(bn_position="after"), dict(bn="ghost"),
+                                     dict(bn="none")])
+def test_models_whose_first_layers_do_not_fit_are_left_as_they_are(options):
+    """A ReLU before the BN (conv1 then has a bias), a BN kind the fused block does not run, or
+    no BN at all."""
+    model = build_model("lenet5", backend="numba", **options)
+    assert isinstance(model.layers[0], Conv2d)
+
+
+def test_padded_or_strided_convolutions_and_other_backends_are_not_fused():
+    numpy_model = build_model("lenet5", backend="numpy")
+    assert isinstance(numpy_model.layers[0], Conv2d)
+    be = get_backend("numba")
+    layers = build_model("lenet5", backend="numba").layers[0].sublayers()
+    for attribute, value in (("padding", 1), ("stride", 2)):
+        setattr(layers[0], attribute, value)
+        assert fuse_first_conv(layers, be) == layers
+        setattr(layers[0], attribute, {"padding": 0, "stride": 1}[attribute])
+    assert isinstance(fuse_first_conv(layers, be)[0], ConvBNBlock)
+
+
+def test_vgg8_keeps_its_first_convolution():
+    """'Same' padding: its convolution does not run on the flat kernels."""
+    model = build_model("vgg8", backend="numba")
+    assert not any(isinstance(layer, ConvBNBlock) for layer in model.layers)
+
+
+def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
+    ops = get_backend("numba").conv_ops()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 10, 10)).astype(np.float32)
+    weight = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    y = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    gy = rng.standard_normal((4, 3, 4, 4)).astype(np.float32)
+    argmax = np.zeros(gy.shape, np.uint8)
+    ones = np.ones(3)
+    chunks = [slice(0, 4)]
+
+    def call(**changes):
+        args = dict(gy=gy, y=y, argmax=argmax, mean=ones, scale=ones, w=ones, centered=True,
+                    k=2, x=x, weight=weight, chunks=chunks)
+        args.update(changes)
+        return ops.flat_conv_bn_backward(**args)
+    partials, sum_gy, sum_gy_xc = call()
+    assert partials.shape == (1, 9, 3) and sum_gy.shape == sum_gy_xc.shape == (3,)
+    with pytest.raises(ValueError, match="convolution output"):
+        call(y=np.ascontiguousarray(y[:, :, :7]))
+    with pytest.raises(ValueError, match="pooled shape"):
+        call(gy=gy[:, :, :3])
+    with pytest.raises(ValueError, match="pooled shape"):
+        call(argmax=argmax.astype(np.int64))
+    with pytest.raises(ValueError, match="per-channel"):
+        call(mean=np.ones(2))
+    with pytest.raises(TypeError, match="float32 or all float64"):
+        call(y=y.astype(np.float64))
