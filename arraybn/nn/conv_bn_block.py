@@ -49,7 +49,7 @@ class ConvBNBlock(Layer):
         self.conv, self.block, self.name = conv, block, conv.name
         self._ops, self._kernel = ops, getattr(ops, _KERNEL)
         conv.need_input_grad = self.need_input_grad = False
-        self.fused = True               # False: always the two layers' own backward (the reference)
+        self.fused = True           # False: always the two layers' own backward (the reference)
 
     def sublayers(self):
         return [self.conv, self.block]
