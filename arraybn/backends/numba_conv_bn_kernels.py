@@ -21,7 +21,8 @@ from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, _columns, _fill,
-                                              add_to, check_arrays, chunk_bounds, gemm_args)
+                                              add_to, check_arrays, chunk_bounds, gemm_args,
+                                              input_gradient)
 from arraybn.backends.numba_fused_kernels import (INACTIVE, _channel_sums, _planes,
                                                   channel_values, offset_tables)
 
@@ -46,11 +47,12 @@ def _gx_plane(gy2, y2, am2, p, mu, a_gy, a_x, b, k, di, dj, oh, ow, w, out):
 
 
 @jit()
-def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, gemm, one, zero, lo, hi,
-           partial):
-    """Images lo..hi-1: each one's gx onto the flattened plane, its im2col columns and its
-    weight-gradient GEMM (``numba_flat_conv._backward``'s, with gx in place of gy);
-    ``partial`` = their sum in batch order."""
+def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, one, zero, lo,
+           hi, partial, gx):
+    """Images lo..hi-1: each one's BN gx onto the flattened plane, its im2col columns, its
+    weight-gradient GEMM and, if need_gx, the convolution's input gradient gx[i]
+    (``numba_flat_conv._backward``'s, with the BN's gx in place of gy); ``partial`` = the
+    weight gradients' sum in batch order."""
     c, h, w = x.shape[1:]
     o, rows = w2.shape
     oh, ow = y.shape[2], y.shape[3]
@@ -60,6 +62,7 @@ def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, gemm, one, zero
     for r in range(oh):                               # zero in the wrapped-around columns
         gx_flat[:, r * w + ow:(r + 1) * w] = 0
     product = np.empty((rows, o), x.dtype)
+    gcols = np.empty((rows, width) if need_gx else (0, 0), x.dtype)
     di, dj = offset_tables(k)
     gy2, y2, am2 = _planes(gy), _planes(y), _planes(argmax)
     if hi <= lo:
@@ -73,11 +76,13 @@ def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, gemm, one, zero
              gx_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
         if i > lo:
             add_to(partial, product)
+        if need_gx:
+            input_gradient(w2, gx_flat, kh, kw, gemm, one, zero, gcols, gx[i])
 
 
 @jit(parallel=True)
-def _backward(gy, y, argmax, mean, scale, w, centered, k, x, w2, kh, kw, gemm, one, zero,
-              tasks, bounds, sum_gy, sum_gy_xc, a_x, b, partials):
+def _backward(gy, y, argmax, mean, scale, w, centered, k, x, w2, kh, kw, need_gx, gemm, one,
+              zero, tasks, bounds, sum_gy, sum_gy_xc, a_x, b, partials, gx):
     """The BN sums and gx coefficients of each of ``tasks`` channel ranges (as
     ``numba_fused_kernels._backward``), then the chunks [bounds[t], bounds[t + 1]) shared out
     among Numba's threads."""
@@ -90,29 +95,31 @@ def _backward(gy, y, argmax, mean, scale, w, centered, k, x, w2, kh, kw, gemm, o
             a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
             b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
     for t in prange(bounds.size - 1):
-        _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, gemm, one, zero,
-               bounds[t], bounds[t + 1], partials[t])
+        _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, one, zero,
+               bounds[t], bounds[t + 1], partials[t], gx)
 
 
-def flat_conv_bn_backward(gy, y, argmax, mean, scale, w, centered, k, x, weight, chunks):
-    """``bn_pool_backward`` (without a ReLU before the BN) and then ``flat_conv_backward``
-    without gx, in one call that never writes the BN's gx.
+def flat_conv_bn_backward(gy, y, argmax, mean, scale, w, centered, k, x, weight, chunks, gx):
+    """``bn_pool_backward`` (without a ReLU before the BN) and then ``flat_conv_backward``, in
+    one call that never writes the BN's gx.
 
     gy: (N, O, OH//k, OW//k) gradient of the block's pooled output; y: the convolution's output
     (the BN's input), (N, O, OH, OW); argmax, mean, scale, w, centered, k: the fused block's
     forward cache (see ``bn_pool_backward``); x (N, C, H, W) and weight (O, C, kh, kw): the
     convolution's input and weight (stride 1, no padding); chunks: slices of the batch, as for
-    ``flat_conv_backward``. Returns ``(partials, sum_gy, sum_gy_xc)``: the chunks' transposed
-    weight gradients (chunks, C*kh*kw, O) and the BN sums (float64), equal to the unfused
-    calls' bit for bit.
+    ``flat_conv_backward``; gx: x's shape, for the convolution's input gradient, or None.
+    Returns ``(partials, sum_gy, sum_gy_xc)``: the chunks' transposed weight gradients
+    (chunks, C*kh*kw, O) and the BN sums (float64); all equal to the unfused calls' bit for bit.
     """
-    check_arrays(x, weight, y)
+    check_arrays(x, weight, y, *(() if gx is None else (gx,)))
     gy = np.ascontiguousarray(gy, dtype=y.dtype)
     n, o, oh, ow = y.shape
     if (weight.shape[0] != o or x.shape[0] != n or oh != x.shape[2] - weight.shape[2] + 1
-            or ow != x.shape[3] - weight.shape[3] + 1):
+            or ow != x.shape[3] - weight.shape[3] + 1 or weight.shape[1] != x.shape[1]
+            or (gx is not None and gx.shape != x.shape)):
         raise ValueError(f"conv + BN backward: y {y.shape} must be the stride-1, unpadded "
-                         f"convolution output of x {x.shape} with weight {weight.shape}")
+                         f"convolution output of x {x.shape} with weight {weight.shape}, and gx "
+                         f"{None if gx is None else gx.shape} x's shape")
     if not (gy.shape == argmax.shape == (n, o, oh // k, ow // k) and argmax.dtype == np.uint8):
         raise ValueError(f"conv + BN backward: gy {gy.shape} and argmax {argmax.shape} (uint8) "
                          f"must have the pooled shape of y {y.shape} with k = {k}")
@@ -121,6 +128,7 @@ def flat_conv_bn_backward(gy, y, argmax, mean, scale, w, centered, k, x, weight,
     partials = np.empty((len(chunks), weight[0].size, o), x.dtype)
     tasks = max(1, min(numba.get_num_threads(), o))
     _backward(gy, y, argmax, mean, scale, w, bool(centered), int(k), x, weight.reshape(o, -1),
-              weight.shape[2], weight.shape[3], *gemm_args(x.dtype), tasks, chunk_bounds(chunks),
-              sum_gy, sum_gy_xc, a_x, b, partials)
+              weight.shape[2], weight.shape[3], gx is not None, *gemm_args(x.dtype), tasks,
+              chunk_bounds(chunks), sum_gy, sum_gy_xc, a_x, b, partials,
+              np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return partials, sum_gy, sum_gy_xc

@@ -145,17 +145,27 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, partial, gx):
         if i > lo:
             add_to(partial, product)
         if need_gx:
-            gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
-                 gy_flat.ctypes.data, width, zero, gcols.ctypes.data, width)
-            planes = gx[i].reshape(c, h * w)
-            for ch in range(c):                        # col2im, windows in (ki, kj) order
-                for q in range(h * w):
-                    planes[ch, q] = 0
-                for ki in range(kh):
-                    for kj in range(kw):
-                        row, start = uidx((ch * kh + ki) * kw + kj), ki * w + kj
-                        for q in range(run):
-                            planes[uidx(ch), uidx(start + q)] += gcols[row, uidx(q)]
+            input_gradient(w2, gy_flat, kh, kw, gemm, one, zero, gcols, gx[i])
+
+
+@jit()
+def input_gradient(w2, gy_flat, kh, kw, gemm, one, zero, gcols, gx_image):
+    """gx_image (C, H, W) of one image: the column gradients W.T @ gy_flat (into ``gcols``)
+    added back onto the planes (col2im, windows in (ki, kj) order)."""
+    c, h, w = gx_image.shape
+    o, rows = w2.shape
+    width, run = gy_flat.shape[1], (h - kh) * w + w - kw + 1
+    gemm(ROW_MAJOR, TRANS, NO_TRANS, rows, width, o, one, w2.ctypes.data, rows,
+         gy_flat.ctypes.data, width, zero, gcols.ctypes.data, width)
+    planes = gx_image.reshape(c, h * w)
+    for ch in range(c):
+        for q in range(h * w):
+            planes[ch, q] = 0
+        for ki in range(kh):
+            for kj in range(kw):
+                row, start = uidx((ch * kh + ki) * kw + kj), ki * w + kj
+                for q in range(run):
+                    planes[uidx(ch), uidx(start + q)] += gcols[row, uidx(q)]
 
 
 @jit()

@@ -434,18 +434,20 @@ def _untransposed(gweight, weight_shape, xp):
     return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
 
 
-def flat_kernel_chunks(cache, ops):
+def flat_kernel_chunks(cache, ops, need_gx):
     """The chunks of the batch (``_chunks``) when the convolution of ``cache`` (a forward's)
-    ran on the backend's 'flat' kernels (stride 1, no padding, per image, ``_kernels``) and has
-    no bias, else None: where ``ops.flat_conv_bn_backward`` can take the convolution's part of
-    a ``ConvBNBlock``'s backward."""
+    ran on the backend's 'flat' kernels (stride 1, no padding, per image, ``_kernels``), has
+    no bias and, if ``need_gx``, takes its input gradient by col2im (not a 1 x 1 kernel's
+    ``_input_gradient``), else None: where ``ops.flat_conv_bn_backward`` can take the
+    convolution's part of a ``ConvBNBlock``'s backward, with the same results."""
     x, weight, stride, pad, has_bias = cache
     o, c, kh, kw = weight.shape
     h, w = x.shape[2:]
     oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
     layout = _layout(c, kh, kw, stride, pad, oh * ow)
-    if has_bias or layout != "flat" or not _kernels(ops, x.dtype,
-                                                     _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
+    if (has_bias or layout != "flat"
+            or (need_gx and _transposed_input_gradient(kh, kw, stride, pad, layout))
+            or not _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout))):
         return None
     return _chunks(x, weight.shape, stride, pad, np)[0]
 

@@ -1,6 +1,6 @@
-"""LeNet-5's conv1 + fused bn1 block as one layer (``ConvBNBlock``, numba backend): its backward
-must equal the two layers' own backward bit for bit, and fall back to them where its kernel does
-not apply."""
+"""LeNet-5's conv1 and conv2 with their fused BN blocks as one layer each (``ConvBNBlock``, numba
+backend): the backward must equal the two layers' own backward bit for bit, and fall back to them
+where its kernel does not apply."""
 import numba
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import pytest
 from arraybn.backends import available_backends, get_backend
 from arraybn.nn import build_model
 from arraybn.nn.conv import Conv2d
-from arraybn.nn.conv_bn_block import ConvBNBlock, fuse_first_conv
+from arraybn.nn.conv_bn_block import ConvBNBlock, fuse_conv_bn_blocks
 from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
 from arraybn.nn.layers import Flatten
 from arraybn.nn.models import Network
@@ -17,21 +17,26 @@ pytestmark = pytest.mark.skipif("numba" not in available_backends(), reason="nee
 
 
 def _pair(**options):
-    """(model, reference): two LeNet-5s with the same weights; the reference's first layer
-    always runs conv1's and bn1's own backward."""
+    """(model, reference): two LeNet-5s with the same weights; the reference's ConvBNBlocks
+    always run their two layers' own backward."""
     models = [build_model("lenet5", backend="numba", dropout=0.0, **options) for _ in range(2)]
-    models[1].layers[0].fused = False
+    for layer in _blocks(models[1]):
+        layer.fused = False
     return models
 
 
-def _counting(layer):
-    """Wrap ``layer``'s kernel; returns the list its calls are appended to."""
-    calls, kernel = [], layer._kernel
+def _blocks(model):
+    return [layer for layer in model.layers if isinstance(layer, ConvBNBlock)]
 
-    def counted(*args):
-        calls.append(args[0].shape)
-        return kernel(*args)
-    layer._kernel = counted
+
+def _counting(*layers):
+    """Wrap the layers' kernels; returns the list their calls append (gy's shape, gx or not)."""
+    calls = []
+    for layer in layers:
+        def counted(*args, kernel=layer._kernel):
+            calls.append((args[0].shape, args[-1] is not None))
+            return kernel(*args)
+        layer._kernel = counted
     return calls
 
 
@@ -47,15 +52,17 @@ def _data(n, dtype, seed=3):
             rng.standard_normal((n, 10)).astype(dtype))
 
 
-def test_lenet5_starts_with_the_block_and_keeps_its_layers():
+def test_lenet5_has_two_blocks_and_keeps_its_layers():
     model = build_model("lenet5", backend="numba")
-    first = model.layers[0]
-    assert isinstance(first, ConvBNBlock)
-    conv, block = first.sublayers()
-    assert isinstance(conv, Conv2d) and isinstance(block, FusedBNBlock) and block.k == 2
+    first, second = model.layers[:2]
+    assert _blocks(model) == [first, second]
+    for layer in (first, second):
+        conv, block = layer.sublayers()
+        assert isinstance(conv, Conv2d) and isinstance(block, FusedBNBlock) and block.k == 2
     assert [p.name for p in first.parameters()] == ["conv1.weight", "bn1.weight", "bn1.bias"]
     assert list(model.state_dict()) == list(build_model("lenet5", backend="numpy").state_dict())
-    assert not conv.need_input_grad
+    assert not first.need_input_grad and not first.conv.need_input_grad
+    assert second.need_input_grad and second.conv.need_input_grad
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -63,7 +70,7 @@ def test_lenet5_starts_with_the_block_and_keeps_its_layers():
 @pytest.mark.parametrize("n", [2, 7, 128])
 def test_training_steps_equal_the_two_layers_bit_for_bit(dtype, bn, n):
     model, reference = _pair(dtype=dtype, bn=bn)
-    calls = _counting(model.layers[0])
+    calls = _counting(*_blocks(model))
     for seed in (3, 4):                       # the second step after an SGD-free weight change
         x, g_logits = _data(n, dtype, seed)
         logits, grads = _step(model, x, g_logits)
@@ -73,7 +80,7 @@ def test_training_steps_equal_the_two_layers_bit_for_bit(dtype, bn, n):
             np.testing.assert_array_equal(g, g_r, err_msg=p.name)
         for m in (model, reference):
             m.layers[0].conv.weight.data *= 1.5
-    assert len(calls) == 2
+    assert [gx for _, gx in calls] == [True, False] * 2         # conv2 with gx, conv1 without
     bn_model, bn_reference = model.bn_layers()[0][1], reference.bn_layers()[0][1]
     np.testing.assert_array_equal(bn_model.running_var, bn_reference.running_var)
 
@@ -81,7 +88,7 @@ def test_training_steps_equal_the_two_layers_bit_for_bit(dtype, bn, n):
 def test_a_backward_after_an_inference_forward_equals_the_two_layers():
     """Constant statistics (running buffers): the BN's gx is scale * g, nothing centred."""
     model, reference = _pair()
-    calls = _counting(model.layers[0])
+    calls = _counting(*_blocks(model))
     x, g_logits = _data(16, np.float32)
     for m in (model, reference):
         m.forward(x, True)                                  # some running statistics
@@ -90,7 +97,7 @@ def test_a_backward_after_an_inference_forward_equals_the_two_layers():
     np.testing.assert_array_equal(logits, logits_r)
     for g, g_r in zip(grads, grads_r):
         np.testing.assert_array_equal(g, g_r)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_special_values_pass_through_as_in_the_two_layers():
@@ -170,9 +177,31 @@ def test_padded_or_strided_convolutions_and_other_backends_are_not_fused():
     layers = build_model("lenet5", backend="numba").layers[0].sublayers()
     for attribute, value in (("padding", 1), ("stride", 2)):
         setattr(layers[0], attribute, value)
-        assert fuse_first_conv(layers, be) == layers
+        assert fuse_conv_bn_blocks(layers, be) == layers
         setattr(layers[0], attribute, {"padding": 0, "stride": 1}[attribute])
-    assert isinstance(fuse_first_conv(layers, be)[0], ConvBNBlock)
+    assert isinstance(fuse_conv_bn_blocks(layers, be)[0], ConvBNBlock)
+
+
+def test_a_1x1_convolution_that_needs_gx_falls_back():
+    """Its unfused input gradient is a forward convolution of gy, not the kernel's col2im."""
+    be = get_backend("numba")
+    models = []
+    for _ in range(2):
+        rng = np.random.default_rng(0)
+        conv0 = Conv2d("conv0", 1, 4, 3, bias=False, rng=rng, backend=be, dtype="float32")
+        conv1 = Conv2d("conv1", 4, 6, 1, bias=False, rng=rng, backend=be, dtype="float32")
+        block = build_model("lenet5", backend="numba").layers[0].block
+        models.append(Network([conv0, conv1] + block.layers + [Flatten()],
+                              {"in_shape": [1, 28, 28]}, be, np.float32, rng))
+    assert isinstance(models[0].layers[1], ConvBNBlock)
+    models[1].layers[1].fused = False
+    calls = _counting(models[0].layers[1])
+    x, _ = _data(8, np.float32)
+    g = np.random.default_rng(5).standard_normal((8, 6 * 13 * 13)).astype(np.float32)
+    grads, grads_r = (_step(m, x, g)[1] for m in models)
+    assert calls == []
+    for g_f, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g_f, g_r)
 
 
 def test_vgg8_keeps_its_first_convolution():
@@ -194,13 +223,15 @@ def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
 
     def call(**changes):
         args = dict(gy=gy, y=y, argmax=argmax, mean=ones, scale=ones, w=ones, centered=True,
-                    k=2, x=x, weight=weight, chunks=chunks)
+                    k=2, x=x, weight=weight, chunks=chunks, gx=None)
         args.update(changes)
         return ops.flat_conv_bn_backward(**args)
     partials, sum_gy, sum_gy_xc = call()
     assert partials.shape == (1, 9, 3) and sum_gy.shape == sum_gy_xc.shape == (3,)
     with pytest.raises(ValueError, match="convolution output"):
         call(y=np.ascontiguousarray(y[:, :, :7]))
+    with pytest.raises(ValueError, match="convolution output"):
+        call(gx=np.empty((4, 1, 10, 9), np.float32))
     with pytest.raises(ValueError, match="pooled shape"):
         call(gy=gy[:, :, :3])
     with pytest.raises(ValueError, match="pooled shape"):
