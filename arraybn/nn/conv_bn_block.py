@@ -56,7 +56,7 @@ class ConvBNBlock(Layer):
     def __init__(self, conv, block, ops):
         self.conv, self.block, self.name = conv, block, conv.name
         self._ops, self._kernel = ops, getattr(ops, _KERNEL)
-        self.fused = True               # False: always the two layers' own backward (the reference)
+        self.fused = True           # False: always the two layers' own backward (the reference)
 
     @property
     def need_input_grad(self):
