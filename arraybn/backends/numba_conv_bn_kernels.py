@@ -28,22 +28,24 @@ from arraybn.backends.numba_fused_kernels import (INACTIVE, _channel_sums, _plan
 
 
 @jit()
-def _gx_plane(gy2, y2, am2, p, mu, a_gy, a_x, b, k, di, dj, oh, ow, w, out):
-    """BN gx of plane p (OH x OW) in rows at stride W on the flattened plane ``out`` (its
-    wrapped-around columns untouched): ``(y - mean) * a_x + b`` everywhere, then at each
-    window's argmax ``a_gy * g + ((y - mean) * a_x + b)``; each rounded once, as ``_unpool_gx``.
-    """
-    for r in range(oh):
-        for q in range(ow):
-            out[uidx(r * w + q)] = (np.float64(y2[p, uidx(r * ow + q)]) - mu) * a_x + b
-    ph, pw = oh // k, ow // k
-    for i in range(ph):
+def _gx_plane(gy2, y2, am2, p, mu, a_gy, a_x, b, k, di, dj, oh, ow, w, plane, out):
+    """BN gx of plane p (OH x OW) into ``plane`` (OH * OW scratch), as ``_unpool_gx`` writes it:
+    ``(y - mean) * a_x + b`` everywhere (one vectorised pass), then at each window's argmax
+    ``a_gy * g + ((y - mean) * a_x + b)``, each rounded once; then copied in rows at stride W
+    onto the flattened plane ``out`` (its wrapped-around columns untouched)."""
+    for q in range(oh * ow):
+        plane[uidx(q)] = (np.float64(y2[p, uidx(q)]) - mu) * a_x + b
+    pw = ow // k
+    for i in range(oh // k):
         for j in range(pw):
             at = np.int64(am2[p, uidx(i * pw + j)])
             if at != INACTIVE:
-                r, q = i * k + di[at], j * k + dj[at]
-                out[uidx(r * w + q)] = a_gy * np.float64(gy2[p, uidx(i * pw + j)]) + (
-                    (np.float64(y2[p, uidx(r * ow + q)]) - mu) * a_x + b)
+                u = uidx((i * k + di[at]) * ow + j * k + dj[at])
+                plane[u] = a_gy * np.float64(gy2[p, uidx(i * pw + j)]) + (
+                    (np.float64(y2[p, u]) - mu) * a_x + b)
+    for r in range(oh):
+        for q in range(ow):
+            out[uidx(r * w + q)] = plane[uidx(r * ow + q)]
 
 
 @jit()
@@ -63,6 +65,7 @@ def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, 
         gx_flat[:, r * w + ow:(r + 1) * w] = 0
     product = np.empty((rows, o), x.dtype)
     gcols = np.empty((rows, width) if need_gx else (0, 0), x.dtype)
+    plane = np.empty(oh * ow, x.dtype)
     di, dj = offset_tables(k)
     gy2, y2, am2 = _planes(gy), _planes(y), _planes(argmax)
     if hi <= lo:
@@ -71,7 +74,7 @@ def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, 
         _fill(x[i], kh, kw, run, cols)
         for ch in range(o):
             _gx_plane(gy2, y2, am2, uidx(i * o + ch), mean[ch], scale[ch], a_x[ch], b[ch], k,
-                      di, dj, oh, ow, w, gx_flat[ch])
+                      di, dj, oh, ow, w, plane, gx_flat[ch])
         gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
              gx_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
         if i > lo:
