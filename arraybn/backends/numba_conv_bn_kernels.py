@@ -20,9 +20,8 @@ import numpy as np
 from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, _columns, _fill,
-                                              add_to, check_arrays, chunk_bounds, gemm_args,
-                                              input_gradient)
+from arraybn.backends.numba_flat_conv import (backward_buffers, check_arrays, chunk_bounds,
+                                              gemm_args, image_backward)
 from arraybn.backends.numba_fused_kernels import (INACTIVE, _channel_sums, _planes,
                                                   channel_values, offset_tables)
 
@@ -51,36 +50,22 @@ def _gx_plane(gy2, y2, am2, p, mu, a_gy, a_x, b, k, di, dj, oh, ow, w, plane, ou
 @jit()
 def _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, one, zero, lo,
            hi, partial, gx):
-    """Images lo..hi-1: each one's BN gx onto the flattened plane, its im2col columns, its
-    weight-gradient GEMM and, if need_gx, the convolution's input gradient gx[i]
-    (``numba_flat_conv._backward``'s, with the BN's gx in place of gy); ``partial`` = the
-    weight gradients' sum in batch order."""
-    c, h, w = x.shape[1:]
-    o, rows = w2.shape
-    oh, ow = y.shape[2], y.shape[3]
-    width, run = oh * w, (h - kh) * w + w - kw + 1
-    cols = _columns(rows, width, run, x.dtype)
-    gx_flat = np.empty((o, width), x.dtype)
-    for r in range(oh):                               # zero in the wrapped-around columns
-        gx_flat[:, r * w + ow:(r + 1) * w] = 0
-    product = np.empty((rows, o), x.dtype)
-    gcols = np.empty((rows, width) if need_gx else (0, 0), x.dtype)
+    """Images lo..hi-1: each one's BN gx onto the flattened plane, then its part of
+    ``numba_flat_conv``'s backward from there (``image_backward``: the weight gradients' sum in
+    batch order into ``partial``, and the convolution's gx[i] if need_gx)."""
+    o, oh, ow, w = y.shape[1], y.shape[2], y.shape[3], x.shape[3]
+    cols, gx_flat, product, gcols = backward_buffers(x, w2, kh, kw, oh, ow, need_gx)
     plane = np.empty(oh * ow, x.dtype)
     di, dj = offset_tables(k)
     gy2, y2, am2 = _planes(gy), _planes(y), _planes(argmax)
     if hi <= lo:
         partial[:, :] = 0                              # an empty chunk (an empty batch)
     for i in range(lo, hi):
-        _fill(x[i], kh, kw, run, cols)
         for ch in range(o):
             _gx_plane(gy2, y2, am2, uidx(i * o + ch), mean[ch], scale[ch], a_x[ch], b[ch], k,
                       di, dj, oh, ow, w, plane, gx_flat[ch])
-        gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
-             gx_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
-        if i > lo:
-            add_to(partial, product)
-        if need_gx:
-            input_gradient(w2, gx_flat, kh, kw, gemm, one, zero, gcols, gx[i])
+        image_backward(x, i, lo, w2, kh, kw, need_gx, gemm, one, zero, cols, gx_flat, product,
+                       gcols, partial, gx)
 
 
 @jit(parallel=True)

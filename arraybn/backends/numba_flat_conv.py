@@ -122,30 +122,49 @@ def _backward(gy, x, w2, kh, kw, need_gx, gemm, one, zero, lo, hi, partial, gx):
     """Images lo..hi-1 of ``flat_conv_backward``: ``partial`` = the sum of their transposed
     weight gradients, image by image in batch order (as NumPy's ``sum(axis=0)`` of the per-image
     products), and gx[i] if need_gx."""
-    c, h, w = x.shape[1:]
-    o, rows = w2.shape
-    oh, ow = gy.shape[2], gy.shape[3]
-    width, run = oh * w, (h - kh) * w + w - kw + 1
-    cols = _columns(rows, width, run, x.dtype)
-    gy_flat = np.empty((o, width), x.dtype)
-    for r in range(oh):                               # zero in the wrapped-around columns
-        gy_flat[:, r * w + ow:(r + 1) * w] = 0
-    gcols = np.empty((rows, width), x.dtype)
-    product = np.empty((rows, o), x.dtype)
+    o, oh, ow, w = gy.shape[1], gy.shape[2], gy.shape[3], x.shape[3]
+    cols, gy_flat, product, gcols = backward_buffers(x, w2, kh, kw, oh, ow, need_gx)
     if hi <= lo:
         partial[:, :] = 0                              # an empty chunk (an empty batch)
     for i in range(lo, hi):
-        _fill(x[i], kh, kw, run, cols)
         for p in range(o):
             for r in range(oh):
                 for q in range(ow):
                     gy_flat[uidx(p), uidx(r * w + q)] = gy[uidx(i), uidx(p), uidx(r), uidx(q)]
-        gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
-             gy_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
-        if i > lo:
-            add_to(partial, product)
-        if need_gx:
-            input_gradient(w2, gy_flat, kh, kw, gemm, one, zero, gcols, gx[i])
+        image_backward(x, i, lo, w2, kh, kw, need_gx, gemm, one, zero, cols, gy_flat, product,
+                       gcols, partial, gx)
+
+
+@jit()
+def backward_buffers(x, w2, kh, kw, oh, ow, need_gx):
+    """(columns, gy on the flattened plane with its wrapped-around columns zero, product,
+    column gradients) for ``image_backward``."""
+    h, w = x.shape[2], x.shape[3]
+    o, rows = w2.shape
+    width, run = oh * w, (h - kh) * w + w - kw + 1
+    gy_flat = np.empty((o, width), x.dtype)
+    for r in range(oh):
+        gy_flat[:, r * w + ow:(r + 1) * w] = 0
+    return (_columns(rows, width, run, x.dtype), gy_flat, np.empty((rows, o), x.dtype),
+            np.empty((rows, width) if need_gx else (0, 0), x.dtype))
+
+
+@jit()
+def image_backward(x, i, lo, w2, kh, kw, need_gx, gemm, one, zero, cols, gy_flat, product,
+                   gcols, partial, gx):
+    """Image i's backward from its output gradient on the flattened plane (``gy_flat``): its
+    columns, its transposed weight gradient into ``partial`` (the chunk's first image ``lo``)
+    or added to it, and gx[i] if need_gx."""
+    h, w = x.shape[2], x.shape[3]
+    o, rows = w2.shape
+    width, run = gy_flat.shape[1], (h - kh) * w + w - kw + 1
+    _fill(x[i], kh, kw, run, cols)
+    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, width, one, cols.ctypes.data, width,
+         gy_flat.ctypes.data, width, zero, (partial if i == lo else product).ctypes.data, o)
+    if i > lo:
+        add_to(partial, product)
+    if need_gx:
+        input_gradient(w2, gy_flat, kh, kw, gemm, one, zero, gcols, gx[i])
 
 
 @jit()

@@ -51,7 +51,9 @@ def test_conv2d_layers_use_the_flat_kernels_where_they_apply(monkeypatch):
     x = np.random.default_rng(4).standard_normal((4, 1, 28, 28)).astype(np.float32)
     for model_name, used in (("lenet5", True), ("vgg8", False)):    # VGG-8 pads: not flat
         calls.clear()
-        model = build_model(model_name, backend="numba", seed=0)
+        # BN after the ReLU: the convolutions' own backward (before it, each convolution and
+        # its BN block are a ConvBNBlock, whose kernel runs theirs; see test_conv_bn_block.py)
+        model = build_model(model_name, backend="numba", seed=0, bn_position="after")
         model.backward(np.ones_like(model.forward(x, True)))
         assert bool(calls) == used and (not used or {"forward", "backward"} <= set(calls))
 
