@@ -23,7 +23,7 @@ from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (backward_buffers, check_arrays, chunk_bounds,
                                               gemm_args, image_backward)
 from arraybn.backends.numba_fused_kernels import (INACTIVE, _channel_sums, _planes,
-                                                  channel_values, offset_tables)
+                                                  channel_values, check_argmax, offset_tables)
 
 
 @jit()
@@ -32,9 +32,14 @@ def _gx_plane(gy2, y2, am2, p, mu, a_gy, a_x, b, k, di, dj, oh, ow, w, plane, ou
     ``(y - mean) * a_x + b`` everywhere (one vectorised pass), then at each window's argmax
     ``a_gy * g + ((y - mean) * a_x + b)``, each rounded once; then copied in rows at stride W
     onto the flattened plane ``out`` (its wrapped-around columns untouched)."""
-    for q in range(oh * ow):
-        plane[uidx(q)] = (np.float64(y2[p, uidx(q)]) - mu) * a_x + b
-    pw = ow // k
+    if am2.size == 0:                       # untracked (``check_argmax``): all active
+        for q in range(oh * ow):
+            plane[uidx(q)] = a_gy * np.float64(gy2[p, uidx(q)]) + (
+                (np.float64(y2[p, uidx(q)]) - mu) * a_x + b)
+    else:
+        for q in range(oh * ow):
+            plane[uidx(q)] = (np.float64(y2[p, uidx(q)]) - mu) * a_x + b
+    pw = ow // k if am2.size else 0
     for i in range(oh // k):
         for j in range(pw):
             at = np.int64(am2[p, uidx(i * pw + j)])
@@ -108,9 +113,7 @@ def flat_conv_bn_backward(gy, y, argmax, mean, scale, w, centered, k, x, weight,
         raise ValueError(f"conv + BN backward: y {y.shape} must be the stride-1, unpadded "
                          f"convolution output of x {x.shape} with weight {weight.shape}, and gx "
                          f"{None if gx is None else gx.shape} x's shape")
-    if not (gy.shape == argmax.shape == (n, o, oh // k, ow // k) and argmax.dtype == np.uint8):
-        raise ValueError(f"conv + BN backward: gy {gy.shape} and argmax {argmax.shape} (uint8) "
-                         f"must have the pooled shape of y {y.shape} with k = {k}")
+    check_argmax(gy, argmax, y.shape, k)
     mean, scale, w = (channel_values(v, o) for v in (mean, scale, w))
     sum_gy, sum_gy_xc, a_x, b = (np.empty(o) for _ in range(4))
     partials = np.empty((len(chunks), weight[0].size, o), x.dtype)

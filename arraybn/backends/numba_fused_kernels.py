@@ -183,12 +183,16 @@ def _train_forward_parallel(x, gamma, beta, eps, center_only, relu_after, k, mom
 @jit()
 def _normalize_relu(x, center, a, b, relu_after, lo, hi, y, argmax):
     """k = 1 (no pooling): ``_normalize_pool`` in one pass per plane, no window loops, for
-    channels lo..hi-1."""
+    channels lo..hi-1. Without a ReLU and with an empty argmax (``untracked``) only y."""
     n_ch = x.shape[1]
     x2, y2, am2 = _planes(x), _planes(y), _planes(argmax)
     for n in range(x.shape[0]):
         for c in range(lo, hi):
             p, mu, ac, bc = uidx(n * n_ch + c), center[c], a[c], b[c]
+            if argmax.size == 0:
+                for q in range(x2.shape[1]):
+                    y2[p, uidx(q)] = (np.float64(x2[p, uidx(q)]) - mu) * ac + bc
+                continue
             for q in range(x2.shape[1]):
                 u = uidx(q)
                 y2[p, u] = (np.float64(x2[p, u]) - mu) * ac + bc    # rounds once, as the plane
@@ -327,8 +331,12 @@ def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
     for n in range(x.shape[0]):
         for c in range(lo, hi):
             p = uidx(n * n_ch + c)
-            for q in range(size):
-                g[uidx(q)] = _active(am2[p, uidx(q)], gy2[p, uidx(q)])[1]
+            if argmax.size == 0:                       # untracked: every position active
+                for q in range(size):
+                    g[uidx(q)] = np.float64(gy2[p, uidx(q)])
+            else:
+                for q in range(size):
+                    g[uidx(q)] = _active(am2[p, uidx(q)], gy2[p, uidx(q)])[1]
             s, s_xc = _lane_sums(g, x2[p], mean[c], size)
             sum_gy[c] += s
             sum_gy_xc[c] += s_xc
@@ -377,13 +385,15 @@ def _bn_gx(gy, x, argmax, mean, a_gy, a_x, b, relu_before, lo, hi, gx):
     """k = 1: ``_unpool_gx`` in one pass per plane, for channels lo..hi-1."""
     n_ch = x.shape[1]
     x2, gy2, am2, gx2 = _planes(x), _planes(gy), _planes(argmax), _planes(gx)
+    untracked = argmax.size == 0
     for n in range(x.shape[0]):
         for c in range(lo, hi):
             p, mu, ag, ax, bc = uidx(n * n_ch + c), mean[c], a_gy[c], a_x[c], b[c]
             for q in range(x2.shape[1]):
                 u = uidx(q)
                 rest = (np.float64(x2[p, u]) - mu) * ax + bc
-                value = ag * np.float64(gy2[p, u]) + rest if am2[p, u] != INACTIVE else rest
+                active = untracked or am2[p, u] != INACTIVE
+                value = ag * np.float64(gy2[p, u]) + rest if active else rest
                 gx2[p, u] = 0 if relu_before and not x2[p, u] > 0 else value
 
 
@@ -451,24 +461,45 @@ def channel_values(values, channels):
     return arr
 
 
-def _pooled_outputs(x, k):
-    """Empty y and argmax, (N, C, H//k, W//k), for a checked x and pooling size k."""
+def _pooled_outputs(x, k, relu_after):
+    """Empty y and argmax, (N, C, H//k, W//k), for a checked x and pooling size k; argmax
+    empty, (0, 0, 0, 0), where it would be all zeros (``untracked``)."""
     check_input(x)
     n, c, h, w = x.shape
     if h < k or w < k or not 1 <= k * k < INACTIVE:
         raise ValueError(f"fused BN block: pooling {k}x{k} needs inputs of at least {k}x{k} and "
                          f"k*k < {INACTIVE}; got {h}x{w}")
     y = np.empty((n, c, h // k, w // k), dtype=x.dtype)
-    return y, np.empty(y.shape, dtype=np.uint8)
+    return y, np.empty((0,) * 4 if untracked(k, relu_after) else y.shape, dtype=np.uint8)
+
+
+def check_argmax(gy, argmax, shape, k):
+    """ValueError unless gy has the pooled shape of ``shape`` (N, C, H, W) and argmax that or,
+    at k = 1, (0, 0, 0, 0) (``untracked``)."""
+    pooled = (shape[0], shape[1], shape[2] // k, shape[3] // k)
+    if (gy.shape != pooled or argmax.dtype != np.uint8
+            or argmax.shape not in (pooled, (0,) * 4 if k == 1 else pooled)):
+        raise ValueError(f"fused BN block: gy {gy.shape} and argmax {argmax.shape} (uint8) must "
+                         f"have the pooled shape of {shape} with k = {k} (argmax (0, 0, 0, 0) "
+                         f"at k = 1 without a ReLU after the BN)")
+
+
+def untracked(k, relu_after):
+    """Whether a block keeps no argmax: no pooling and no ReLU after the BN, so every position
+    passes its gradient (a residual branch's last BN, a shortcut's). Its argmax would be all
+    zeros: ResNet-20 (batch 100) wrote 1.25 MB of them per 16-channel block and read them twice
+    in the backward."""
+    return k == 1 and not relu_after
 
 
 def bn_pool_forward(x, center, a, b, relu_after, k):
     """x (N, C, H, W) -> (y (N, C, H//k, W//k), argmax uint8 (same shape)).
 
     ``y = pool(relu?((x - center) * a + b))``; argmax holds each window's offset ``di * k + dj``
-    or ``INACTIVE`` where ``relu_after`` zeroed the window's maximum.
+    or ``INACTIVE`` where ``relu_after`` zeroed the window's maximum; it is empty where
+    ``untracked(k, relu_after)`` (every position passes its gradient).
     """
-    y, argmax = _pooled_outputs(x, k)
+    y, argmax = _pooled_outputs(x, k, relu_after)
     c = x.shape[1]
     center, a, b = (channel_values(v, c) for v in (center, a, b))
     tasks = _tasks(x)
@@ -493,7 +524,7 @@ def bn_pool_train_forward(x, gamma, beta, eps, center_only, momentum, running_me
     or None. Returns ``(y, argmax, mean, var, inv_std)``; inv_std is None, and the buffers
     untouched, when a statistic is NaN or inf.
     """
-    y, argmax = _pooled_outputs(x, k)
+    y, argmax = _pooled_outputs(x, k, relu_after)
     c = x.shape[1]
     gamma, beta = channel_values(gamma, c), channel_values(beta, c)
     buffers = (_running_buffer(running_mean, c, "running_mean"),
@@ -521,9 +552,7 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     """
     check_input(x)
     gy = np.ascontiguousarray(gy, dtype=x.dtype)
-    if gy.shape != argmax.shape or argmax.shape[:2] != x.shape[:2]:
-        raise ValueError(f"fused BN block: gy {gy.shape} and argmax {argmax.shape} must be the "
-                         f"pooled shape of x {x.shape}")
+    check_argmax(gy, argmax, x.shape, k)
     channels = x.shape[1]
     mean, scale, w = (channel_values(v, channels) for v in (mean, scale, w))
     sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)

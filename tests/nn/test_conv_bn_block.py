@@ -149,6 +149,25 @@ def test_a_block_without_pooling_equals_the_two_layers():
         np.testing.assert_array_equal(g_f, g_r)
 
 
+def test_a_block_of_the_bn_alone_equals_the_two_layers():
+    """conv1 + BN without ReLU or pooling: the block keeps no argmax (``untracked``)."""
+    be = get_backend("numba")
+    models = []
+    for _ in range(2):
+        conv, block = build_model("lenet5", backend="numba").layers[0].sublayers()
+        models.append(Network([conv] + fuse_bn_blocks(block.layers[:1], be) + [Flatten()],
+                              {"in_shape": [1, 28, 28]}, be, np.float32,
+                              np.random.default_rng(0)))
+    models[1].layers[0].fused = False
+    calls = _counting(models[0].layers[0])
+    x, _ = _data(8, np.float32)
+    g = np.random.default_rng(5).standard_normal((8, 6 * 26 * 26)).astype(np.float32)
+    grads, grads_r = (_step(m, x, g)[1] for m in models)
+    assert len(calls) == 1 and models[0].layers[0].block.k == 1
+    for g_f, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g_f, g_r)
+
+
 def test_an_unfused_block_falls_back_to_the_two_layers():
     """Layer tracking unfuses every FusedBNBlock; conv1's block then has no kernel cache."""
     model, reference = _pair()
@@ -236,6 +255,8 @@ def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
         call(gy=gy[:, :, :3])
     with pytest.raises(ValueError, match="pooled shape"):
         call(argmax=argmax.astype(np.int64))
+    with pytest.raises(ValueError, match="pooled shape"):
+        call(argmax=np.zeros((0, 0, 0, 0), np.uint8))          # empty only at k = 1
     with pytest.raises(ValueError, match="per-channel"):
         call(mean=np.ones(2))
     with pytest.raises(TypeError, match="float32 or all float64"):

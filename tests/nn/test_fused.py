@@ -221,10 +221,14 @@ def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_afte
     y_ref, argmax_ref = np.empty_like(x), np.empty(x.shape, np.uint8)
     kernels._normalize_pool(x, center, a, b, relu_after, 1, 0, 3, y_ref, argmax_ref)
     np.testing.assert_array_equal(y, y_ref)
-    np.testing.assert_array_equal(argmax, argmax_ref)
+    if relu_after:
+        np.testing.assert_array_equal(argmax, argmax_ref)
+    else:                                  # untracked: no argmax kept, where it is all zeros
+        assert argmax.shape == (0, 0, 0, 0) and not argmax_ref.any()
     w = rng.uniform(0.5, 1.5, 3)
     gx, sum_gy, sum_gy_xc = kernels.bn_pool_backward(gy, x, argmax, center, a, w, True,
                                                      relu_before, 1)
+    argmax = argmax_ref                    # the references read the window kernels' argmax
     sums_ref = np.empty(3), np.empty(3)
     kernels._pooled_sums(gy, x, argmax, center, 1, 0, 3, *sums_ref)     # one chain, not lanes
     np.testing.assert_allclose(sum_gy, sums_ref[0], rtol=1e-13, atol=1e-13)
@@ -234,6 +238,19 @@ def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_afte
     kernels._unpool_gx(gy, x, argmax, center, a, -a * (w * sum_gy_xc / count),
                        -a * (sum_gy / count), 1, relu_before, 0, 3, gx_ref)
     np.testing.assert_array_equal(gx, gx_ref)
+
+
+def test_the_backward_rejects_an_argmax_that_does_not_fit():
+    from arraybn.backends import numba_fused_kernels as kernels
+    x = _data(np.float32, shape=(2, 3, 4, 4))
+    ones = np.ones(3)
+    for k, gy_shape, argmax in ((2, (2, 3, 2, 2), np.zeros((0, 0, 0, 0), np.uint8)),  # k > 1
+                                (1, x.shape, np.zeros((2, 3, 4, 3), np.uint8)),
+                                (1, x.shape, np.zeros(x.shape, np.int32)),
+                                (2, (2, 3, 2, 1), np.zeros((2, 3, 2, 1), np.uint8))):
+        with pytest.raises(ValueError, match="pooled shape"):
+            kernels.bn_pool_backward(np.zeros(gy_shape, np.float32), x, argmax, ones, ones, ones,
+                                     True, False, k)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -253,7 +270,7 @@ def test_kernels_sharing_channels_among_threads_equal_one_thread(
     center, a, b, w = (rng.standard_normal(5), rng.uniform(0.5, 1.5, 5), rng.standard_normal(5),
                        rng.uniform(0.5, 1.5, 5))
     y, argmax = kernels.bn_pool_forward(x, center, a, b, relu_after, k)     # one thread
-    y_par, argmax_par = np.full(pooled, np.nan, dtype), np.full(pooled, 7, np.uint8)
+    y_par, argmax_par = np.full(pooled, np.nan, dtype), np.full(argmax.shape, 7, np.uint8)
     kernels._forward_parallel(x, center, a, b, relu_after, k, tasks, y_par, argmax_par)
     np.testing.assert_array_equal(y_par, y)
     np.testing.assert_array_equal(argmax_par, argmax)
@@ -278,7 +295,8 @@ def _assert_train_forward_shared_equals_one_thread(kernels, x, relu_after, k, ta
     for shared in (False, True):
         running = np.full(x.shape[1], 0.5, x.dtype), np.full(x.shape[1], 2.0, x.dtype)
         if shared:
-            out = (np.full(pooled, np.nan, x.dtype), np.full(pooled, 7, np.uint8),
+            argmax_shape = (0,) * 4 if kernels.untracked(k, relu_after) else pooled
+            out = (np.full(pooled, np.nan, x.dtype), np.full(argmax_shape, 7, np.uint8),
                    *(np.full(x.shape[1], np.nan) for _ in range(4)))
             assert kernels._train_forward_parallel(x, gamma, beta, 1e-5, False, relu_after, k,
                                                    0.1, *running, tasks, *out)
