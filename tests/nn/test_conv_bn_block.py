@@ -129,33 +129,15 @@ def test_the_results_do_not_depend_on_the_number_of_threads():
         np.testing.assert_array_equal(g_1, g_n)
 
 
-def test_a_block_without_pooling_equals_the_two_layers():
-    """conv1 + BN + ReLU without the max pooling (k = 1)."""
+@pytest.mark.parametrize("kept, untracked", [(2, False), (1, True)])
+def test_blocks_without_pooling_equal_the_two_layers(kept, untracked):
+    """conv1 + BN + ReLU without the max pooling (k = 1), and conv1 + BN alone, whose block
+    keeps no argmax (``untracked``)."""
     be = get_backend("numba")
     models = []
     for _ in range(2):
         conv, block = build_model("lenet5", backend="numba").layers[0].sublayers()
-        models.append(Network([conv] + fuse_bn_blocks(block.layers[:2], be) + [Flatten()],
-                              {"in_shape": [1, 28, 28]}, be, np.float32,
-                              np.random.default_rng(0)))
-    models[1].layers[0].fused = False
-    assert models[0].layers[0].block.k == 1
-    calls = _counting(models[0].layers[0])
-    x, _ = _data(8, np.float32)
-    g = np.random.default_rng(5).standard_normal((8, 6 * 26 * 26)).astype(np.float32)
-    grads, grads_r = (_step(m, x, g)[1] for m in models)
-    assert len(calls) == 1
-    for g_f, g_r in zip(grads, grads_r):
-        np.testing.assert_array_equal(g_f, g_r)
-
-
-def test_a_block_of_the_bn_alone_equals_the_two_layers():
-    """conv1 + BN without ReLU or pooling: the block keeps no argmax (``untracked``)."""
-    be = get_backend("numba")
-    models = []
-    for _ in range(2):
-        conv, block = build_model("lenet5", backend="numba").layers[0].sublayers()
-        models.append(Network([conv] + fuse_bn_blocks(block.layers[:1], be) + [Flatten()],
+        models.append(Network([conv] + fuse_bn_blocks(block.layers[:kept], be) + [Flatten()],
                               {"in_shape": [1, 28, 28]}, be, np.float32,
                               np.random.default_rng(0)))
     models[1].layers[0].fused = False
@@ -163,7 +145,8 @@ def test_a_block_of_the_bn_alone_equals_the_two_layers():
     x, _ = _data(8, np.float32)
     g = np.random.default_rng(5).standard_normal((8, 6 * 26 * 26)).astype(np.float32)
     grads, grads_r = (_step(m, x, g)[1] for m in models)
-    assert len(calls) == 1 and models[0].layers[0].block.k == 1
+    block = models[0].layers[0].block
+    assert len(calls) == 1 and block.k == 1 and (block.relu_after is not untracked)
     for g_f, g_r in zip(grads, grads_r):
         np.testing.assert_array_equal(g_f, g_r)
 
