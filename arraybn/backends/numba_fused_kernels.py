@@ -21,8 +21,8 @@ calls: 5.31 -> 5.07 ms on one thread, 3.74 -> 3.46 ms on two; 5 interleaved roun
 Blocks without pooling (k = 1: VGG-8's and ResNet's BN + ReLU) take one-pass kernels with the
 same roundings as the window kernels at k = 1 (the window loops cost 10x in the forward and
 2.8x in the backward at VGG-8's conv1 size, 100 x 32 x 28 x 28, one thread: 8.7 -> 0.83 ms and
-14.8 -> 5.3 ms); their backward sums add each plane in four lanes (``_sums``), so those differ
-from the window kernels' in the last bits. Where no ReLU follows the BN either (a residual
+14.8 -> 5.3 ms); their backward sums add by position over the batch, then fold (``_sums``), so
+those differ from the window kernels' in the last bits. Where no ReLU follows the BN either (a residual
 branch's last BN, a shortcut's), every position passes its gradient and the block keeps no
 argmax (``untracked``): ResNet-20's step, one thread, 297-299 -> 293-296 ms.
 
@@ -42,7 +42,7 @@ from numba import prange
 
 from arraybn.backends.numba_backend import _running_buffer
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_kernels import finish_statistics, moments_range
+from arraybn.backends.numba_kernels import _fold, finish_statistics, moments_range
 
 PARALLEL_MIN_SIZE = 1 << 16   # values from which a block shares out its channels
 POOL_WINDOWS = 512      # 2x2 windows per pooling loop at least (see _normalize_pool2)
@@ -288,60 +288,32 @@ def _pooled_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc):
 
 
 @jit()
-def _lane_sums(g, values, mu, size):
-    """(sum of g, sum of g * (values - mu)) over the first ``size`` entries, in float64: four
-    interleaved lanes (entry q into lane q % 4), added up as (l0 + l1) + (l2 + l3). Four
-    independent chains of additions instead of one, which the CPU overlaps."""
-    s0 = s1 = s2 = s3 = 0.0
-    t0 = t1 = t2 = t3 = 0.0
-    main = size - size % 4
-    for q in range(0, main, 4):
-        s0 += g[q]
-        s1 += g[q + 1]
-        s2 += g[q + 2]
-        s3 += g[q + 3]
-        t0 += g[q] * (np.float64(values[q]) - mu)
-        t1 += g[q + 1] * (np.float64(values[q + 1]) - mu)
-        t2 += g[q + 2] * (np.float64(values[q + 2]) - mu)
-        t3 += g[q + 3] * (np.float64(values[q + 3]) - mu)
-    if size - main > 0:
-        s0 += g[main]
-        t0 += g[main] * (np.float64(values[main]) - mu)
-    if size - main > 1:
-        s1 += g[main + 1]
-        t1 += g[main + 1] * (np.float64(values[main + 1]) - mu)
-    if size - main > 2:
-        s2 += g[main + 2]
-        t2 += g[main + 2] * (np.float64(values[main + 2]) - mu)
-    return (s0 + s1) + (s2 + s3), (t0 + t1) + (t2 + t3)
-
-
-@jit()
 def _sums(gy, x, argmax, mean, lo, hi, sum_gy, sum_gy_xc):
-    """k = 1: the sums of ``_pooled_sums`` in one pass per plane, for channels lo..hi-1: each
-    plane's gradient (zero where the ReLU let none through) gathered, then summed in
-    ``_lane_sums``' lanes; the planes in batch order. 100 x 16 x 28 x 28 (a ResNet-20 block),
-    one thread: 1.78 -> 0.92 ms, against one chain of additions; four lanes kept in the loop
-    without the gathering pass took 1.6 ms. The pooled blocks keep one chain: there gathering
-    the windows' maxima cost more than the lanes saved (LeNet-5's first block 0.25 -> 0.28 ms),
-    so at k = 1 the two kernels' sums differ in the last bits."""
+    """k = 1: the sums of ``_pooled_sums`` for channels lo..hi-1, channel by channel: the
+    gradient (zero where the ReLU let none through) and its product with x - mean added up
+    position by position over the channel's planes (in batch order; element-wise loops that
+    LLVM vectorises), then each position array folded pairwise (``numba_kernels._fold``).
+    100 x 16 x 28 x 28 (a ResNet-20 block), one thread: 0.96 -> 0.47 ms against each plane
+    gathered and then summed in four scalar lanes (which had taken 1.78 -> 0.92 ms against one
+    chain). The pooled blocks keep one chain a plane (gathering the windows' maxima cost more
+    than lanes saved), so at k = 1 the two kernels' sums differ in the last bits."""
     n_ch, size = gy.shape[1], x.shape[2] * x.shape[3]
     x2, gy2, am2 = _planes(x), _planes(gy), _planes(argmax)
-    g = np.empty(size)
-    sum_gy[lo:hi] = 0.0
-    sum_gy_xc[lo:hi] = 0.0
-    for n in range(x.shape[0]):
-        for c in range(lo, hi):
+    untracked = argmax.size == 0                       # every position active
+    s, s_xc = np.empty(size), np.empty(size)
+    for c in range(lo, hi):
+        mu = mean[c]
+        s[:] = 0.0
+        s_xc[:] = 0.0
+        for n in range(x.shape[0]):
             p = uidx(n * n_ch + c)
-            if argmax.size == 0:                       # untracked: every position active
-                for q in range(size):
-                    g[uidx(q)] = np.float64(gy2[p, uidx(q)])
-            else:
-                for q in range(size):
-                    g[uidx(q)] = _active(am2[p, uidx(q)], gy2[p, uidx(q)])[1]
-            s, s_xc = _lane_sums(g, x2[p], mean[c], size)
-            sum_gy[c] += s
-            sum_gy_xc[c] += s_xc
+            for q in range(size):
+                u = uidx(q)
+                g = np.float64(gy2[p, u]) if untracked or am2[p, u] != INACTIVE else 0.0
+                s[u] += g
+                s_xc[u] += g * (np.float64(x2[p, u]) - mu)
+        sum_gy[c] = _fold(s)
+        sum_gy_xc[c] = _fold(s_xc)
 
 
 @jit()

@@ -209,8 +209,8 @@ def test_a_network_without_pooling_fuses_bn_and_relu():
 @pytest.mark.parametrize("relu_after, relu_before", [(True, False), (False, True), (False, False)])
 def test_the_no_pooling_kernels_equal_the_window_kernels_at_k_1(dtype, relu_after, relu_before):
     """Blocks without pooling (k = 1) take one-pass kernels; they must give the window kernels'
-    results bit for bit (same rounding), except the float64 sums, which add in four lanes
-    (``_lane_sums``) instead of one chain."""
+    results bit for bit (same rounding), except the float64 sums, which add by position over
+    the batch and then fold (``_sums``) instead of one chain a plane."""
     from arraybn.backends import numba_fused_kernels as kernels
     rng = np.random.default_rng(5)
     x = _data(dtype, shape=(4, 3, 7, 6))
@@ -379,33 +379,57 @@ def test_blocks_share_channels_from_the_size_threshold(monkeypatch):
     assert kernels._tasks(big) == 0
 
 
+@pytest.mark.parametrize("untracked", [False, True])
 @pytest.mark.parametrize("size", range(1, 10))
-def test_the_backward_sums_add_four_interleaved_lanes_then_the_lanes_in_pairs(size):
-    """The fused backward's per-plane sums without pooling: entry q into lane q % 4, lanes
-    added as (l0 + l1) + (l2 + l3), every tail length. The kernels may contract
-    g * (x - mu) + lane into one FMA (``numba_config``), so the second sum is checked both
-    ways."""
+def test_the_backward_sums_add_by_position_over_the_batch_then_fold_in_pairs(size, untracked):
+    """The fused backward's sums without pooling (``_sums``): per channel, each position's
+    values added over the images in batch order, then the positions folded pairwise as
+    ``numba_kernels._fold`` does, every plane size; inactive positions (argmax INACTIVE) add
+    zero, and an empty argmax means all active. The kernels may contract g * (x - mu) + sum
+    into one FMA (``numba_config``), so the second sum is checked both ways."""
     from fractions import Fraction
 
-    from arraybn.backends.numba_fused_kernels import _lane_sums
+    from arraybn.backends import numba_fused_kernels as kernels
     rng = np.random.default_rng(size)
-    g = rng.standard_normal(size) * 10.0 ** rng.integers(-8, 8, size)
-    values = rng.standard_normal(size).astype(np.float32)
-    mu = 0.3
+    n, c = 3, 2
+    gy = (rng.standard_normal((n, c, 1, size))
+          * 10.0 ** rng.integers(-8, 8, (n, c, 1, size))).astype(np.float32)
+    x = rng.standard_normal((n, c, 1, size)).astype(np.float32)
+    argmax = np.where(rng.random(x.shape) < 0.3, kernels.INACTIVE, 0).astype(np.uint8)
+    if untracked:
+        argmax = np.zeros((0,) * 4, np.uint8)
+    mean = np.array([0.3, -1.7])
 
     def fma(a, b, c):                                 # a * b + c rounded once
         return float(Fraction(a) * Fraction(b) + Fraction(c))
 
-    def lanes(add_product):
-        sums = [[0.0, 0.0] for _ in range(4)]
-        for q in range(size):
-            lane = sums[q % 4]
-            lane[0] += g[q]
-            lane[1] = add_product(g[q], float(values[q]) - mu, lane[1])
-        return tuple((sums[0][i] + sums[1][i]) + (sums[2][i] + sums[3][i]) for i in range(2))
+    def folded(values):
+        values, length = list(values), len(values)
+        while length > 1:
+            half, rest = length // 2, length - length // 2
+            for i in range(half):
+                values[i] += values[rest + i]
+            length = rest
+        return values[0]
 
-    got = _lane_sums(g, values, mu, size)
-    assert got in (lanes(fma), lanes(lambda a, b, c: a * b + c))
+    def reference(add_product):
+        sums = np.empty(c), np.empty(c)
+        for ch in range(c):
+            s, s_xc = [0.0] * size, [0.0] * size
+            for image in range(n):
+                for q in range(size):
+                    active = untracked or argmax[image, ch, 0, q] != kernels.INACTIVE
+                    g = float(gy[image, ch, 0, q]) if active else 0.0
+                    s[q] += g
+                    s_xc[q] = add_product(g, float(x[image, ch, 0, q]) - mean[ch], s_xc[q])
+            sums[0][ch], sums[1][ch] = folded(s), folded(s_xc)
+        return sums
+
+    got = np.empty(c), np.empty(c)
+    kernels._sums(gy, x, argmax, mean, 0, c, *got)
+    expected = [reference(fma), reference(lambda a, b, c: a * b + c)]
+    np.testing.assert_array_equal(got[0], expected[0][0])
+    assert any(np.array_equal(got[1], e[1]) for e in expected)
 
 
 def test_the_training_forward_refuses_bad_running_buffers():
