@@ -21,10 +21,10 @@ calls: 5.31 -> 5.07 ms on one thread, 3.74 -> 3.46 ms on two; 5 interleaved roun
 Blocks without pooling (k = 1: VGG-8's and ResNet's BN + ReLU) take one-pass kernels with the
 same roundings as the window kernels at k = 1 (the window loops cost 10x in the forward and
 2.8x in the backward at VGG-8's conv1 size, 100 x 32 x 28 x 28, one thread: 8.7 -> 0.83 ms and
-14.8 -> 5.3 ms); their backward sums add by position over the batch, then fold (``_sums``), so
-those differ from the window kernels' in the last bits. Where no ReLU follows the BN either (a residual
-branch's last BN, a shortcut's), every position passes its gradient and the block keeps no
-argmax (``untracked``): ResNet-20's step, one thread, 297-299 -> 293-296 ms.
+14.8 -> 5.3 ms); their backward sums add by position over the batch, then fold (``_sums``),
+so those differ from the window kernels' in the last bits. Where no ReLU follows the BN
+either (a residual branch's last BN, a shortcut's), every position passes its gradient and the
+block keeps no argmax (``untracked``): ResNet-20's step, one thread, 297-299 -> 293-296 ms.
 
 The public functions validate and allocate; the ``@njit`` kernels write into preallocated arrays.
 Blocks of at least ``PARALLEL_MIN_SIZE`` values, with or without pooling, share their channels
