@@ -92,8 +92,7 @@ class ConvBNBlock(Layer):
         """The convolution's chunks when the kernel covers this backward, else None."""
         conv_cache = getattr(self.conv, "_cache", None)
         block_cache = getattr(self.block, "_cache", None)
-        if not self.fused or conv_cache is None or block_cache is None:
-            return None
-        if block_cache[0] != "fused":
+        if not self.fused or conv_cache is None or block_cache is None or (
+                block_cache[0] != "fused"):
             return None
         return flat_kernel_chunks(conv_cache, self._ops, self.need_input_grad)
