@@ -418,20 +418,13 @@ def conv2d_backward(gy, cache, xp, need_gx=True, workspace=None, ops=None):
         partials = zip(ops.conv_backward(gy, x, weight, parts, stride, pad, layout, gx), gbiases)
     else:
         partials = run_chunks(backward_chunk, parts, parallel)
-    gweight = xp.zeros(w2.shape[::-1], dtype=gy.dtype)          # transposed: (C*kh*kw, O)
+    chunk_gweights, chunk_gbiases = zip(*partials) if parts else ((), ())
     gbias = xp.zeros(o, dtype=gy.dtype) if has_bias else None
-    for chunk_gweight, chunk_gbias in partials:                 # in batch order
-        gweight += chunk_gweight
-        if has_bias:
-            gbias += chunk_gbias
+    for chunk_gbias in chunk_gbiases if has_bias else ():      # in batch order
+        gbias += chunk_gbias
     if transposed:
         gx = _input_gradient(gy, weight, pad, xp, workspace, ops)
-    return gx, _untransposed(gweight, weight.shape, xp), gbias
-
-
-def _untransposed(gweight, weight_shape, xp):
-    """The (C*kh*kw, O) sum of the chunks' transposed weight gradients as (O, C, kh, kw)."""
-    return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
+    return gx, summed_weight_gradient(chunk_gweights, weight.shape, gy.dtype, xp), gbias
 
 
 def flat_kernel_chunks(cache, ops, need_gx):
@@ -456,9 +449,9 @@ def summed_weight_gradient(partials, weight_shape, dtype, xp):
     """The weight gradient from the chunks' transposed partials (C*kh*kw, O), added in chunk
     order from zero as ``conv2d_backward`` adds them."""
     gweight = xp.zeros((int(np.prod(weight_shape[1:])), weight_shape[0]), dtype=dtype)
-    for partial in partials:
+    for partial in partials:                                    # in batch order
         gweight += partial
-    return _untransposed(gweight, weight_shape, xp)
+    return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
 
 
 def _chunk_bias_gradient(gy, part):
