@@ -1,19 +1,21 @@
-"""The backward of a network's first convolution and the fused BN block after it, in one call.
+"""The backward of an unpadded stride-1 convolution and the fused BN block after it, in one call.
 
-Used by ``arraybn.nn.conv_bn_block.ConvBNBlock`` (LeNet-5's conv1 + bn1, ReLU, pool) through
-``conv_ops()`` on the numba backend. Unfused, the BN block's backward (``bn_pool_backward``)
-writes its input gradient gx, (N, O, OH, OW), and the convolution's (``flat_conv_backward``)
-reads it back, copying each image's planes onto the flattened plane for its GEMM. Here the BN's
-per-channel sums come first (each thread's channels, ``_channel_sums``), then each image's gx is
-written straight onto that flattened plane (``_gx_plane``: the values of ``bn_pool_backward``'s
-``_unpool_gx``, the same float64 formula rounded once) and goes into the same GEMM, so gx never
-exists as an array and the results equal the two unfused calls bit for bit: the BN sums, and the
-weight gradient's per-chunk partials (images added in batch order). LeNet-5's first block,
-batch 128, bn1 + conv1 backward against the unfused calls: 0.90 -> 0.80 ms on one thread,
-0.55 -> 0.43 ms on two (isolated; 2.1 MB less written and read).
+Used by ``arraybn.nn.conv_bn_block.ConvBNBlock`` (LeNet-5's conv1 + bn1 and conv2 + bn2, each with
+ReLU and pooling) through ``conv_ops()`` on the numba backend. Unfused, the BN block's backward
+(``bn_pool_backward``) writes its input gradient, (N, O, OH, OW), and the convolution's
+(``flat_conv_backward``) reads it back, copying each image's planes onto the flattened plane for
+its GEMMs. Here the BN's per-channel sums come first (each thread's channels,
+``sums_and_coefficients``), then each image's BN gradient is written straight onto that
+flattened plane (``_gx_plane``: the values of ``bn_pool_backward``'s ``_unpool_gx``, the same
+float64 formula rounded once) and goes into the same GEMMs (``numba_flat_conv.image_backward``:
+the weight gradient and, where the convolution needs one, its input gradient), so the BN
+gradient never exists as an array and the results equal the two unfused calls bit for bit: the
+BN sums, the weight gradient's per-chunk partials (images added in batch order) and gx.
+LeNet-5's first block, batch 128, bn1 + conv1 backward against the unfused calls: 0.90 -> 0.80
+ms on one thread, 0.55 -> 0.43 ms on two (isolated; 2.1 MB less written and read).
 
-Only the first layer: no input gradient of the convolution, and no convolution bias (a BN right
-after the convolution makes it redundant, so the model builds none).
+No convolution bias: a BN right after the convolution makes it redundant, so the model builds
+none.
 """
 import numba
 import numpy as np
@@ -22,8 +24,9 @@ from numba import prange
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (backward_buffers, check_arrays, chunk_bounds,
                                               gemm_args, image_backward)
-from arraybn.backends.numba_fused_kernels import (INACTIVE, _channel_sums, _planes,
-                                                  channel_values, check_argmax, offset_tables)
+from arraybn.backends.numba_fused_kernels import (INACTIVE, _planes, channel_values,
+                                                  check_argmax, offset_tables,
+                                                  sums_and_coefficients)
 
 
 @jit()
@@ -80,13 +83,9 @@ def _backward(gy, y, argmax, mean, scale, w, centered, k, x, w2, kh, kw, need_gx
     ``numba_fused_kernels._backward``), then the chunks [bounds[t], bounds[t + 1]) shared out
     among Numba's threads."""
     n_ch = y.shape[1]
-    count = float(y.shape[0] * y.shape[2] * y.shape[3])
     for t in prange(tasks):
-        lo, hi = t * n_ch // tasks, (t + 1) * n_ch // tasks
-        _channel_sums(gy, y, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc)
-        for c in range(lo, hi):
-            a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
-            b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
+        sums_and_coefficients(gy, y, argmax, mean, scale, w, centered, k, t * n_ch // tasks,
+                              (t + 1) * n_ch // tasks, sum_gy, sum_gy_xc, a_x, b)
     for t in prange(bounds.size - 1):
         _chunk(gy, y, argmax, mean, scale, a_x, b, k, x, w2, kh, kw, need_gx, gemm, one, zero,
                bounds[t], bounds[t + 1], partials[t], gx)

@@ -332,15 +332,24 @@ def _backward(gy, x, argmax, mean, scale, w, centered, relu_before, k, lo, hi, s
     """The backward of channels lo..hi-1: their sums, their gx coefficients (the unfused BN
     backward's formula, as ``bn_pool_backward`` documents), then their gx; block by block of
     channels (``_block_channels``)."""
-    count = float(x.shape[0] * x.shape[2] * x.shape[3])
     step = _block_channels(x, k, lo, hi, 9)                  # x, gy, gx, argmax
     for c0 in range(lo, hi, step):
         c1 = min(c0 + step, hi)
-        _channel_sums(gy, x, argmax, mean, k, c0, c1, sum_gy, sum_gy_xc)
-        for c in range(c0, c1):
-            a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
-            b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
+        sums_and_coefficients(gy, x, argmax, mean, scale, w, centered, k, c0, c1, sum_gy,
+                              sum_gy_xc, a_x, b)
         _gx(gy, x, argmax, mean, scale, a_x, b, k, relu_before, c0, c1, gx)
+
+
+@jit()
+def sums_and_coefficients(gy, x, argmax, mean, scale, w, centered, k, lo, hi, sum_gy,
+                          sum_gy_xc, a_x, b):
+    """Channels lo..hi-1: the backward's sums (``_channel_sums``), then the coefficients of
+    ``gx = scale * g + ((x - mean) * a_x + b)`` (the unfused BN backward's formula)."""
+    count = float(x.shape[0] * x.shape[2] * x.shape[3])
+    _channel_sums(gy, x, argmax, mean, k, lo, hi, sum_gy, sum_gy_xc)
+    for c in range(lo, hi):
+        a_x[c] = -scale[c] * (w[c] * sum_gy_xc[c] / count) if centered else 0.0
+        b[c] = -scale[c] * (sum_gy[c] / count) if centered else 0.0
 
 
 @jit(parallel=True)
