@@ -443,11 +443,13 @@ def gemm_nt(a, b, out, accumulate):
 
 
 @jit()
-def window_offsets(c, kh, kw, pad, h, w):
-    """For a 'same' convolution (stride 1, output h x w) of a (c, h, w) image: per im2col row
-    k = (ch, ki, kj), the offset of its window in the flattened image, ch*h*w + (ki - pad)*w +
-    kj - pad, and its row of ``window_table``, ki*kw + kj, times the table's row length."""
-    size, length = h * w, h * w + NR
+def window_offsets(c, kh, kw, pad, h, w, images):
+    """For a 'same' convolution (stride 1, output h x w) of ``images`` (c, h, w) images laid
+    out channel by channel, each channel's planes one after another ((c, images*h*w): one
+    image, or the channel-major copy of a chunk of them): per im2col row k = (ch, ki, kj), the
+    offset of its window, ch*images*h*w + (ki - pad)*w + kj - pad, and its row of
+    ``window_table``, ki*kw + kj, times the table's row length."""
+    size, length = images * h * w, images * h * w + NR
     offsets = np.empty(c * kh * kw, np.int64)
     table_rows = np.empty(c * kh * kw, np.int64)
     for ch in range(c):
@@ -460,18 +462,20 @@ def window_offsets(c, kh, kw, pad, h, w):
 
 
 @jit()
-def window_table(kh, kw, pad, h, w):
-    """table[ki*kw + kj, q]: whether output position q = i*w + j of a 'same' convolution
-    reads inside the image at window offset (ki, kj); rows NR bytes longer than h*w (zero), so
-    a tile may read past the last position."""
-    size = h * w
+def window_table(kh, kw, pad, h, w, images):
+    """table[ki*kw + kj, q]: whether output position q = (n*h + i)*w + j (image n of
+    ``images`` h x w planes one after another) of a 'same' convolution reads inside its image
+    at window offset (ki, kj); rows NR bytes longer than images*h*w (zero), so a tile may read
+    past the last position."""
+    size = images * h * w
     table = np.zeros((kh * kw, size + NR), np.uint8)
     for ki in range(kh):
         for kj in range(kw):
-            for i in range(h):
-                for j in range(w):
-                    inside = 0 <= i + ki - pad < h and 0 <= j + kj - pad < w
-                    table[ki * kw + kj, i * w + j] = inside
+            for n in range(images):
+                for i in range(h):
+                    for j in range(w):
+                        inside = 0 <= i + ki - pad < h and 0 <= j + kj - pad < w
+                        table[ki * kw + kj, (n * h + i) * w + j] = inside
     return table
 
 

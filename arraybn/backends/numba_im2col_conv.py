@@ -19,9 +19,11 @@ number of threads, except where a float32 convolution has at most 32 output chan
 rows (``own_gemm``): there W @ columns and W.T @ gy run on ``numba_gemm``, which
 OpenBLAS is slow at, the weight gradient too (``own_dots``), and 'same' convolutions read their
 windows in place (ResNet-20's 16- and 32-channel convolutions, forward + backward, one thread:
-19.1 -> 11.8 and 14.9 -> 12.1 ms), and the results are within float32 rounding of the
-NumPy path's, still the same bits on any number of threads. (Where a GEMM dimension is 1 NumPy
-calls GEMV: the caller keeps the NumPy path there.)
+19.1 -> 11.8 and 14.9 -> 12.1 ms); and except where a float32 'same' convolution runs in the
+'chunk' layout (``windows_across``): its forward and input gradient read their windows in
+place across the chunk, with any number of channels. There the results are within float32
+rounding of the NumPy path's, still the same bits on any number of threads. (Where a GEMM
+dimension is 1 NumPy calls GEMV: the caller keeps the NumPy path there.)
 """
 import numpy as np
 from numba import prange
@@ -50,6 +52,21 @@ def own_gemm(dtype, o, rows):
     ``numba_flat_conv``: LeNet-5's conv1, 6 x 25 x 672 per image, took 0.85 -> 1.05 ms forward +
     backward with it, conv2 a tie.)"""
     return dtype == np.float32 and numba_gemm.available() and min(o, rows) <= OWN_GEMM_MAX
+
+
+def windows_across(dtype, per_image, stride, pad, kh, kw):
+    """Whether a float32 'same' convolution (stride 1, a square kernel, 2 * pad = k - 1) in
+    the 'chunk' layout runs its forward and input gradient on ``numba_gemm`` reading the
+    windows in place across the chunk (``_across_chunk``: its images copied channel by
+    channel, no im2col columns, no col2im), any number of channels. One thread, batch 100,
+    ms, forward and backward, before (im2col columns, OpenBLAS from 64 channels; 32 channels
+    image by image in place) -> across: ResNet-20's 32-channel 14x14 convolution 2.84 -> 2.61
+    and 6.83 -> 6.79, its 64-channel 7x7 one 3.21 -> 2.43 and 6.58 -> 6.15; VGG-8's 64-channel
+    14x14 one 13.05 -> 11.14 and 26.31 -> 26.67, its 128-channel 7x7 one 12.37 -> 10.39 and
+    24.62 -> 24.55 (the weight gradient, on the columns as before, is most of the backward).
+    """
+    return (dtype == np.float32 and numba_gemm.available() and not per_image and stride == 1
+            and kh == kw and 2 * pad == kh - 1)
 
 
 def pack_weights(a, own):
@@ -228,7 +245,8 @@ def own_dots(dtype, o, rows):
 def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, partial):
     """partial (rows, O) = cols (rows, P) @ gy2 (O, P).T, or partial += that if
     ``accumulate`` (OpenBLAS's product written into ``product`` first, then added): on
-    ``numba_gemm.gemm_nt`` if ``own``, else OpenBLAS. cols and gy2 contiguous."""
+    ``numba_gemm.gemm_nt`` if ``own``, else OpenBLAS. cols contiguous, gy2's rows contiguous
+    (any row stride)."""
     if own:
         numba_gemm.gemm_nt(cols, gy2, partial, accumulate)
         return
@@ -236,19 +254,45 @@ def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, part
     o = gy2.shape[0]
     target = product if accumulate else partial
     gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data, positions,
-         gy2.ctypes.data, positions, zero, target.ctypes.data, o)
+         gy2.ctypes.data, gy2.strides[0] // gy2.itemsize, zero, target.ctypes.data, o)
     if accumulate:
         add_to(partial, product)
 
 
 @jit()
+def _channel_major(a, lo, hi, planes):
+    """planes[ch, (i - lo)*P + q] = a[i, ch].flat[q] for the images i = lo..hi-1 of a (N, C,
+    H, W), P = H*W: the chunk channel by channel, each channel's planes one after another."""
+    positions = a.shape[2] * a.shape[3]
+    for i in range(lo, hi):
+        for ch in range(a.shape[1]):
+            plane, base = a[i, ch].reshape(positions), (i - lo) * positions
+            for q in range(positions):
+                planes[uidx(ch), uidx(base + q)] = plane[uidx(q)]
+
+
+@jit()
+def _across_chunk(packed, o, planes, windows, lo, hi, bias, has_bias, out):
+    """out[lo:hi] (N, O, H, W) = A (packed) @ the im2col columns of a 'same' convolution of
+    the chunk ``planes`` (``_channel_major``'s, images lo..hi-1), read in place across the
+    chunk (``numba_gemm.gemm_windows`` with ``windows``, ``_windows``'s for the chunk), plus
+    bias if ``has_bias``."""
+    positions = out.shape[2] * out.shape[3]
+    product = np.empty((o, (hi - lo) * positions), out.dtype)
+    offsets, table, table_rows = windows
+    numba_gemm.gemm_windows(packed, o, planes, offsets, table, table_rows, product)
+    for i in range(lo, hi):
+        _copy_out(product, (i - lo) * positions, bias, has_bias, out[i].reshape(o, positions))
+
+
+@jit()
 def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero, lo, hi,
-             masks, own, packed, windows, y):
+             masks, own, packed, windows, across, y):
     """y[lo:hi] of ``conv_forward``: W @ columns per image (into y) or per chunk (copied). A
-    'same' convolution on ``numba_gemm`` reads its windows in place, image by image in either
-    layout (``numba_gemm.gemm_windows`` with ``windows``, the offsets, table and table rows of
-    ``_forward_tasks``, empty where not): no columns written, the same sums bit for bit as on
-    the columns.
+    'same' convolution on ``numba_gemm`` reads its windows in place (``numba_gemm.gemm_windows``
+    with ``windows``, the offsets, table and table rows of ``_forward_tasks``, empty where
+    not): across the chunk if ``across`` (``windows_across``: the 'chunk' layout), else image
+    by image; no columns written, the same sums bit for bit as on the columns.
     Forward + backward, one thread, batch 100, columns -> in place: ResNet-20's 16-channel
     convolution 14.9 -> 11.8 ms (its input gradient is such a forward convolution too), VGG-8
     conv2 48.6 -> 44.4, ResNet-20's 32-channel one ('chunk': 196 positions an image, against
@@ -256,6 +300,11 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
     o, rows = w2.shape
     oh, ow = y.shape[2], y.shape[3]
     positions = oh * ow
+    if across:
+        planes = np.empty((x.shape[1], windows[1].shape[1] - numba_gemm.NR), x.dtype)
+        _channel_major(x, lo, hi, planes)
+        _across_chunk(packed, o, planes, windows, lo, hi, bias, has_bias, y)
+        return
     in_place = windows[0].size > 0                   # offsets: empty unless in place
     if per_image or in_place:
         cols = np.empty((0 if in_place else rows, positions), x.dtype)
@@ -282,13 +331,16 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
 
 @jit()
 def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero, lo, hi,
-              masks, own, packed, own_dots, windows, partial, gx):
+              masks, own, packed, own_dots, windows, across, gy_windows, partial, gx):
     """Images lo..hi-1 of ``conv_backward``: ``partial`` = their transposed weight gradient
     (per image, added up in batch order as NumPy's ``sum(axis=0)``, or the chunk's one GEMM),
     and gx[i] if need_gx. A 'same' convolution whose weight gradient runs on ``numba_gemm`` in
     the per-image layout with at most ``WINDOW_DOTS_MAX`` output channels reads its windows in
     place (``numba_gemm.gemm_nt_windows``, ``windows`` as in ``_forward``): no columns
-    written, the same bits as on the columns."""
+    written, the same bits as on the columns. If ``across`` (``windows_across``), gx is the
+    forward convolution of gy with the flipped weights (``packed``) across the chunk
+    (``_across_chunk`` with ``gy_windows``, on the chunk's gy copied channel by channel, which
+    the weight gradient's GEMM reads too)."""
     o, rows = w2.shape
     oh, ow = gy.shape[2], gy.shape[3]
     positions = oh * ow
@@ -316,14 +368,17 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         return
     width = (hi - lo) * positions
     cols = np.empty((rows, width), x.dtype)
-    gy_om = np.empty((o, width), x.dtype)
-    no_bias = np.zeros(0, x.dtype)
+    planes = np.empty((o, gy_windows[1].shape[1] - numba_gemm.NR if across else width),
+                      x.dtype)
     for i in range(lo, hi):
         _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
-        _copy_out(gy[i].reshape(o, positions), 0, no_bias, False,
-                  gy_om[:, (i - lo) * positions:(i - lo + 1) * positions])
+    _channel_major(gy, lo, hi, planes)
+    gy_om = planes[:, :width]
     _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
-    if need_gx:
+    if need_gx and across:
+        _across_chunk(packed, x.shape[1], planes, gy_windows, lo, hi, np.zeros(0, x.dtype),
+                      False, gx)
+    elif need_gx:
         gcols = np.empty((rows, width), x.dtype)
         weights_times(own, packed, w2, True, gemm, one, zero, gy_om, gcols)
         for i in range(lo, hi):
@@ -331,41 +386,55 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
 
 
 @jit()
-def _windows(x, kh, kw, pad, oh, ow, in_place):
-    """(offsets, table, table rows) of ``numba_gemm``'s in-place windows for x's images if
-    ``in_place``, else empty arrays of the same types."""
-    offsets, table_rows = numba_gemm.window_offsets(x.shape[1] if in_place else 0, kh, kw, pad,
-                                                    oh, ow)
-    return offsets, numba_gemm.window_table(kh if in_place else 0, kw, pad, oh, ow), table_rows
+def _windows(c, kh, kw, pad, oh, ow, images):
+    """(offsets, table, table rows) of ``numba_gemm``'s in-place windows for chunks of at most
+    ``images`` (c, oh, ow) images channel by channel (``window_offsets``; one image: an image
+    as it is), or empty arrays of the same types if ``images`` is 0."""
+    offsets, table_rows = numba_gemm.window_offsets(c if images else 0, kh, kw, pad, oh, ow,
+                                                    images)
+    return offsets, numba_gemm.window_table(kh if images else 0, kw, pad, oh, ow,
+                                            images), table_rows
+
+
+@jit()
+def _largest(bounds):
+    """The most images of a chunk [bounds[t], bounds[t + 1])."""
+    largest = 0
+    for t in range(bounds.size - 1):
+        largest = max(largest, bounds[t + 1] - bounds[t])
+    return largest
 
 
 @jit(parallel=True)
 def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                   bounds, own, packed, y):
+                   bounds, own, packed, across, y):
     """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
     Numba's threads."""
     oh, ow = y.shape[2], y.shape[3]
     masks = _column_masks(kw, pad, oh, ow)
-    windows = _windows(x, kh, kw, pad, oh, ow, own and _same(stride, x.shape[2], x.shape[3],
-                                                              oh, ow))
+    same = own and _same(stride, x.shape[2], x.shape[3], oh, ow)
+    windows = _windows(x.shape[1], kh, kw, pad, oh, ow,
+                       _largest(bounds) if across else (1 if same else 0))
     for t in prange(bounds.size - 1):
         _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                 bounds[t], bounds[t + 1], masks, own, packed, windows, y)
+                 bounds[t], bounds[t + 1], masks, own, packed, windows, across, y)
 
 
 @jit(parallel=True)
 def _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                    bounds, own, packed, own_dots, partials, gx):
+                    bounds, own, packed, own_dots, across, partials, gx):
     """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
     threads."""
     oh, ow = gy.shape[2], gy.shape[3]
     masks = _column_masks(kw, pad, oh, ow)
-    windows = _windows(x, kh, kw, pad, oh, ow, own_dots and per_image and gy.shape[1] <= (
-        WINDOW_DOTS_MAX) and _same(stride, x.shape[2], x.shape[3], oh, ow))
+    same = _same(stride, x.shape[2], x.shape[3], oh, ow)
+    windows = _windows(x.shape[1], kh, kw, pad, oh, ow, 1 if (
+        own_dots and per_image and gy.shape[1] <= WINDOW_DOTS_MAX and same) else 0)
+    gy_windows = _windows(gy.shape[1], kh, kw, pad, oh, ow, _largest(bounds) if across else 0)
     for t in prange(bounds.size - 1):
         _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                  bounds[t], bounds[t + 1], masks, own, packed, own_dots, windows, partials[t],
-                  gx)
+                  bounds[t], bounds[t + 1], masks, own, packed, own_dots, windows, across,
+                  gy_windows, partials[t], gx)
 
 
 def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
@@ -376,10 +445,11 @@ def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
     check_arrays(x, weight, y)
     o, _, kh, kw = weight.shape
     w2 = weight.reshape(o, -1)
-    own = own_gemm(x.dtype, *w2.shape)
+    across = windows_across(x.dtype, per_image, stride, pad, kh, kw)
+    own = own_gemm(x.dtype, *w2.shape) or across
     _forward_tasks(x, w2, np.zeros(o, x.dtype) if bias is None else bias,
                    bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
-                   chunk_bounds(chunks), own, pack_weights(w2, own), y)
+                   chunk_bounds(chunks), own, pack_weights(w2, own), across, y)
 
 
 def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
@@ -390,9 +460,14 @@ def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
     o, c, kh, kw = weight.shape
     partials = np.empty((len(chunks), c * kh * kw, o), x.dtype)
     w2 = weight.reshape(o, -1)
-    own = gx is not None and own_gemm(x.dtype, *w2.shape)
+    across = gx is not None and windows_across(x.dtype, per_image, stride, pad, kh, kw)
+    own = gx is not None and own_gemm(x.dtype, *w2.shape) and not across
+    # the input gradient across the chunk: gy convolved with the weights flipped in space and
+    # transposed in channels (arraybn.nn.conv._input_gradient), (C, O*kh*kw)
+    a = (np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
+         if across else w2.T)
     _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, gx is not None,
-                    *gemm_args(x.dtype), chunk_bounds(chunks), own, pack_weights(w2.T, own),
-                    own_dots(x.dtype, *w2.shape), partials,
+                    *gemm_args(x.dtype), chunk_bounds(chunks), own, pack_weights(a, own or across),
+                    own_dots(x.dtype, *w2.shape), across, partials,
                     np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return partials

@@ -101,8 +101,10 @@ def _numba_sums_its_own_way(c, o, k, stride, pad, positions):
     ``numba_gemm`` (its own order of sums), not OpenBLAS's GEMMs as the NumPy path does."""
     from arraybn.backends import numba_im2col_conv as im2col
     rows, dtype = c * k * k, np.dtype(np.float32)
-    return (plain._layout(c, k, k, stride, pad, positions) != "flat"
-            and (im2col.own_gemm(dtype, o, rows) or im2col.own_dots(dtype, o, rows)))
+    layout = plain._layout(c, k, k, stride, pad, positions)
+    return layout != "flat" and (im2col.own_gemm(dtype, o, rows) or im2col.own_dots(dtype, o, rows)
+                                 or im2col.windows_across(dtype, layout == "image", stride, pad,
+                                                          k, k))
 
 
 @pytest.mark.parametrize("k,stride,pad", GEOMETRIES)

@@ -40,8 +40,11 @@ def test_the_kernels_equal_the_numpy_path_bit_for_bit_or_within_rounding_on_thei
     w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
     b = rng.standard_normal(out).astype(dtype) if bias else None
     reference, kernels = both_paths(x, w, b, stride, pad)
-    rows = shape[1] * k * k
-    if im2col.own_gemm(np.dtype(dtype), out, rows) or im2col.own_dots(np.dtype(dtype), out, rows):
+    rows, dtype = shape[1] * k * k, np.dtype(dtype)
+    per_image = plain._layout(shape[1], k, k, stride, pad, np.prod(reference[0].shape[2:])) != (
+        "chunk")
+    if (im2col.own_gemm(dtype, out, rows) or im2col.own_dots(dtype, out, rows)
+            or im2col.windows_across(dtype, per_image, stride, pad, k, k)):
         assert_within_rounding(kernels, x, w, b, stride, pad)
     else:
         assert_same(reference, kernels)
@@ -61,6 +64,44 @@ def test_float32_convolutions_with_few_channels_run_on_the_own_gemm():
     assert not im2col.own_dots(np.dtype(np.float32), 64, 576)
 
 
+def test_same_chunk_convolutions_and_only_they_read_their_windows_across_the_chunk():
+    f32, f64, own = np.dtype(np.float32), np.dtype(np.float64), numba_gemm.available()
+    assert im2col.windows_across(f32, False, 1, 1, 3, 3) == own      # ResNet-20's 32/64 ch
+    assert im2col.windows_across(f32, False, 1, 2, 5, 5) == own
+    assert not im2col.windows_across(f32, True, 1, 1, 3, 3)          # 'image' layout
+    assert not im2col.windows_across(f32, False, 2, 1, 3, 3)         # strided
+    assert not im2col.windows_across(f32, False, 1, 0, 3, 3)         # not 'same'
+    assert not im2col.windows_across(f32, False, 1, 1, 3, 5)
+    assert not im2col.windows_across(f64, False, 1, 1, 3, 3)
+
+
+@pytest.mark.parametrize("shape,out,k,pad", [((7, 64, 7, 7), 48, 3, 1), ((5, 4, 6, 9), 3, 5, 2),
+                                             ((6, 40, 6, 6), 36, 3, 1)])
+def test_windows_across_the_chunk_give_the_bits_of_windows_read_image_by_image(
+        monkeypatch, shape, out, k, pad):
+    """The forward across a chunk (chunks of unequal sizes: 7 images in 4 chunks) equals the
+    per-image windows of ``numba_gemm`` (the same sums in the same order) bit for bit, and the
+    input gradient equals the kernels' forward convolution of gy with the weights flipped in
+    space and transposed in channels, the 'same' convolution's adjoint."""
+    if not numba_gemm.available():
+        pytest.skip("numba_gemm needs FMA and AVX2")
+    assert plain._layout(shape[1], k, k, 1, pad, shape[2] * shape[3]) == "chunk"
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((out, shape[1], k, k)).astype(np.float32)
+    gy = rng.standard_normal((shape[0], out) + shape[2:]).astype(np.float32)
+    y, cache = plain.conv2d_forward(x, w, None, 1, pad, np, {}, OPS)
+    gx = plain.conv2d_backward(gy, cache, np, True, {}, OPS)[0]
+    flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    np.testing.assert_array_equal(
+        gx.view(np.uint32), plain.conv2d_forward(gy, flipped, None, 1, pad, np, {}, OPS)[0].view(
+            np.uint32))
+    monkeypatch.setattr(im2col, "windows_across", lambda *args: False)
+    monkeypatch.setattr(im2col, "own_gemm", lambda *args: True)
+    image_by_image = plain.conv2d_forward(x, w, None, 1, pad, np, {}, OPS)[0]
+    np.testing.assert_array_equal(y.view(np.uint32), image_by_image.view(np.uint32))
+
+
 @pytest.mark.parametrize("own", [False, True])
 @pytest.mark.parametrize("shape,k,pad", [((4, 64, 7, 7), 3, 1), ((3, 4, 2, 3), 5, 2)])
 def test_same_runs_keep_every_bit_of_non_finite_values_and_signed_zeros(monkeypatch, shape, k,
@@ -72,7 +113,7 @@ def test_same_runs_keep_every_bit_of_non_finite_values_and_signed_zeros(monkeypa
     products), whose sums round differently, the same non-finite values in the same places and the finite ones close."""
     if own and not numba_gemm.available():
         pytest.skip("numba_gemm needs FMA and AVX2")
-    for rule in ("own_gemm", "own_dots"):
+    for rule in ("own_gemm", "own_dots", "windows_across"):
         monkeypatch.setattr(im2col, rule, lambda *args: own)
     assert plain._layout(shape[1], k, k, 1, pad, shape[2] * shape[3]) == "chunk"
     rng = np.random.default_rng(6)

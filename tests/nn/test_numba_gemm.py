@@ -198,15 +198,62 @@ def test_gemm_windows_equals_gemm_on_the_columns_bit_for_bit(c, o, k, h, w):
     packed = np.empty(numba_gemm.packed_shape(*weights.shape), np.float32)
     numba_gemm.pack_rows(weights, packed)
     pad = (k - 1) // 2
-    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w)
+    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w, 1)
     got = np.full((o, h * w), 3.0, np.float32)
-    numba_gemm.gemm_windows(packed, o, image, offsets, numba_gemm.window_table(k, k, pad, h, w),
-                            table_rows, got)
+    table = numba_gemm.window_table(k, k, pad, h, w, 1)
+    numba_gemm.gemm_windows(packed, o, image, offsets, table, table_rows, got)
     want = np.empty_like(got)
     with np.errstate(invalid="ignore"):
         numba_gemm.gemm(packed, o, _explicit_columns(image, k, pad), want)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.isnan(got).any()
+
+
+@pytest.mark.parametrize("c,o,k,h,w,images", [(64, 64, 3, 7, 7, 3), (5, 9, 5, 4, 6, 2),
+                                              (3, 17, 3, 5, 5, 1)])
+def test_gemm_windows_across_a_chunk_equals_gemm_on_the_chunks_columns_bit_for_bit(
+        c, o, k, h, w, images):
+    """A chunk of images copied channel by channel (each channel's planes one after another,
+    rows as long as a chunk one image larger, the tail never written): windows read in place
+    across the chunk give the bits ``gemm`` gives on the chunk's im2col columns, and never
+    read a neighbouring image (the middle image all NaN leaves the others finite)."""
+    rng = np.random.default_rng(c + images)
+    chunk = rng.standard_normal((images, c, h, w)).astype(np.float32)
+    chunk[-1, :, 0, 0], chunk[0, 0, -1, -1] = -0.0, np.inf
+    if images > 1:
+        chunk[images // 2] = np.nan
+    planes = np.full((c, (images + 1) * h * w), np.nan, np.float32)
+    planes[:, :images * h * w] = chunk.transpose(1, 0, 2, 3).reshape(c, -1)
+    weights = rng.standard_normal((o, c * k * k)).astype(np.float32)
+    packed = np.empty(numba_gemm.packed_shape(*weights.shape), np.float32)
+    numba_gemm.pack_rows(weights, packed)
+    pad = (k - 1) // 2
+    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w, images + 1)
+    table = numba_gemm.window_table(k, k, pad, h, w, images + 1)
+    got = np.full((o, images * h * w), 3.0, np.float32)
+    numba_gemm.gemm_windows(packed, o, planes, offsets, table, table_rows, got)
+    columns = np.concatenate([_explicit_columns(image, k, pad) for image in chunk], axis=1)
+    want = np.empty_like(got)
+    with np.errstate(invalid="ignore"):
+        numba_gemm.gemm(packed, o, columns, want)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    per_image = got.reshape(o, images, h * w)
+    others = [i for i in range(images) if images == 1 or i != images // 2]
+    assert np.isfinite(per_image[:, others]).any() and not np.isnan(per_image[:, others]).any()
+    assert np.isinf(per_image[:, 0]).any()
+
+
+def test_window_tables_of_a_chunk_repeat_the_images_table():
+    one = numba_gemm.window_table(3, 3, 1, 4, 5, 1)
+    three = numba_gemm.window_table(3, 3, 1, 4, 5, 3)
+    size = 4 * 5
+    assert three.shape == (9, 3 * size + numba_gemm.NR)
+    for n in range(3):
+        np.testing.assert_array_equal(three[:, n * size:(n + 1) * size], one[:, :size])
+    assert not three[:, 3 * size:].any()
+    offsets, table_rows = numba_gemm.window_offsets(2, 3, 3, 1, 4, 5, 3)
+    assert offsets[9] == 3 * size + (0 - 1) * 5 + 0 - 1        # channel 1, window (0, 0)
+    assert table_rows[9 + 4] == 4 * three.shape[1]            # channel 1, window (1, 1)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])
@@ -222,11 +269,11 @@ def test_gemm_nt_windows_equals_gemm_nt_on_the_columns_bit_for_bit(c, o, k, h, w
     gy = rng.standard_normal((o, h * w)).astype(np.float32)
     gy[0, ::7], gy[-1, 3] = -0.0, -np.inf
     pad = (k - 1) // 2
-    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w)
+    offsets, table_rows = numba_gemm.window_offsets(c, k, k, pad, h, w, 1)
     start = rng.standard_normal((c * k * k, o)).astype(np.float32)
     got, want = start.copy(), start.copy()
     with np.errstate(invalid="ignore"):
-        numba_gemm.gemm_nt_windows(image, offsets, numba_gemm.window_table(k, k, pad, h, w),
+        numba_gemm.gemm_nt_windows(image, offsets, numba_gemm.window_table(k, k, pad, h, w, 1),
                                    table_rows, gy, got, accumulate)
         numba_gemm.gemm_nt(_explicit_columns(image, k, pad), gy, want, accumulate)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
@@ -234,9 +281,9 @@ def test_gemm_nt_windows_equals_gemm_nt_on_the_columns_bit_for_bit(c, o, k, h, w
 
 
 def test_gemm_nt_windows_refuses_other_dtypes():
-    offsets, table_rows = numba_gemm.window_offsets(1, 3, 3, 1, 4, 4)
+    offsets, table_rows = numba_gemm.window_offsets(1, 3, 3, 1, 4, 4, 1)
     with pytest.raises(TypeError, match="float32 arrays only"):
         numba_gemm.gemm_nt_windows(np.ones((1, 4, 4)), offsets,
-                                   numba_gemm.window_table(3, 3, 1, 4, 4), table_rows,
+                                   numba_gemm.window_table(3, 3, 1, 4, 4, 1), table_rows,
                                    np.ones((2, 16), np.float32), np.empty((9, 2), np.float32),
                                    False)
