@@ -443,40 +443,65 @@ def gemm_nt(a, b, out, accumulate):
 
 
 @jit()
+def shift_table(shifts, h, w, images):
+    """table[t, (n*h + i)*w + j]: whether position (i + shifts[t, 0], j + shifts[t, 1]) lies
+    inside an h x w plane, for ``images`` planes one after another; rows NR bytes longer than
+    images*h*w (zero), so a tile may read past the last position. shifts: (T, 2) int64."""
+    size = images * h * w
+    table = np.zeros((shifts.shape[0], size + NR), np.uint8)
+    for t in range(shifts.shape[0]):
+        di, dj = shifts[t, 0], shifts[t, 1]
+        for n in range(images):
+            for i in range(h):
+                for j in range(w):
+                    table[t, (n * h + i) * w + j] = 0 <= i + di < h and 0 <= j + dj < w
+    return table
+
+
+@jit()
+def shifted_offsets(planes, taps, shifts, h, w, images):
+    """For implicit im2col rows k reading plane planes[k] (of images*h*w values, planes one
+    after another) shifted by shifts[taps[k]] (rows, columns): (offsets, table rows) for
+    ``gemm_windows``, planes[k]*images*h*w + di*w + dj and taps[k] times the row length of
+    ``shift_table``'s table."""
+    size = images * h * w
+    offsets = np.empty(planes.size, np.int64)
+    table_rows = np.empty(planes.size, np.int64)
+    for k in range(planes.size):
+        offsets[k] = planes[k] * size + shifts[taps[k], 0] * w + shifts[taps[k], 1]
+        table_rows[k] = taps[k] * (size + NR)
+    return offsets, table_rows
+
+
+@jit()
+def same_shifts(kh, kw, pad):
+    """(kh*kw, 2): the shift (ki - pad, kj - pad) of each window offset (ki, kj) of a 'same'
+    convolution (stride 1), in the order ki*kw + kj."""
+    shifts = np.empty((kh * kw, 2), np.int64)
+    for ki in range(kh):
+        for kj in range(kw):
+            shifts[ki * kw + kj, 0], shifts[ki * kw + kj, 1] = ki - pad, kj - pad
+    return shifts
+
+
+@jit()
 def window_offsets(c, kh, kw, pad, h, w, images):
     """For a 'same' convolution (stride 1, output h x w) of ``images`` (c, h, w) images laid
     out channel by channel, each channel's planes one after another ((c, images*h*w): one
     image, or the channel-major copy of a chunk of them): per im2col row k = (ch, ki, kj), the
     offset of its window, ch*images*h*w + (ki - pad)*w + kj - pad, and its row of
     ``window_table``, ki*kw + kj, times the table's row length."""
-    size, length = images * h * w, images * h * w + NR
-    offsets = np.empty(c * kh * kw, np.int64)
-    table_rows = np.empty(c * kh * kw, np.int64)
-    for ch in range(c):
-        for ki in range(kh):
-            for kj in range(kw):
-                k = (ch * kh + ki) * kw + kj
-                offsets[k] = ch * size + (ki - pad) * w + kj - pad
-                table_rows[k] = (ki * kw + kj) * length
-    return offsets, table_rows
+    rows = np.arange(c * kh * kw)
+    return shifted_offsets(rows // (kh * kw), rows % (kh * kw), same_shifts(kh, kw, pad), h, w,
+                           images)
 
 
 @jit()
 def window_table(kh, kw, pad, h, w, images):
     """table[ki*kw + kj, q]: whether output position q = (n*h + i)*w + j (image n of
     ``images`` h x w planes one after another) of a 'same' convolution reads inside its image
-    at window offset (ki, kj); rows NR bytes longer than images*h*w (zero), so a tile may read
-    past the last position."""
-    size = images * h * w
-    table = np.zeros((kh * kw, size + NR), np.uint8)
-    for ki in range(kh):
-        for kj in range(kw):
-            for n in range(images):
-                for i in range(h):
-                    for j in range(w):
-                        inside = 0 <= i + ki - pad < h and 0 <= j + kj - pad < w
-                        table[ki * kw + kj, (n * h + i) * w + j] = inside
-    return table
+    at window offset (ki, kj) (``shift_table``)."""
+    return shift_table(same_shifts(kh, kw, pad), h, w, images)
 
 
 @jit()

@@ -20,7 +20,7 @@ rows (``own_gemm``): there W @ columns and W.T @ gy run on ``numba_gemm``, which
 OpenBLAS is slow at, the weight gradient too (``own_dots``), and 'same' convolutions read their
 windows in place (ResNet-20's 16- and 32-channel convolutions, forward + backward, one thread:
 19.1 -> 11.8 and 14.9 -> 12.1 ms); and except where a float32 'same' convolution runs in the
-'chunk' layout (``windows_across``): its forward and input gradient read their windows in
+'chunk' layout (``across_chunk.applies``): its forward and input gradient read their windows in
 place across the chunk, with any number of channels. There the results are within float32
 rounding of the NumPy path's, still the same bits on any number of threads. (Where a GEMM
 dimension is 1 NumPy calls GEMV: the caller keeps the NumPy path there.)
@@ -28,6 +28,7 @@ dimension is 1 NumPy calls GEMV: the caller keeps the NumPy path there.)
 import numpy as np
 from numba import prange
 
+from arraybn.backends import numba_across_chunk as across_chunk
 from arraybn.backends import numba_gemm
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, check_arrays,
@@ -52,21 +53,6 @@ def own_gemm(dtype, o, rows):
     ``numba_flat_conv``: LeNet-5's conv1, 6 x 25 x 672 per image, took 0.85 -> 1.05 ms forward +
     backward with it, conv2 a tie.)"""
     return dtype == np.float32 and numba_gemm.available() and min(o, rows) <= OWN_GEMM_MAX
-
-
-def windows_across(dtype, per_image, stride, pad, kh, kw):
-    """Whether a float32 'same' convolution (stride 1, a square kernel, 2 * pad = k - 1) in
-    the 'chunk' layout runs its forward and input gradient on ``numba_gemm`` reading the
-    windows in place across the chunk (``_across_chunk``: its images copied channel by
-    channel, no im2col columns, no col2im), any number of channels. One thread, batch 100,
-    ms, forward and backward, before (im2col columns, OpenBLAS from 64 channels; 32 channels
-    image by image in place) -> across: ResNet-20's 32-channel 14x14 convolution 2.84 -> 2.61
-    and 6.83 -> 6.79, its 64-channel 7x7 one 3.21 -> 2.43 and 6.58 -> 6.15; VGG-8's 64-channel
-    14x14 one 13.05 -> 11.14 and 26.31 -> 26.67, its 128-channel 7x7 one 12.37 -> 10.39 and
-    24.62 -> 24.55 (the weight gradient, on the columns as before, is most of the backward).
-    """
-    return (dtype == np.float32 and numba_gemm.available() and not per_image and stride == 1
-            and kh == kw and 2 * pad == kh - 1)
 
 
 def pack_weights(a, own):
@@ -260,38 +246,12 @@ def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, part
 
 
 @jit()
-def _channel_major(a, lo, hi, planes):
-    """planes[ch, (i - lo)*P + q] = a[i, ch].flat[q] for the images i = lo..hi-1 of a (N, C,
-    H, W), P = H*W: the chunk channel by channel, each channel's planes one after another."""
-    positions = a.shape[2] * a.shape[3]
-    for i in range(lo, hi):
-        for ch in range(a.shape[1]):
-            plane, base = a[i, ch].reshape(positions), (i - lo) * positions
-            for q in range(positions):
-                planes[uidx(ch), uidx(base + q)] = plane[uidx(q)]
-
-
-@jit()
-def _across_chunk(packed, o, planes, windows, lo, hi, bias, has_bias, out):
-    """out[lo:hi] (N, O, H, W) = A (packed) @ the im2col columns of a 'same' convolution of
-    the chunk ``planes`` (``_channel_major``'s, images lo..hi-1), read in place across the
-    chunk (``numba_gemm.gemm_windows`` with ``windows``, ``_windows``'s for the chunk), plus
-    bias if ``has_bias``."""
-    positions = out.shape[2] * out.shape[3]
-    product = np.empty((o, (hi - lo) * positions), out.dtype)
-    offsets, table, table_rows = windows
-    numba_gemm.gemm_windows(packed, o, planes, offsets, table, table_rows, product)
-    for i in range(lo, hi):
-        _copy_out(product, (i - lo) * positions, bias, has_bias, out[i].reshape(o, positions))
-
-
-@jit()
 def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero, lo, hi,
              masks, own, packed, windows, across, y):
     """y[lo:hi] of ``conv_forward``: W @ columns per image (into y) or per chunk (copied). A
     'same' convolution on ``numba_gemm`` reads its windows in place (``numba_gemm.gemm_windows``
     with ``windows``, the offsets, table and table rows of ``_forward_tasks``, empty where
-    not): across the chunk if ``across`` (``windows_across``: the 'chunk' layout), else image
+    not): across the chunk if ``across`` (``across_chunk.applies``: the 'chunk' layout), else image
     by image; no columns written, the same sums bit for bit as on the columns.
     Forward + backward, one thread, batch 100, columns -> in place: ResNet-20's 16-channel
     convolution 14.9 -> 11.8 ms (its input gradient is such a forward convolution too), VGG-8
@@ -300,12 +260,7 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
     o, rows = w2.shape
     oh, ow = y.shape[2], y.shape[3]
     positions = oh * ow
-    if across:
-        planes = np.empty((x.shape[1], windows[1].shape[1] - numba_gemm.NR), x.dtype)
-        _channel_major(x, lo, hi, planes)
-        _across_chunk(packed, o, planes, windows, lo, hi, bias, has_bias, y)
-        return
-    in_place = windows[0].size > 0                   # offsets: empty unless in place
+    in_place = windows[0].size > 0 and not across    # offsets: empty unless in place
     if per_image or in_place:
         cols = np.empty((0 if in_place else rows, positions), x.dtype)
         offsets, table, table_rows = windows
@@ -320,27 +275,41 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
                 _copy_out(plane, 0, bias, True, plane)
         return
     width = (hi - lo) * positions
-    cols = np.empty((rows, width), x.dtype)
-    out = np.empty((o, width), x.dtype)
-    for i in range(lo, hi):
-        _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
-    weights_times(own, packed, w2, False, gemm, one, zero, cols, out)
+    if across:
+        out = across_chunk.product(packed, o, _planes(x, lo, hi, stride, windows), windows,
+                                   width)
+    else:
+        cols = np.empty((rows, width), x.dtype)
+        out = np.empty((o, width), x.dtype)
+        for i in range(lo, hi):
+            _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
+        weights_times(own, packed, w2, False, gemm, one, zero, cols, out)
     for i in range(lo, hi):
         _copy_out(out, (i - lo) * positions, bias, has_bias, y[i].reshape(o, positions))
 
 
 @jit()
+def _planes(a, lo, hi, stride, windows):
+    """The chunk lo..hi-1 of a (N, C, H, W) copied phase by phase (``across_chunk.phase_major``)
+    into planes as long as ``windows``' table rows take."""
+    planes = np.empty((a.shape[1] * stride * stride, windows[1].shape[1] - numba_gemm.NR),
+                      a.dtype)
+    across_chunk.phase_major(a, lo, hi, stride, planes)
+    return planes
+
+
+@jit()
 def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero, lo, hi,
-              masks, own, packed, own_dots, windows, across, gy_windows, partial, gx):
+              masks, own, packed, own_dots, windows, across, gx_gemms, partial, gx):
     """Images lo..hi-1 of ``conv_backward``: ``partial`` = their transposed weight gradient
     (per image, added up in batch order as NumPy's ``sum(axis=0)``, or the chunk's one GEMM),
     and gx[i] if need_gx. A 'same' convolution whose weight gradient runs on ``numba_gemm`` in
     the per-image layout with at most ``WINDOW_DOTS_MAX`` output channels reads its windows in
     place (``numba_gemm.gemm_nt_windows``, ``windows`` as in ``_forward``): no columns
-    written, the same bits as on the columns. If ``across`` (``windows_across``), gx is the
-    forward convolution of gy with the flipped weights (``packed``) across the chunk
-    (``_across_chunk`` with ``gy_windows``, on the chunk's gy copied channel by channel, which
-    the weight gradient's GEMM reads too)."""
+    written, the same bits as on the columns. If ``across`` (``across_chunk.applies``), the
+    chunk's columns come from its phase planes and ``windows`` (``across_chunk.fill_columns``)
+    and gx from ``gx_gemms`` (``across_chunk.gx_windows``) on the chunk's gy copied channel
+    by channel, which the weight gradient's GEMM reads too."""
     o, rows = w2.shape
     oh, ow = gy.shape[2], gy.shape[3]
     positions = oh * ow
@@ -368,16 +337,18 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         return
     width = (hi - lo) * positions
     cols = np.empty((rows, width), x.dtype)
-    planes = np.empty((o, gy_windows[1].shape[1] - numba_gemm.NR if across else width),
-                      x.dtype)
-    for i in range(lo, hi):
-        _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
-    _channel_major(gy, lo, hi, planes)
+    if across:
+        across_chunk.fill_columns(_planes(x, lo, hi, stride, windows), windows, cols)
+        planes = _planes(gy, lo, hi, 1, windows)
+    else:
+        for i in range(lo, hi):
+            _fill(x[i], kh, kw, stride, pad, oh, ow, cols, (i - lo) * positions, masks)
+        planes = np.empty((o, width), x.dtype)
+        across_chunk.phase_major(gy, lo, hi, 1, planes)
     gy_om = planes[:, :width]
     _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
     if need_gx and across:
-        _across_chunk(packed, x.shape[1], planes, gy_windows, lo, hi, np.zeros(0, x.dtype),
-                      False, gx)
+        across_chunk.input_gradient(gx_gemms, planes, lo, hi, stride, gx)
     elif need_gx:
         gcols = np.empty((rows, width), x.dtype)
         weights_times(own, packed, w2, True, gemm, one, zero, gy_om, gcols)
@@ -396,25 +367,17 @@ def _windows(c, kh, kw, pad, oh, ow, images):
                                             images), table_rows
 
 
-@jit()
-def _largest(bounds):
-    """The most images of a chunk [bounds[t], bounds[t + 1])."""
-    largest = 0
-    for t in range(bounds.size - 1):
-        largest = max(largest, bounds[t + 1] - bounds[t])
-    return largest
+# gx_gemms where there are none (no input gradient across the chunk)
+NO_GEMMS = (np.zeros((0, 0, numba_gemm.MR), np.float32), np.zeros(0, np.int64),
+            np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), np.zeros(1, np.int64))
 
 
 @jit(parallel=True)
 def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                   bounds, own, packed, across, y):
+                   bounds, own, packed, windows, across, y):
     """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
     Numba's threads."""
-    oh, ow = y.shape[2], y.shape[3]
-    masks = _column_masks(kw, pad, oh, ow)
-    same = own and _same(stride, x.shape[2], x.shape[3], oh, ow)
-    windows = _windows(x.shape[1], kh, kw, pad, oh, ow,
-                       _largest(bounds) if across else (1 if same else 0))
+    masks = _column_masks(kw, pad, y.shape[2], y.shape[3])
     for t in prange(bounds.size - 1):
         _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
                  bounds[t], bounds[t + 1], masks, own, packed, windows, across, y)
@@ -422,19 +385,23 @@ def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, 
 
 @jit(parallel=True)
 def _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                    bounds, own, packed, own_dots, across, partials, gx):
+                    bounds, own, packed, own_dots, windows, across, gx_gemms, partials, gx):
     """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
     threads."""
-    oh, ow = gy.shape[2], gy.shape[3]
-    masks = _column_masks(kw, pad, oh, ow)
-    same = _same(stride, x.shape[2], x.shape[3], oh, ow)
-    windows = _windows(x.shape[1], kh, kw, pad, oh, ow, 1 if (
-        own_dots and per_image and gy.shape[1] <= WINDOW_DOTS_MAX and same) else 0)
-    gy_windows = _windows(gy.shape[1], kh, kw, pad, oh, ow, _largest(bounds) if across else 0)
+    masks = _column_masks(kw, pad, gy.shape[2], gy.shape[3])
     for t in prange(bounds.size - 1):
         _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
                   bounds[t], bounds[t + 1], masks, own, packed, own_dots, windows, across,
-                  gy_windows, partials[t], gx)
+                  gx_gemms, partials[t], gx)
+
+
+def _geometry(x, out, per_image, stride, chunks):
+    """(bounds of the chunks, whether the windows are read across the chunk
+    (``across_chunk.applies``), the most images of a chunk) for a convolution of x into out
+    (y or gy)."""
+    bounds = chunk_bounds(chunks)
+    across = across_chunk.applies(x.dtype, per_image, stride, *x.shape[2:], *out.shape[2:])
+    return bounds, across, int(max(np.diff(bounds), default=0))
 
 
 def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
@@ -443,13 +410,17 @@ def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
     batch); one GEMM per image if ``per_image``, else one per chunk; the chunks shared out among
     Numba's threads. Releases the GIL."""
     check_arrays(x, weight, y)
-    o, _, kh, kw = weight.shape
+    o, c, kh, kw = weight.shape
+    oh, ow = y.shape[2:]
     w2 = weight.reshape(o, -1)
-    across = windows_across(x.dtype, per_image, stride, pad, kh, kw)
+    bounds, across, images = _geometry(x, y, per_image, stride, chunks)
     own = own_gemm(x.dtype, *w2.shape) or across
+    windows = (across_chunk.forward_windows(c, kh, kw, stride, pad, oh, ow, images) if across
+               else _windows(c, kh, kw, pad, oh, ow,
+                             int(own and _same(stride, *x.shape[2:], oh, ow))))
     _forward_tasks(x, w2, np.zeros(o, x.dtype) if bias is None else bias,
                    bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
-                   chunk_bounds(chunks), own, pack_weights(w2, own), across, y)
+                   bounds, own, pack_weights(w2, own), windows, across, y)
 
 
 def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
@@ -458,16 +429,21 @@ def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
     written for the chunks' images unless gx is None. Releases the GIL."""
     check_arrays(x, weight, gy, *(() if gx is None else (gx,)))
     o, c, kh, kw = weight.shape
+    oh, ow = gy.shape[2:]
     partials = np.empty((len(chunks), c * kh * kw, o), x.dtype)
     w2 = weight.reshape(o, -1)
-    across = gx is not None and windows_across(x.dtype, per_image, stride, pad, kh, kw)
+    bounds, across, images = _geometry(x, gy, per_image, stride, chunks)
     own = gx is not None and own_gemm(x.dtype, *w2.shape) and not across
-    # the input gradient across the chunk: gy convolved with the weights flipped in space and
-    # transposed in channels (arraybn.nn.conv._input_gradient), (C, O*kh*kw)
-    a = (np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)).reshape(c, -1)
-         if across else w2.T)
+    dots = own_dots(x.dtype, *w2.shape)
+    if across:
+        windows = across_chunk.forward_windows(c, kh, kw, stride, pad, oh, ow, images)
+    else:                                   # the weight gradient's windows in place per image
+        windows = _windows(c, kh, kw, pad, oh, ow, int(
+            dots and per_image and o <= WINDOW_DOTS_MAX and _same(stride, *x.shape[2:], oh, ow)))
+    gx_gemms = (across_chunk.gx_windows(weight, stride, pad, oh, ow, images)
+                if across and gx is not None else NO_GEMMS)
     _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, gx is not None,
-                    *gemm_args(x.dtype), chunk_bounds(chunks), own, pack_weights(a, own or across),
-                    own_dots(x.dtype, *w2.shape), across, partials,
+                    *gemm_args(x.dtype), bounds, own, pack_weights(w2.T, own), dots, windows,
+                    across, gx_gemms, partials,
                     np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return partials

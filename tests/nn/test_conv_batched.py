@@ -96,15 +96,16 @@ def test_conv_forward_and_backward_match_the_direct_sum_float64(rng, backend, k,
                                            rel=1e-11)
 
 
-def _numba_sums_its_own_way(c, o, k, stride, pad, positions):
+def _numba_sums_its_own_way(c, o, k, stride, pad, hw, out_hw):
     """Whether the numba backend runs some of this float32 convolution's products on
     ``numba_gemm`` (its own order of sums), not OpenBLAS's GEMMs as the NumPy path does."""
+    from arraybn.backends import numba_across_chunk as across_chunk
     from arraybn.backends import numba_im2col_conv as im2col
     rows, dtype = c * k * k, np.dtype(np.float32)
-    layout = plain._layout(c, k, k, stride, pad, positions)
+    layout = plain._layout(c, k, k, stride, pad, out_hw[0] * out_hw[1])
     return layout != "flat" and (im2col.own_gemm(dtype, o, rows) or im2col.own_dots(dtype, o, rows)
-                                 or im2col.windows_across(dtype, layout == "image", stride, pad,
-                                                          k, k))
+                                 or across_chunk.applies(dtype, layout == "image", stride, *hw,
+                                                         *out_hw))
 
 
 @pytest.mark.parametrize("k,stride,pad", GEOMETRIES)
@@ -118,7 +119,7 @@ def test_numba_conv_equals_numpy_conv_float32(rng, k, stride, pad):
                      dtype=np.float32) for name in ("numpy", "numba")]
     x = rng.standard_normal((4, 3, 10, 9)).astype(np.float32)
     ys = [layer.forward(x, True) for layer in layers]
-    own = _numba_sums_its_own_way(3, 6, k, stride, pad, ys[0].shape[2] * ys[0].shape[3])
+    own = _numba_sums_its_own_way(3, 6, k, stride, pad, x.shape[2:], ys[0].shape[2:])
 
     def same(got, want):
         if own:

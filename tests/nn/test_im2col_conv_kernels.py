@@ -7,6 +7,7 @@ for both."""
 import numpy as np
 import pytest
 
+from arraybn.backends import numba_across_chunk as across_chunk
 from arraybn.backends import numba_flat_conv as flat
 from arraybn.backends import numba_gemm
 from arraybn.backends import numba_im2col_conv as im2col
@@ -40,11 +41,10 @@ def test_the_kernels_equal_the_numpy_path_bit_for_bit_or_within_rounding_on_thei
     w = rng.standard_normal((out, shape[1], k, k)).astype(dtype)
     b = rng.standard_normal(out).astype(dtype) if bias else None
     reference, kernels = both_paths(x, w, b, stride, pad)
-    rows, dtype = shape[1] * k * k, np.dtype(dtype)
-    per_image = plain._layout(shape[1], k, k, stride, pad, np.prod(reference[0].shape[2:])) != (
-        "chunk")
+    rows, dtype, out_hw = shape[1] * k * k, np.dtype(dtype), reference[0].shape[2:]
+    per_image = plain._layout(shape[1], k, k, stride, pad, np.prod(out_hw)) != "chunk"
     if (im2col.own_gemm(dtype, out, rows) or im2col.own_dots(dtype, out, rows)
-            or im2col.windows_across(dtype, per_image, stride, pad, k, k)):
+            or across_chunk.applies(dtype, per_image, stride, *shape[2:], *out_hw)):
         assert_within_rounding(kernels, x, w, b, stride, pad)
     else:
         assert_same(reference, kernels)
@@ -64,15 +64,37 @@ def test_float32_convolutions_with_few_channels_run_on_the_own_gemm():
     assert not im2col.own_dots(np.dtype(np.float32), 64, 576)
 
 
-def test_same_chunk_convolutions_and_only_they_read_their_windows_across_the_chunk():
+def test_chunk_convolutions_read_their_windows_across_the_chunk_where_the_input_fits():
+    """Where the input is exactly stride times the output: 'same' convolutions and ResNet's
+    stride-2 ones on even sizes; not per image, not in float64, not on odd sizes."""
     f32, f64, own = np.dtype(np.float32), np.dtype(np.float64), numba_gemm.available()
-    assert im2col.windows_across(f32, False, 1, 1, 3, 3) == own      # ResNet-20's 32/64 ch
-    assert im2col.windows_across(f32, False, 1, 2, 5, 5) == own
-    assert not im2col.windows_across(f32, True, 1, 1, 3, 3)          # 'image' layout
-    assert not im2col.windows_across(f32, False, 2, 1, 3, 3)         # strided
-    assert not im2col.windows_across(f32, False, 1, 0, 3, 3)         # not 'same'
-    assert not im2col.windows_across(f32, False, 1, 1, 3, 5)
-    assert not im2col.windows_across(f64, False, 1, 1, 3, 3)
+    assert across_chunk.applies(f32, False, 1, 7, 7, 7, 7) == own      # ResNet-20's 64 ch
+    assert across_chunk.applies(f32, False, 2, 28, 28, 14, 14) == own  # its stride-2 ones
+    assert not across_chunk.applies(f32, True, 1, 28, 28, 28, 28)      # 'image' layout
+    assert not across_chunk.applies(f32, False, 2, 7, 7, 4, 4)         # odd: 7 != 2 * 4
+    assert not across_chunk.applies(f32, False, 1, 7, 7, 5, 5)         # not 'same'
+    assert not across_chunk.applies(f64, False, 1, 7, 7, 7, 7)
+
+
+@pytest.mark.parametrize("shape,out,k,stride,pad", [
+    ((6, 16, 28, 28), 32, 3, 2, 1),      # ResNet-20's first stride-2 convolution
+    ((7, 8, 12, 10), 9, 4, 2, 1),        # a 4x4 kernel: shifts -1, 0, 0 and +1
+    ((5, 8, 9, 12), 4, 3, 3, 0),         # stride 3, no padding
+])
+def test_strided_convolutions_across_the_chunk_are_within_rounding_of_the_numpy_path(
+        shape, out, k, stride, pad):
+    """The phase planes: every window offset reads the right phase, shifted the right way
+    (a wrong phase or shift is off by a whole term, far past the rounding bound), and gx's
+    phases land on their rows and columns."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((out, shape[1], k, k)).astype(np.float32)
+    kernels = both_paths(x, w, None, stride, pad)[1]
+    out_hw = kernels[0].shape[2:]
+    assert plain._layout(shape[1], k, k, stride, pad, np.prod(out_hw)) == "chunk"
+    if not across_chunk.applies(np.dtype(np.float32), False, stride, *shape[2:], *out_hw):
+        pytest.skip("numba_gemm needs FMA and AVX2")
+    assert_within_rounding(kernels, x, w, None, stride, pad)
 
 
 @pytest.mark.parametrize("shape,out,k,pad", [((7, 64, 7, 7), 48, 3, 1), ((5, 4, 6, 9), 3, 5, 2),
@@ -96,7 +118,7 @@ def test_windows_across_the_chunk_give_the_bits_of_windows_read_image_by_image(
     np.testing.assert_array_equal(
         gx.view(np.uint32), plain.conv2d_forward(gy, flipped, None, 1, pad, np, {}, OPS)[0].view(
             np.uint32))
-    monkeypatch.setattr(im2col, "windows_across", lambda *args: False)
+    monkeypatch.setattr(across_chunk, "applies", lambda *args: False)
     monkeypatch.setattr(im2col, "own_gemm", lambda *args: True)
     image_by_image = plain.conv2d_forward(x, w, None, 1, pad, np, {}, OPS)[0]
     np.testing.assert_array_equal(y.view(np.uint32), image_by_image.view(np.uint32))
@@ -113,8 +135,9 @@ def test_same_runs_keep_every_bit_of_non_finite_values_and_signed_zeros(monkeypa
     products), whose sums round differently, the same non-finite values in the same places and the finite ones close."""
     if own and not numba_gemm.available():
         pytest.skip("numba_gemm needs FMA and AVX2")
-    for rule in ("own_gemm", "own_dots", "windows_across"):
+    for rule in ("own_gemm", "own_dots"):
         monkeypatch.setattr(im2col, rule, lambda *args: own)
+    monkeypatch.setattr(across_chunk, "applies", lambda *args: own)
     assert plain._layout(shape[1], k, k, 1, pad, shape[2] * shape[3]) == "chunk"
     rng = np.random.default_rng(6)
     x = rng.standard_normal(shape).astype(np.float32)
