@@ -1,5 +1,6 @@
 """The one place Numba compile flags are set, for every ``numba_*_kernels`` module (and
-``uidx``, the unsigned index they share).
+``uidx``, the unsigned index they share), and where their on-disk cache is dropped when any
+kernel source changed (``drop_stale_cache``).
 
 Every kernel is cached on disk (``cache=True``), releases the GIL, bounds checks are off, and
 errors follow NumPy (``error_model="numpy"``: a division by zero gives inf/nan instead of a
@@ -10,6 +11,9 @@ and so is ``contract``: a kernel whose results must equal NumPy's bit for bit (t
 resampler) turns contraction off, since NumPy rounds every product and sum separately.
 """
 import functools
+import glob
+import hashlib
+import os
 import sys
 import warnings
 
@@ -52,6 +56,44 @@ def _uidx(index):
 uidx = njit(inline="always", **FLAGS)(_uidx)
 
 compile_notice.install_listener()
+
+DIGEST_FILE = "arraybn_kernels.sha256"
+
+
+def drop_stale_cache(folder):
+    """Delete the Numba cache of the kernel modules in ``folder`` (``numba_*.py``) when any of
+    their sources changed since the cache was written; returns whether it did. Numba checks
+    only a kernel's own file when it loads the kernel from the cache, not the files of the
+    kernels it calls, so after an edit of ``numba_gemm.py`` alone the convolution kernels
+    that inline its tiles would keep running the old code. A digest of all the sources is
+    kept beside the cache (``__pycache__``); where that cannot be written (a read-only install,
+    whose cache Numba keeps in its user-wide directory, and which a reinstall replaces whole),
+    nothing is done."""
+    sources = sorted(glob.glob(os.path.join(folder, "numba_*.py")))
+    digest = hashlib.sha256()
+    for path in sources:
+        with open(path, "rb") as source:
+            digest.update(os.path.basename(path).encode() + b"\0" + source.read())
+    cache = os.path.join(folder, "__pycache__")
+    stamp = os.path.join(cache, DIGEST_FILE)
+    try:
+        with open(stamp) as kept:
+            if kept.read() == digest.hexdigest():
+                return False
+    except OSError:
+        pass
+    try:
+        for path in glob.glob(os.path.join(cache, "numba_*.nb[ic]")):
+            os.remove(path)
+        os.makedirs(cache, exist_ok=True)
+        with open(stamp, "w") as kept:
+            kept.write(digest.hexdigest())
+    except OSError:
+        return False
+    return True
+
+
+drop_stale_cache(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.lru_cache(maxsize=None)
