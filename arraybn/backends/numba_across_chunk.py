@@ -148,3 +148,69 @@ def input_gradient(gx_gemms, gy_planes, lo, hi, stride, gx):
                     for q in range(ow):
                         gx[uidx(i), uidx(ch), uidx(stride * r + pa), uidx(stride * q + pb)] = (
                             product[uidx(ch), uidx(base + q)])
+
+
+def tap_dots_apply(dtype, c, across, stride):
+    """Whether the weight gradient of a convolution read across the chunk (``applies``) and
+    otherwise on ``numba_gemm.gemm_nt`` runs on ``numba_gemm.gemm_taps`` (``tap_dots``):
+    float32, stride 1 and a multiple of the vector width of input channels. One thread,
+    batch 100, backward, ms, on columns -> by taps: ResNet-20's 32-channel 14x14 convolution
+    7.81 -> 6.68 (its gemm_nt on columns ran at 83 GFLOP/s, gemm_taps at 115); not its
+    stride-2 16 -> 32 one (5.20 -> 5.56: its input copied position by position is four times
+    the output positions), nor 16 channels image by image (6.54 -> 7.75: the copies and the
+    packing of gy every image), nor against OpenBLAS from 64 channels (a tie or a loss)."""
+    return (dtype == np.float32 and numba_gemm.available() and c % numba_gemm.LANES == 0
+            and across and stride == 1)
+
+
+def tap_windows(c, kh, kw, stride, pad, oh, ow, images):
+    """``numba_gemm.gemm_taps``' (tap offsets, table, tap rows) for the weight gradient of
+    chunks of at most ``images`` images of c channels stored position by position
+    (``position_major``): window offset t reads the planes of its phase shifted by its shift
+    (``taps``), C values a position."""
+    a, b, shifts = taps(kh, kw, stride, pad)
+    offsets, tap_rows = numba_gemm.shifted_offsets(a * stride + b, np.arange(kh * kw), shifts,
+                                                   oh, ow, images)
+    return offsets * c, numba_gemm.shift_table(shifts, oh, ow, images), tap_rows
+
+
+@jit()
+def position_major(a, lo, hi, stride, out):
+    """out[((pa*s + pb)*M + i - lo)*P + r*OW + q, ch] = a[i, ch, s*r + pa, s*q + pb] for the
+    images i = lo..hi-1 of a (N, C, s*OH, s*OW), M = out.shape[0] / (s*s*P): the chunk's
+    phase planes (``phase_major``) stored position by position."""
+    c, oh, ow = a.shape[1], a.shape[2] // stride, a.shape[3] // stride
+    positions = oh * ow
+    size = out.shape[0] // (stride * stride)
+    for i in range(lo, hi):
+        for ch in range(c):
+            for pa in range(stride):
+                for pb in range(stride):
+                    for r in range(oh):
+                        base = (pa * stride + pb) * size + (i - lo) * positions + r * ow
+                        for q in range(ow):
+                            out[uidx(base + q), uidx(ch)] = a[uidx(i), uidx(ch),
+                                                              uidx(stride * r + pa),
+                                                              uidx(stride * q + pb)]
+
+
+@jit()
+def tap_dots(x, lo, hi, stride, gy2, tap_gemms, accumulate, partial):
+    """partial (C*T, O) = the transposed weight gradient of images lo..hi-1 (gy2: their gy,
+    (O, positions), rows contiguous) by ``numba_gemm.gemm_taps`` with ``tap_gemms``
+    (``tap_windows``), or partial += that if ``accumulate``."""
+    offsets, table, tap_rows = tap_gemms
+    o, width = gy2.shape
+    c, count = x.shape[1], offsets.size
+    planes = np.empty((stride * stride * (table.shape[1] - numba_gemm.NR), c), x.dtype)
+    position_major(x, lo, hi, stride, planes)
+    packed = np.empty((-(-o // numba_gemm.MR), width, numba_gemm.MR), x.dtype)
+    numba_gemm.pack_rows(gy2, packed)
+    product = np.empty((o, count * c), x.dtype)
+    numba_gemm.gemm_taps(packed, o, planes, c, offsets, table, tap_rows, width, product)
+    for ch in range(c):
+        for t in range(count):
+            for p in range(o):
+                value = product[uidx(p), uidx(t * c + ch)]
+                row = uidx(ch * count + t)
+                partial[row, uidx(p)] = partial[row, uidx(p)] + value if accumulate else value

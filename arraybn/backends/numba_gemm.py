@@ -145,13 +145,13 @@ def _join(builder, incoming):
     return joined
 
 
-def _broadcast_step(builder, ops, a_ptr, k, b_row, masks, sums):
+def _broadcast_step(builder, ops, a_ptr, k, b_vectors_at, masks, sums):
     """One step of K of the MR x NV tile: sums + packed A's row k (broadcast) x the NV vectors
-    at b_row (a float pointer), loaded under ``masks``; returns the new sums."""
-    fma, load, _, vector_at = ops
+    at the vector pointers ``b_vectors_at``, loaded under ``masks``; returns the new sums."""
+    fma, load = ops[0], ops[1]
     i64, i32 = ir.IntType(64), ir.IntType(32)
     zero = ir.Constant(VECTOR, [0.0] * LANES)
-    b_vectors = [builder.call(load, [vector_at(b_row, i64(v * LANES)), i32(4), masks[v], zero])
+    b_vectors = [builder.call(load, [b_vectors_at[v], i32(4), masks[v], zero])
                  for v in range(NV)]
     a_row = builder.mul(k, i64(MR))
     updated = []
@@ -164,7 +164,7 @@ def _broadcast_step(builder, ops, a_ptr, k, b_row, masks, sums):
 
 
 def _tile_sums(builder, ops, packed_at, depth, columns, b_row_and_masks):
-    """The MR x NV tile's sums over k < depth, the step's b row and masks from
+    """The MR x NV tile's sums over k < depth, the step's NV b vector pointers and masks from
     ``b_row_and_masks(k, column_masks)``; returns (sums, column masks)."""
     a_ptr = builder.inttoptr(packed_at, F32.as_pointer())
     masks = _column_masks(builder, columns)
@@ -187,6 +187,11 @@ def _store_tile(builder, ops, out_at, ldc, rows, masks, sums):
                                      masks[v]])
 
 
+def _row_vectors(ops, row):
+    """Vector pointers to the NV vectors of a tile's row of b from the float pointer ``row``."""
+    return [ops[3](row, ir.IntType(64)(v * LANES)) for v in range(NV)]
+
+
 @intrinsic
 def _tile(typingctx, packed, b, out, depth, ldb, ldc, rows, columns):
     """out[r * ldc + j] = sum over k < depth of packed[k * MR + r] * b[k * ldb + j], for
@@ -200,7 +205,7 @@ def _tile(typingctx, packed, b, out, depth, ldb, ldc, rows, columns):
         ops = _vector_ops(builder)
         b_ptr = builder.inttoptr(b_at, F32.as_pointer())
         sums, masks = _tile_sums(builder, ops, packed_at, depth, columns, lambda k, masks: (
-            builder.gep(b_ptr, [builder.mul(k, ldb)]), masks))
+            _row_vectors(ops, builder.gep(b_ptr, [builder.mul(k, ldb)])), masks))
         _store_tile(builder, ops, out_at, ldc, rows, masks, sums)
         return context.get_dummy_value()
     return signature, codegen
@@ -232,8 +237,44 @@ def _window_tile(typingctx, packed, image, offsets, table, table_rows, out, dept
             valid = [builder.icmp_unsigned("!=", builder.load(builder.bitcast(builder.gep(
                 row, [i64(v * LANES)]), bytes_type.as_pointer()), align=1),
                 ir.Constant(bytes_type, [0] * LANES)) for v in range(NV)]
-            return (builder.gep(image, [builder.load(builder.gep(offsets, [k]))]),
+            return (_row_vectors(ops, builder.gep(image, [builder.load(builder.gep(offsets,
+                                                                                  [k]))])),
                     [builder.and_(mask, ok) for mask, ok in zip(masks, valid)])
+        sums, masks = _tile_sums(builder, ops, packed_at, depth, columns, b_row_and_masks)
+        _store_tile(builder, ops, out_at, ldc, rows, masks, sums)
+        return context.get_dummy_value()
+    return signature, codegen
+
+
+@intrinsic
+def _tap_tile(typingctx, packed, image, offsets, table, table_rows, out, depth, step, ldc,
+              rows, columns):
+    """``_tile`` with b's vector v in row k the LANES floats of ``image`` from offsets[v] +
+    k*step where the byte table[table_rows[v] + k] is nonzero, zeros where it is 0: the
+    weight gradient's columns read in place from an image stored position by position (NHWC,
+    ``step`` channels), one window offset and LANES channels per vector. offsets and
+    table_rows (int64, NV each) are the tile's; integer arguments."""
+    signature = types.void(*[types.intp] * 11)
+
+    def codegen(context, builder, sig, args):
+        (packed_at, image_at, offsets_at, table_at, rows_at, out_at, depth, step, ldc, rows,
+         columns) = args
+        ops = _vector_ops(builder)
+        i64, i8 = ir.IntType(64), ir.IntType(8)
+        image = builder.inttoptr(image_at, F32.as_pointer())
+        table = builder.inttoptr(table_at, i8.as_pointer())
+        offsets, table_rows = (builder.inttoptr(address, i64.as_pointer())
+                               for address in (offsets_at, rows_at))
+        bases = [builder.load(builder.gep(offsets, [i64(v)])) for v in range(NV)]
+        flags = [builder.gep(table, [builder.load(builder.gep(table_rows, [i64(v)]))])
+                 for v in range(NV)]
+
+        def b_row_and_masks(k, masks):
+            at = builder.mul(k, step)
+            inside = [_splat(builder, builder.icmp_unsigned("!=", builder.load(builder.gep(
+                flag, [k])), i8(0)), MASK) for flag in flags]
+            return ([ops[3](image, builder.add(base, at)) for base in bases],
+                    [builder.and_(mask, ok) for mask, ok in zip(masks, inside)])
         sums, masks = _tile_sums(builder, ops, packed_at, depth, columns, b_row_and_masks)
         _store_tile(builder, ops, out_at, ldc, rows, masks, sums)
         return context.get_dummy_value()
@@ -545,3 +586,34 @@ def gemm_nt_windows(image, offsets, table, table_rows, b, out, accumulate):
                              table_rows.ctypes.data + 8 * r, b.ctypes.data + 4 * c * ldb,
                              out.ctypes.data + 4 * (r * ldc + c), depth, ldb, ldc,
                              min(DR, m - r), min(DS, n - c), accumulate)
+
+
+@jit()
+def gemm_taps(packed, m, image, step, tap_offsets, table, tap_rows, depth, out):
+    """out (m, T*step) = A (packed by ``pack_rows``, depth columns) @ B (depth, T*step),
+    B[k, t*step + c] = image.flat[tap_offsets[t] + k*step + c] where table.flat[tap_rows[t] +
+    k] else 0: the transposed weight gradient of a convolution whose input is stored position
+    by position (``step`` channels, a multiple of LANES), window offset t shifted by
+    tap_offsets[t] (``shifted_offsets`` times step) and valid where ``shift_table`` says;
+    A: gy (m output channels, depth positions). Each element one chain of fused
+    multiply-adds over k = 0, 1, ..., depth-1."""
+    n = out.shape[1]
+    if (image.itemsize != 4 or out.itemsize != 4 or packed.itemsize != 4 or step % LANES
+            or not image.flags.c_contiguous):
+        raise TypeError("numba_gemm.gemm_taps: float32 arrays, a C-contiguous image and "
+                        "channels a multiple of the vector width only")
+    if depth == 0:
+        out[:, :] = 0
+        return
+    ldc, blocks = out.strides[0] // 4, packed.shape[0]
+    offsets, rows = np.empty(NV, np.int64), np.empty(NV, np.int64)
+    for j in range(0, n, NR):
+        for v in range(NV):
+            column = min(j + v * LANES, n - 1)        # past n: masked, any tap
+            offsets[v] = tap_offsets[column // step] + column % step
+            rows[v] = tap_rows[column // step]
+        for block in range(blocks):
+            _tap_tile(packed[block].ctypes.data, image.ctypes.data, offsets.ctypes.data,
+                      table.ctypes.data, rows.ctypes.data,
+                      out.ctypes.data + 4 * (block * MR * ldc + j), depth, step, ldc,
+                      min(MR, m - block * MR), min(NR, n - j))

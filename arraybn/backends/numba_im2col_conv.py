@@ -300,7 +300,8 @@ def _planes(a, lo, hi, stride, windows):
 
 @jit()
 def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero, lo, hi,
-              masks, own, packed, own_dots, windows, across, gx_gemms, partial, gx):
+              masks, own, packed, own_dots, windows, across, gx_gemms, tap_gemms, partial,
+              gx):
     """Images lo..hi-1 of ``conv_backward``: ``partial`` = their transposed weight gradient
     (per image, added up in batch order as NumPy's ``sum(axis=0)``, or the chunk's one GEMM),
     and gx[i] if need_gx. A 'same' convolution whose weight gradient runs on ``numba_gemm`` in
@@ -336,9 +337,11 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
                 _add(gcols, 0, kh, kw, stride, pad, oh, ow, gx[i], masks)
         return
     width = (hi - lo) * positions
-    cols = np.empty((rows, width), x.dtype)
+    by_taps = tap_gemms[0].size > 0
+    cols = np.empty((0 if by_taps else rows, width), x.dtype)
     if across:
-        across_chunk.fill_columns(_planes(x, lo, hi, stride, windows), windows, cols)
+        if not by_taps:
+            across_chunk.fill_columns(_planes(x, lo, hi, stride, windows), windows, cols)
         planes = _planes(gy, lo, hi, 1, windows)
     else:
         for i in range(lo, hi):
@@ -346,7 +349,10 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         planes = np.empty((o, width), x.dtype)
         across_chunk.phase_major(gy, lo, hi, 1, planes)
     gy_om = planes[:, :width]
-    _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
+    if by_taps:
+        across_chunk.tap_dots(x, lo, hi, stride, gy_om, tap_gemms, False, partial)
+    else:
+        _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
     if need_gx and across:
         across_chunk.input_gradient(gx_gemms, planes, lo, hi, stride, gx)
     elif need_gx:
@@ -372,6 +378,10 @@ NO_GEMMS = (np.zeros((0, 0, numba_gemm.MR), np.float32), np.zeros(0, np.int64),
             np.zeros((0, 0), np.uint8), np.zeros(0, np.int64), np.zeros(1, np.int64))
 
 
+# tap_gemms where the weight gradient is not by taps
+NO_TAPS = (np.zeros(0, np.int64), np.zeros((0, 0), np.uint8), np.zeros(0, np.int64))
+
+
 @jit(parallel=True)
 def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
                    bounds, own, packed, windows, across, y):
@@ -385,14 +395,15 @@ def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, 
 
 @jit(parallel=True)
 def _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
-                    bounds, own, packed, own_dots, windows, across, gx_gemms, partials, gx):
+                    bounds, own, packed, own_dots, windows, across, gx_gemms, tap_gemms, partials,
+                    gx):
     """``_backward`` of every chunk into partials[t], the chunks shared out among Numba's
     threads."""
     masks = _column_masks(kw, pad, gy.shape[2], gy.shape[3])
     for t in prange(bounds.size - 1):
         _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zero,
                   bounds[t], bounds[t + 1], masks, own, packed, own_dots, windows, across,
-                  gx_gemms, partials[t], gx)
+                  gx_gemms, tap_gemms, partials[t], gx)
 
 
 def _geometry(x, out, per_image, stride, chunks):
@@ -442,8 +453,11 @@ def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):
             dots and per_image and o <= WINDOW_DOTS_MAX and _same(stride, *x.shape[2:], oh, ow)))
     gx_gemms = (across_chunk.gx_windows(weight, stride, pad, oh, ow, images)
                 if across and gx is not None else NO_GEMMS)
+    tap_gemms = (across_chunk.tap_windows(c, kh, kw, stride, pad, oh, ow, images)
+                 if dots and across_chunk.tap_dots_apply(x.dtype, c, across, stride)
+                 else NO_TAPS)
     _backward_tasks(gy, x, w2, kh, kw, stride, pad, per_image, gx is not None,
                     *gemm_args(x.dtype), bounds, own, pack_weights(w2.T, own), dots, windows,
-                    across, gx_gemms, partials,
+                    across, gx_gemms, tap_gemms, partials,
                     np.empty((0,) + x.shape[1:], x.dtype) if gx is None else gx)
     return partials

@@ -77,15 +77,17 @@ def test_chunk_convolutions_read_their_windows_across_the_chunk_where_the_input_
 
 
 @pytest.mark.parametrize("shape,out,k,stride,pad", [
+    ((6, 32, 14, 14), 32, 3, 1, 1),      # ResNet-20's 32-channel one: weight gradient by taps
     ((6, 16, 28, 28), 32, 3, 2, 1),      # ResNet-20's first stride-2 convolution
     ((7, 8, 12, 10), 9, 4, 2, 1),        # a 4x4 kernel: shifts -1, 0, 0 and +1
     ((5, 8, 9, 12), 4, 3, 3, 0),         # stride 3, no padding
 ])
-def test_strided_convolutions_across_the_chunk_are_within_rounding_of_the_numpy_path(
+def test_convolutions_across_the_chunk_are_within_rounding_of_the_numpy_path(
         shape, out, k, stride, pad):
     """The phase planes: every window offset reads the right phase, shifted the right way
     (a wrong phase or shift is off by a whole term, far past the rounding bound), and gx's
-    phases land on their rows and columns."""
+    phases land on their rows and columns; the weight gradient by taps (``gemm_taps``) where
+    it applies."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal(shape).astype(np.float32)
     w = rng.standard_normal((out, shape[1], k, k)).astype(np.float32)

@@ -287,3 +287,46 @@ def test_gemm_nt_windows_refuses_other_dtypes():
                                    numba_gemm.window_table(3, 3, 1, 4, 4, 1), table_rows,
                                    np.ones((2, 16), np.float32), np.empty((9, 2), np.float32),
                                    False)
+
+
+@pytest.mark.parametrize("c,o,k,h,w,images", [(16, 16, 3, 7, 7, 2), (32, 9, 3, 5, 6, 3),
+                                              (16, 17, 5, 4, 4, 1)])
+def test_gemm_taps_equals_gemm_on_the_transposed_columns_bit_for_bit(c, o, k, h, w, images):
+    """The weight gradient by taps: images stored position by position (``c`` channels),
+    window offset t read at its shift where the table says (never in a neighbouring image);
+    the same bits as ``gemm`` on the explicit (positions, taps * channels) matrix, infinities
+    and signed zeros near the edges included."""
+    rng = np.random.default_rng(c + o + images)
+    chunk = rng.standard_normal((images, c, h, w)).astype(np.float32)
+    chunk[0, 0, 0, :], chunk[-1, 1, -1, -1] = -0.0, np.inf
+    positions = images * h * w
+    stored = np.ascontiguousarray(chunk.transpose(0, 2, 3, 1)).reshape(positions, c)
+    pad = (k - 1) // 2
+    shifts = numba_gemm.same_shifts(k, k, pad)
+    offsets, tap_rows = numba_gemm.shifted_offsets(np.zeros(k * k, np.int64),
+                                                   np.arange(k * k), shifts, h, w, images)
+    table = numba_gemm.shift_table(shifts, h, w, images)
+    gy = rng.standard_normal((o, positions)).astype(np.float32)
+    packed = np.empty(numba_gemm.packed_shape(o, positions), np.float32)
+    numba_gemm.pack_rows(gy, packed)
+    got = np.full((o, k * k * c), 5.0, np.float32)
+    with np.errstate(invalid="ignore"):
+        numba_gemm.gemm_taps(packed, o, stored, c, offsets * c, table, tap_rows, positions, got)
+    columns = np.concatenate([_explicit_columns(image, k, pad) for image in chunk], axis=1)
+    b = np.ascontiguousarray(columns.reshape(c, k * k, positions).transpose(2, 1, 0).reshape(
+        positions, k * k * c))
+    want = np.empty_like(got)
+    with np.errstate(invalid="ignore"):
+        numba_gemm.gemm(packed, o, b, want)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isinf(got).any() and np.isfinite(got).any()
+
+
+@pytest.mark.parametrize("image", [np.zeros((4, 3), np.float32),          # 3 channels
+                                   np.zeros((4, 32), np.float32)[:, ::2]])  # not contiguous
+def test_gemm_taps_refuses_images_it_cannot_read_by_whole_vectors(image):
+    c = image.shape[1]
+    with pytest.raises(TypeError, match="C-contiguous image and channels a multiple"):
+        numba_gemm.gemm_taps(np.zeros((1, 4, numba_gemm.MR), np.float32), 1, image, c,
+                             np.zeros(1, np.int64), np.ones((1, 4 + numba_gemm.NR), np.uint8),
+                             np.zeros(1, np.int64), 4, np.zeros((1, c), np.float32))
