@@ -195,10 +195,10 @@ def position_major(a, lo, hi, stride, out):
 
 
 @jit()
-def tap_dots(x, lo, hi, stride, gy2, tap_gemms, accumulate, partial):
+def tap_dots(x, lo, hi, stride, gy2, tap_gemms, partial):
     """partial (C*T, O) = the transposed weight gradient of images lo..hi-1 (gy2: their gy,
     (O, positions), rows contiguous) by ``numba_gemm.gemm_taps`` with ``tap_gemms``
-    (``tap_windows``), or partial += that if ``accumulate``."""
+    (``tap_windows``)."""
     offsets, table, tap_rows = tap_gemms
     o, width = gy2.shape
     c, count = x.shape[1], offsets.size
@@ -211,6 +211,4 @@ def tap_dots(x, lo, hi, stride, gy2, tap_gemms, accumulate, partial):
     for ch in range(c):
         for t in range(count):
             for p in range(o):
-                value = product[uidx(p), uidx(t * c + ch)]
-                row = uidx(ch * count + t)
-                partial[row, uidx(p)] = partial[row, uidx(p)] + value if accumulate else value
+                partial[uidx(ch * count + t), uidx(p)] = product[uidx(p), uidx(t * c + ch)]

@@ -19,11 +19,13 @@ number of threads, except where a float32 convolution has at most 32 output chan
 rows (``own_gemm``): there W @ columns and W.T @ gy run on ``numba_gemm``, which
 OpenBLAS is slow at, the weight gradient too (``own_dots``), and 'same' convolutions read their
 windows in place (ResNet-20's 16- and 32-channel convolutions, forward + backward, one thread:
-19.1 -> 11.8 and 14.9 -> 12.1 ms); and except where a float32 'same' convolution runs in the
-'chunk' layout (``across_chunk.applies``): its forward and input gradient read their windows in
-place across the chunk, with any number of channels. There the results are within float32
-rounding of the NumPy path's, still the same bits on any number of threads. (Where a GEMM
-dimension is 1 NumPy calls GEMV: the caller keeps the NumPy path there.)
+19.1 -> 11.8 and 14.9 -> 12.1 ms); and except where a float32 convolution in the 'chunk'
+layout has an input exactly stride times its output ('same' ones, ResNet's stride-2 ones;
+``across_chunk.applies``): its forward and input gradient read their windows in place across
+the chunk, with any number of channels, and so does the weight gradient of some
+(``across_chunk.tap_dots_apply``). There the results are within float32 rounding of the NumPy
+path's, still the same bits on any number of threads. (Where a GEMM dimension is 1 NumPy
+calls GEMV: the caller keeps the NumPy path there.)
 """
 import numpy as np
 from numba import prange
@@ -250,9 +252,9 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
              masks, own, packed, windows, across, y):
     """y[lo:hi] of ``conv_forward``: W @ columns per image (into y) or per chunk (copied). A
     'same' convolution on ``numba_gemm`` reads its windows in place (``numba_gemm.gemm_windows``
-    with ``windows``, the offsets, table and table rows of ``_forward_tasks``, empty where
-    not): across the chunk if ``across`` (``across_chunk.applies``: the 'chunk' layout), else image
-    by image; no columns written, the same sums bit for bit as on the columns.
+    with ``windows``, the offsets, table and table rows of ``conv_forward``, empty where not):
+    across the chunk if ``across`` (``across_chunk.applies``; strided ones too), else image by
+    image; no columns written, the same sums bit for bit as on the columns.
     Forward + backward, one thread, batch 100, columns -> in place: ResNet-20's 16-channel
     convolution 14.9 -> 11.8 ms (its input gradient is such a forward convolution too), VGG-8
     conv2 48.6 -> 44.4, ResNet-20's 32-channel one ('chunk': 196 positions an image, against
@@ -350,7 +352,7 @@ def _backward(gy, x, w2, kh, kw, stride, pad, per_image, need_gx, gemm, one, zer
         across_chunk.phase_major(gy, lo, hi, 1, planes)
     gy_om = planes[:, :width]
     if by_taps:
-        across_chunk.tap_dots(x, lo, hi, stride, gy_om, tap_gemms, False, partial)
+        across_chunk.tap_dots(x, lo, hi, stride, gy_om, tap_gemms, partial)
     else:
         _columns_times_gy(own_dots, gemm, one, zero, cols, gy_om, False, partial, partial)
     if need_gx and across:
