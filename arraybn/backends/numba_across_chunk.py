@@ -17,6 +17,8 @@ scattered onto the phase's rows and columns of gx. With stride 1 that is the for
 convolution of gy with the weights flipped in space and transposed in channels, offsets in
 that order (the same sums as ``arraybn.nn.conv._input_gradient``'s on the columns).
 """
+import functools
+
 import numpy as np
 
 from arraybn.backends import numba_gemm
@@ -47,9 +49,11 @@ def taps(kh, kw, stride, pad):
             np.stack([(ki - pad) // stride, (kj - pad) // stride], axis=1).astype(np.int64))
 
 
+@functools.lru_cache(maxsize=256)
 def forward_windows(c, kh, kw, stride, pad, oh, ow, images):
     """``gemm_windows``' (offsets, table, table rows) for the im2col rows (ch, ki, kj) of chunks
-    of at most ``images`` images, copied by ``phase_major``."""
+    of at most ``images`` images, copied by ``phase_major``. Cached, as the other windows of a
+    geometry (every step asks for the same): the arrays are shared, never to be written."""
     a, b, shifts = taps(kh, kw, stride, pad)
     ch, t = np.divmod(np.arange(c * kh * kw), kh * kw)
     offsets, table_rows = numba_gemm.shifted_offsets((ch * stride + a[t]) * stride + b[t], t,
@@ -64,6 +68,17 @@ def gx_windows(weight, stride, pad, oh, ow, images):
     window offsets t in descending order, reading gy's plane o (``phase_major`` with stride
     1) shifted by minus the offset's shift; A[c, (o, t)] = weight[o, c, ki, kj]."""
     o, c, kh, kw = weight.shape
+    plane, tap, *windows = _gx_rows(o, kh, kw, stride, pad, oh, ow, images)
+    a_rows = weight.reshape(o, c, kh * kw)[plane, :, tap].T            # (C, rows)
+    packed = np.empty(numba_gemm.packed_shape(*a_rows.shape), np.float32)
+    numba_gemm.pack_rows(a_rows, packed)
+    return (packed, *windows)
+
+
+@functools.lru_cache(maxsize=256)
+def _gx_rows(o, kh, kw, stride, pad, oh, ow, images):
+    """``gx_windows``' rows (their planes and window offsets) and (offsets, table, table rows,
+    bounds), which depend on the geometry only."""
     a, b, shifts = taps(kh, kw, stride, pad)
     plane, tap, bounds = [], [], [0]
     for pa in range(stride):
@@ -75,10 +90,7 @@ def gx_windows(weight, stride, pad, oh, ow, images):
             bounds.append(len(tap))
     plane, tap = np.array(plane, np.int64), np.array(tap, np.int64)
     offsets, table_rows = numba_gemm.shifted_offsets(plane, tap, -shifts, oh, ow, images)
-    a_rows = weight.reshape(o, c, kh * kw)[plane, :, tap].T            # (C, rows)
-    packed = np.empty(numba_gemm.packed_shape(*a_rows.shape), np.float32)
-    numba_gemm.pack_rows(a_rows, packed)
-    return (packed, offsets, numba_gemm.shift_table(-shifts, oh, ow, images), table_rows,
+    return (plane, tap, offsets, numba_gemm.shift_table(-shifts, oh, ow, images), table_rows,
             np.array(bounds, np.int64))
 
 
@@ -166,6 +178,7 @@ def tap_dots_apply(dtype, c, across, stride):
             and across and stride == 1)
 
 
+@functools.lru_cache(maxsize=256)
 def tap_windows(c, kh, kw, stride, pad, oh, ow, images):
     """``numba_gemm.gemm_taps``' (tap offsets, table, tap rows) for the weight gradient of
     chunks of at most ``images`` images of c channels stored position by position
