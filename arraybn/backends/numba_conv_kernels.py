@@ -80,14 +80,19 @@ def _maxpool_backward(gy, argmax, k, gx):
                         uidx(n), uidx(c), uidx(i), uidx(j)]
 
 
-def conv_forward(x, weight, bias, chunks, stride, pad, layout, y):
+def conv_forward(x, weight, bias, chunks, stride, pad, layout, y, epilogue=None):
     """y of the convolution, chunk by chunk of ``chunks`` (slices of the batch) in
     ``arraybn.nn.conv``'s ``layout`` ('flat': stride 1, no padding; 'image' or 'chunk': one GEMM
-    per image or per chunk), the chunks shared out among Numba's threads; without the GIL."""
+    per image or per chunk), the chunks shared out among Numba's threads; without the GIL.
+    epilogue: (center, a, b, relu, skip) of ``numba_conv_epilogue``, applied to every image's
+    output as soon as it is written ('image' and 'chunk' layouts only)."""
     if layout == "flat":
+        if epilogue is not None:
+            raise ValueError("convolution kernels: the 'flat' layout takes no epilogue")
         flat_conv_forward(x, weight, bias, chunks, y)
     else:
-        im2col_conv_forward(x, weight, bias, chunks, stride, pad, layout == "image", y)
+        im2col_conv_forward(x, weight, bias, chunks, stride, pad, layout == "image", y,
+                            epilogue)
 
 
 def conv_backward(gy, x, weight, chunks, stride, pad, layout, gx):

@@ -31,6 +31,7 @@ import numpy as np
 from numba import prange
 
 from arraybn.backends import numba_across_chunk as across_chunk
+from arraybn.backends import numba_conv_epilogue as epilogues
 from arraybn.backends import numba_gemm
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, check_arrays,
@@ -249,7 +250,7 @@ def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, part
 
 @jit()
 def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero, lo, hi,
-             masks, own, packed, windows, across, y):
+             masks, own, packed, windows, across, epilogue, y):
     """y[lo:hi] of ``conv_forward``: W @ columns per image (into y) or per chunk (copied). A
     'same' convolution on ``numba_gemm`` reads its windows in place (``numba_gemm.gemm_windows``
     with ``windows``, the offsets, table and table rows of ``conv_forward``, empty where not):
@@ -275,6 +276,7 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
                 weights_times(own, packed, w2, False, gemm, one, zero, cols, plane)
             if has_bias:
                 _copy_out(plane, 0, bias, True, plane)
+            epilogues.apply(epilogue, y, i)
         return
     width = (hi - lo) * positions
     if across:
@@ -288,6 +290,7 @@ def _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, z
         weights_times(own, packed, w2, False, gemm, one, zero, cols, out)
     for i in range(lo, hi):
         _copy_out(out, (i - lo) * positions, bias, has_bias, y[i].reshape(o, positions))
+        epilogues.apply(epilogue, y, i)
 
 
 @jit()
@@ -386,13 +389,13 @@ NO_TAPS = (np.zeros(0, np.int64), np.zeros((0, 0), np.uint8), np.zeros(0, np.int
 
 @jit(parallel=True)
 def _forward_tasks(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                   bounds, own, packed, windows, across, y):
+                   bounds, own, packed, windows, across, epilogue, y):
     """``_forward`` of every chunk [bounds[t], bounds[t + 1]), the chunks shared out among
     Numba's threads."""
     masks = _column_masks(kw, pad, y.shape[2], y.shape[3])
     for t in prange(bounds.size - 1):
         _forward(x, w2, bias, has_bias, kh, kw, stride, pad, per_image, gemm, one, zero,
-                 bounds[t], bounds[t + 1], masks, own, packed, windows, across, y)
+                 bounds[t], bounds[t + 1], masks, own, packed, windows, across, epilogue, y)
 
 
 @jit(parallel=True)
@@ -417,11 +420,12 @@ def _geometry(x, out, per_image, stride, chunks):
     return bounds, across, int(max(np.diff(bounds), default=0))
 
 
-def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
+def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y, epilogue=None):
     """y = the convolution of x (N, C, H, W) with weight (O, C, kh, kw), plus bias (O,) if not
     None, with ``stride`` and zero padding ``pad``, for the images of ``chunks`` (slices of the
     batch); one GEMM per image if ``per_image``, else one per chunk; the chunks shared out among
-    Numba's threads. Releases the GIL."""
+    Numba's threads. epilogue: None, or (center, a, b, relu, skip) for ``numba_conv_epilogue``
+    to apply to each image's output right after it is written. Releases the GIL."""
     check_arrays(x, weight, y)
     o, c, kh, kw = weight.shape
     oh, ow = y.shape[2:]
@@ -433,7 +437,8 @@ def conv_forward(x, weight, bias, chunks, stride, pad, per_image, y):
                              int(own and _same(stride, *x.shape[2:], oh, ow))))
     _forward_tasks(x, w2, np.zeros(o, x.dtype) if bias is None else bias,
                    bias is not None, kh, kw, stride, pad, per_image, *gemm_args(x.dtype),
-                   bounds, own, pack_weights(w2, own), windows, across, y)
+                   bounds, own, pack_weights(w2, own), windows, across,
+                   epilogues.kernel_argument(epilogue, y), y)
 
 
 def conv_backward(gy, x, weight, chunks, stride, pad, per_image, gx):

@@ -311,15 +311,11 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    oh, ow, layout, kernels = _geometry(x, weight, stride, pad, ops)
     w2 = weight.reshape(o, -1)
-    layout = _layout(c, kh, kw, stride, pad, oh * ow)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout)):
-        x = xp.ascontiguousarray(x)
-        one_blas_thread()
-        ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
-                         pad, layout, y)
+    if kernels:
+        x = _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y)
         return y, (x, weight, stride, pad, bias is not None)
 
     def forward_chunk(part, slot):
@@ -341,6 +337,42 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
 
     run_chunks(forward_chunk, *_chunks(x, weight.shape, stride, pad, xp))
     return y, (x, weight, stride, pad, bias is not None)
+
+
+def _geometry(x, weight, stride, pad, ops):
+    """(OH, OW, ``_layout``, whether the backend's kernels run it (``_kernels``)) of a
+    convolution of x with weight."""
+    _, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    oh, ow = _out_size(h, kh, stride, pad), _out_size(w, kw, stride, pad)
+    layout = _layout(c, kh, kw, stride, pad, oh * ow)
+    return oh, ow, layout, _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout))
+
+
+def _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y, *epilogue):
+    """The backend's kernels write y (and apply ``epilogue`` if given); returns x as they took
+    it (C-contiguous)."""
+    x = xp.ascontiguousarray(x)
+    one_blas_thread()
+    ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride, pad,
+                     layout, y, *epilogue)
+    return x
+
+
+def conv2d_inference(x, weight, bias, stride, pad, xp, ops, epilogue):
+    """``conv2d_forward``'s y with ``epilogue`` (center, a, b, relu, skip) applied to each
+    image's output inside the backend's kernels, right after its GEMM (numba:
+    ``numba_conv_epilogue``), where they run this convolution in the 'image' or 'chunk' layout
+    and the skip (if any) has y's shape and dtype; else None. No cache: nothing for a
+    backward."""
+    oh, ow, layout, kernels = _geometry(x, weight, stride, pad, ops)
+    shape, skip = (x.shape[0], weight.shape[0], oh, ow), epilogue[-1]
+    if not kernels or layout == "flat" or (
+            skip is not None and (skip.shape != shape or skip.dtype != x.dtype)):
+        return None
+    y = xp.empty(shape, dtype=x.dtype)
+    _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y, epilogue)
+    return y
 
 
 def _copy_out(product, bias, out, xp):
@@ -521,6 +553,13 @@ class Conv2d(Layer):
         y, self._cache = conv2d_forward(x, self.weight.data, bias, self.stride, self.padding,
                                         self.xp, self._workspace, self._ops)
         return y
+
+    def forward_inference(self, x, epilogue):
+        """The inference output with ``epilogue`` applied in the backend's kernels
+        (``conv2d_inference``), or None where they do not apply; keeps no cache."""
+        bias = None if self.bias is None else self.bias.data
+        return conv2d_inference(x, self.weight.data, bias, self.stride, self.padding, self.xp,
+                                self._ops, epilogue)
 
     def backward(self, gy):
         gx, self.weight.grad, gbias = conv2d_backward(gy, self._take_cache(), self.xp,

@@ -1,20 +1,30 @@
-"""A convolution and the fused BN block after it as one layer (``ConvBNBlock``), whose backward
-never writes the BN's input gradient.
+"""A convolution and the fused BN block after it as one layer (``ConvBNBlock``): in training its
+backward never writes the BN's input gradient, in inference its forward never writes the BN's
+input.
 
-In LeNet-5 conv1 (6 channels, 26 x 26 at 28 x 28 inputs) and conv2 are each followed by BN +
-ReLU + pooling (a ``FusedBNBlock``). Unfused, the block's backward writes its gradient with
+Backward: in LeNet-5 conv1 (6 channels, 26 x 26 at 28 x 28 inputs) and conv2 are each followed by
+BN + ReLU + pooling (a ``FusedBNBlock``). Unfused, the block's backward writes its gradient with
 respect to the convolution's output (conv1's: 2.1 MB at batch 128) and the convolution's
-backward reads it back image by image for its GEMMs. ``fuse_conv_bn_blocks`` makes the two one
-layer where the backend's ``conv_ops()`` has ``flat_conv_bn_backward`` (numba:
-``numba_conv_bn_kernels``), which writes each image's part of that gradient where the
-convolution's GEMMs read it. The results are the two layers' own, bit for bit, so the layers
-stay as they were (names, parameters, state dict, layer tracking see them through
-``sublayers()``) and the forward is theirs. The backward runs the two layers one after the
-other (the reference) whenever the kernel does not cover the call: the block went the unfused
-way (ghost batches, renorm, an observer, a communicator, ``unfused``), the convolution did not
-run on the 'flat' kernels (``conv.flat_kernel_chunks``), or ``fused`` is False. Not built where a
-ReLU comes before the BN (the convolution then has a bias) or the convolution is padded or
-strided (VGG-8, ResNet, plain nets: never on the 'flat' kernels).
+backward reads it back image by image for its GEMMs. Where the backend's ``conv_ops()`` has
+``flat_conv_bn_backward`` (numba: ``numba_conv_bn_kernels``) that kernel writes each image's
+part of that gradient where the convolution's GEMMs read it. Only where the convolution ran on
+the 'flat' kernels (stride 1, no padding, no bias: ``conv.flat_kernel_chunks``), the block went
+the fused way and ``fused`` is True; otherwise the two layers' own backward runs (the
+reference).
+
+Inference forward: where the block normalises without pooling (VGG-8's, ResNet's and the plain
+nets' BN + ReLU, a residual branch's last BN) and the convolution runs on the backend's kernels
+outside the 'flat' layout, the BN (and ReLU) is the convolution's epilogue, applied to each
+image's output right after its GEMM while it is in the cache (``conv.conv2d_inference``; numba:
+``numba_conv_epilogue``), instead of a pass that reads the whole batch back from memory. A
+residual block asks for the sum with its shortcut and the final ReLU there too
+(``forward_sum``). ResNet-20's inference forward, batch 256: see ``numba_conv_epilogue``.
+Nothing is kept for a backward then; a backward after such a forward (gradients of an
+evaluated model) runs the two layers' forward again from the kept input first.
+
+The results are the two layers' own, bit for bit, so the layers stay as they were (names,
+parameters, state dict, layer tracking see them through ``sublayers()``). Not built where a
+ReLU comes before the BN (the convolution then has a bias).
 """
 import numpy as np
 
@@ -26,9 +36,8 @@ _KERNEL = "flat_conv_bn_backward"
 
 
 def fuse_conv_bn_blocks(layers, backend):
-    """``layers`` with each Conv2d (stride 1, no padding, no bias) and the conv block's
-    ``FusedBNBlock`` after it (no ReLU before its BN) as one ``ConvBNBlock``, where the backend
-    has the kernel."""
+    """``layers`` with each Conv2d and the conv block's ``FusedBNBlock`` after it (no ReLU
+    before its BN) as one ``ConvBNBlock``, where the backend has the kernel."""
     ops = backend.conv_ops()
     if not hasattr(ops, _KERNEL):
         return layers
@@ -45,8 +54,7 @@ def fuse_conv_bn_blocks(layers, backend):
 
 
 def _fits(conv, block):
-    return (type(conv) is Conv2d and conv.bias is None and conv.stride == 1
-            and conv.padding == 0 and type(block) is FusedBNBlock and not block.dense
+    return (type(conv) is Conv2d and type(block) is FusedBNBlock and not block.dense
             and not block.relu_before)
 
 
@@ -56,7 +64,7 @@ class ConvBNBlock(Layer):
     def __init__(self, conv, block, ops):
         self.conv, self.block, self.name = conv, block, conv.name
         self._ops, self._kernel = ops, getattr(ops, _KERNEL)
-        self.fused = True           # False: always the two layers' own backward (the reference)
+        self.fused = True      # False: always the layers' own forward and backward (the reference)
 
     @property
     def need_input_grad(self):
@@ -73,9 +81,35 @@ class ConvBNBlock(Layer):
         return self.conv.parameters() + self.block.parameters()
 
     def forward(self, x, training):
-        return self.block.forward(self.conv.forward(x, training), training)
+        y = None if training else self._inference(x, None)
+        if y is None:
+            self._cache = None
+            y = self.block.forward(self.conv.forward(x, training), training)
+        return y
+
+    def forward_sum(self, x, skip):
+        """The inference output plus ``skip`` (an array of its shape), then a ReLU as
+        ``numba_residual_kernels.add_relu``, in the convolution's epilogue; None where that
+        does not apply (the caller runs the layers and the sum itself)."""
+        return self._inference(x, skip)
+
+    def _inference(self, x, skip):
+        """The inference forward (plus skip and a ReLU if given) with the block as the
+        convolution's epilogue, or None where it does not apply."""
+        epilogue = self.block.inference_epilogue(x.shape[0]) if self.fused else None
+        if epilogue is None:
+            return None
+        y = self.conv.forward_inference(x, epilogue + (skip,))
+        if y is not None:
+            self.conv._cache = self.block._cache = None
+            self._cache = ("inference", x)
+        return y
 
     def backward(self, gy):
+        cache = getattr(self, "_cache", None)
+        if cache is not None:                 # after an inference forward: run it unfused
+            self._cache = None
+            self.block.forward(self.conv.forward(cache[1], False), False)
         chunks = self._fused_chunks()
         if chunks is None:
             return self.conv.backward(self.block.backward(gy))
@@ -93,6 +127,6 @@ class ConvBNBlock(Layer):
         conv_cache = getattr(self.conv, "_cache", None)
         block_cache = getattr(self.block, "_cache", None)
         if not self.fused or conv_cache is None or block_cache is None or (
-                block_cache[0] != "fused"):
+                block_cache[0] != "fused") or self.conv.bias is not None:
             return None
         return flat_kernel_chunks(conv_cache, self._ops, self.need_input_grad)

@@ -136,17 +136,36 @@ class FusedBNBlock(Layer):
 
     # --- the BN's statistics and coefficients -----------------------------------------------
 
+    def inference_epilogue(self, n):
+        """(center, a, b, relu) of ``y = relu?((x - center) * a + b)``, this block's whole
+        inference forward of a batch of n conv outputs, where the fused kernels cover it and
+        the block neither pools nor has a ReLU before its BN; else None. A convolution can
+        apply it to its output (``arraybn.nn.conv_bn_block``)."""
+        if self.unfused or self.dense or self.k != 1 or self.relu_before:
+            return None
+        options = self._covered_options(False, n, 1)
+        if options is None or options["training"]:
+            return None
+        center, a, b, _ = self._inference_coefficients(options)
+        return center, a, b, self.relu_after
+
     def _fusable_options(self, x, training):
         """The BN core options of this call when the fused kernels cover it, else None."""
-        bn = self.bn
-        if (bn._observer is not None or not isinstance(x, np.ndarray)
-                or x.ndim != (2 if self.dense else 4) or x.shape[0] == 0
+        if (not isinstance(x, np.ndarray) or x.ndim != (2 if self.dense else 4)
                 or not x.flags.c_contiguous):
+            return None
+        return self._covered_options(training, x.shape[0], math.prod(x.shape[2:]))
+
+    def _covered_options(self, training, n, per_image):
+        """The BN core options of a call on n inputs of ``per_image`` values a channel when the
+        fused kernels cover it, else None."""
+        bn = self.bn
+        if bn._observer is not None or n == 0:
             return None
         options = bn._core_options(training)
         if options.pop("comm", None) is not None or set(options) - _FUSED_OPTIONS:
             return None
-        if options["training"] and x.shape[0] * math.prod(x.shape[2:]) < 2:
+        if options["training"] and n * per_image < 2:
             return None                      # the core's error for one value per channel
         return options
 

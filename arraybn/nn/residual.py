@@ -62,7 +62,8 @@ class ResidualBlock(Layer):
     The sum is a fresh array, so the final ReLU works in place. ops: the backend's
     ``conv_ops()``; where it has ``add_relu`` (numba: ``numba_residual_kernels``) the sum and
     ReLU, the ReLU's gradient and the sum of the gradients run in its parallel kernels, with
-    the same results.
+    the same results. In inference, where the branch ends in a ``ConvBNBlock`` that covers it,
+    the sum and ReLU are that convolution's epilogue (``ConvBNBlock.forward_sum``).
     """
 
     def __init__(self, branch, shortcut, xp, ops=None):
@@ -78,8 +79,14 @@ class ResidualBlock(Layer):
         return [p for layer in self.sublayers() for p in layer.parameters()]
 
     def forward(self, x, training):
-        out = _run_forward(self.branch, x, training)
         skip = _run_forward(self.shortcut, x, training)
+        out = _run_forward(self.branch[:-1], x, training)
+        last = self.branch[-1]
+        if not training and hasattr(last, "forward_sum") and self._kernels(skip):
+            y = self._cache = last.forward_sum(out, skip)
+            if y is not None:
+                return y
+        out = last.forward(out, training)
         if out.shape != skip.shape:
             raise ValueError(f"residual block: the branch gives {tuple(out.shape)} but the "
                              f"shortcut {tuple(skip.shape)}; a block that changes the shape "

@@ -172,16 +172,29 @@ def test_models_whose_first_layers_do_not_fit_are_left_as_they_are(options):
     assert isinstance(model.layers[0], Conv2d)
 
 
-def test_padded_or_strided_convolutions_and_other_backends_are_not_fused():
+def test_padded_or_strided_convolutions_back_propagate_as_the_two_layers():
+    """They are ConvBNBlocks too (for the inference epilogue, tests/nn/test_conv_epilogue.py),
+    but never on the flat kernels: their backward is the two layers' own; other backends fuse
+    nothing."""
     numpy_model = build_model("lenet5", backend="numpy")
     assert isinstance(numpy_model.layers[0], Conv2d)
-    be = get_backend("numba")
-    layers = build_model("lenet5", backend="numba").layers[0].sublayers()
+    x, _ = _data(4, np.float32)
     for attribute, value in (("padding", 1), ("stride", 2)):
-        setattr(layers[0], attribute, value)
-        assert fuse_conv_bn_blocks(layers, be) == layers
-        setattr(layers[0], attribute, {"padding": 0, "stride": 1}[attribute])
-    assert isinstance(fuse_conv_bn_blocks(layers, be)[0], ConvBNBlock)
+        models = _pair()
+        for model in models:
+            setattr(model.layers[1].conv, attribute, value)
+        assert _blocks(models[0]) == models[0].layers[:2]
+        calls = _counting(*_blocks(models[0]))
+        # conv2's output (and so fc1's input) changes shape: compare conv2's own gradients
+        outputs = [model.layers[1].forward(model.layers[0].forward(x, True), True)
+                   for model in models]
+        grads = []
+        for model, out in zip(models, outputs):
+            model.layers[1].backward(np.ones_like(out))
+            grads.append([p.grad for p in model.layers[1].parameters()])
+        assert calls == []
+        for g_f, g_r in zip(*grads):
+            np.testing.assert_array_equal(g_f, g_r)
 
 
 def test_a_1x1_convolution_that_needs_gx_falls_back():
@@ -206,10 +219,20 @@ def test_a_1x1_convolution_that_needs_gx_falls_back():
         np.testing.assert_array_equal(g_f, g_r)
 
 
-def test_vgg8_keeps_its_first_convolution():
-    """'Same' padding: its convolution does not run on the flat kernels."""
-    model = build_model("vgg8", backend="numba")
-    assert not any(isinstance(layer, ConvBNBlock) for layer in model.layers)
+def test_vgg8_trains_as_its_two_layers():
+    """'Same' padding: its convolutions never run on the flat kernels, so the blocks' backward
+    is the two layers' own."""
+    models = [build_model("vgg8", backend="numba", dropout=0.0) for _ in range(2)]
+    for layer in _blocks(models[1]):
+        layer.fused = False
+    assert len(_blocks(models[0])) == 6
+    calls = _counting(*_blocks(models[0]))
+    x, g = _data(3, np.float32)
+    (logits, grads), (logits_r, grads_r) = (_step(m, x, g) for m in models)
+    assert calls == []
+    np.testing.assert_array_equal(logits, logits_r)
+    for g_f, g_r in zip(grads, grads_r):
+        np.testing.assert_array_equal(g_f, g_r)
 
 
 def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
