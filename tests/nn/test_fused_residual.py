@@ -17,7 +17,7 @@ def _fused_blocks(layers):
     for layer in layers:
         if isinstance(layer, FusedBNBlock):
             yield layer
-        elif isinstance(layer, ResidualBlock):
+        else:                                  # residual blocks, conv + block pairs
             yield from _fused_blocks(layer.sublayers())
 
 
@@ -25,10 +25,11 @@ def test_residual_branches_and_projection_shortcuts_are_fused():
     model = build_model("resnet", backend="numba", depth=8, width=4)
     blocks = [layer for layer in model.layers if isinstance(layer, ResidualBlock)]
     first, projected = blocks[0], blocks[1]
-    assert [type(layer).__name__ for layer in first.branch] == [
-        "Conv2d", "FusedBNBlock", "Conv2d", "FusedBNBlock"]
-    assert first.branch[1].relu_after and not first.branch[3].relu_after
-    assert [type(layer).__name__ for layer in projected.shortcut] == ["Conv2d", "FusedBNBlock"]
+    pairs = [[type(sub).__name__ for sub in layer.sublayers()] for layer in first.branch]
+    assert pairs == [["Conv2d", "FusedBNBlock"]] * 2       # each a ConvBNBlock
+    assert first.branch[0].block.relu_after and not first.branch[1].block.relu_after
+    assert [[type(sub).__name__ for sub in layer.sublayers()] for layer in projected.shortcut] \
+        == [["Conv2d", "FusedBNBlock"]]
     assert [name for name, _ in model.bn_layers()][:4] == [
         "bn1", "layer1.0.bn1", "layer1.0.bn2", "layer2.0.bn1"]
 
