@@ -12,6 +12,14 @@ the separate layers' bit for bit:
   fused block's ReLU (NaN becomes 0 there);
 - if ``skip`` is given: the sum with skip rounded once, then NumPy's ``maximum(v, 0)`` (NaN
   passes, -0.0 becomes +0.0), as ``numba_residual_kernels.add_relu``.
+
+Measured (batch 256, ms, the convolution alone / convolution, block and sum as separate passes /
+with the epilogue; one thread, then two): ResNet-20's 16-channel convolution with BN + ReLU
+7.40 / 9.16 / 7.94, 3.67 / 4.60 / 4.00; with BN and the residual sum 8.67 / 13.46 / 10.04,
+3.79 / 6.04 / 4.71; the 32-channel ones 8.09 / 8.94 / 8.45 and 7.96 / 9.93 / 8.94 (one thread).
+The whole inference forward of 3,000 validation images: ResNet-20 2.43 -> 2.14 s on one
+thread, 1.29 -> 1.08 s on two; VGG-8 (half its blocks pool: not covered) 1.86 -> 1.78 s and
+0.97 -> 0.92 s.
 """
 import numpy as np
 

@@ -18,7 +18,8 @@ outside the 'flat' layout, the BN (and ReLU) is the convolution's epilogue, appl
 image's output right after its GEMM while it is in the cache (``conv.conv2d_inference``; numba:
 ``numba_conv_epilogue``), instead of a pass that reads the whole batch back from memory. A
 residual block asks for the sum with its shortcut and the final ReLU there too
-(``forward_sum``). ResNet-20's inference forward, batch 256: see ``numba_conv_epilogue``.
+(``forward_sum``): ResNet-20 validates 3,000 images in 2.14 s instead of 2.43 on one thread
+(numbers in ``numba_conv_epilogue``).
 Nothing is kept for a backward then; a backward after such a forward (gradients of an
 evaluated model) runs the two layers' forward again from the kept input first.
 
