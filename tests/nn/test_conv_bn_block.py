@@ -8,7 +8,7 @@ import pytest
 from arraybn.backends import available_backends, get_backend
 from arraybn.nn import build_model
 from arraybn.nn.conv import Conv2d
-from arraybn.nn.conv_bn_block import ConvBNBlock, fuse_conv_bn_blocks
+from arraybn.nn.conv_bn_block import ConvBNBlock
 from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
 from arraybn.nn.layers import Flatten
 from arraybn.nn.models import Network
