@@ -128,6 +128,6 @@ class ConvBNBlock(Layer):
         conv_cache = getattr(self.conv, "_cache", None)
         block_cache = getattr(self.block, "_cache", None)
         if not self.fused or conv_cache is None or block_cache is None or (
-                block_cache[0] != "fused") or self.conv.bias is not None:
+                block_cache[0] != "fused"):
             return None
         return flat_kernel_chunks(conv_cache, self._ops, self.need_input_grad)
