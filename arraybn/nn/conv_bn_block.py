@@ -30,10 +30,17 @@ ReLU comes before the BN (the convolution then has a bias).
 import numpy as np
 
 from arraybn.nn.conv import Conv2d, flat_kernel_chunks, summed_weight_gradient
-from arraybn.nn.fused import FusedBNBlock
+from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
 from arraybn.nn.layers import Layer
 
 _KERNEL = "flat_conv_bn_backward"
+
+
+def fuse_layers(layers, backend):
+    """``layers`` with their fused BN blocks (``fuse_bn_blocks``), then each conv + block pair
+    as one ``ConvBNBlock``: how a model, and each residual block inside it, fuses its layers
+    where the backend has the kernels."""
+    return fuse_conv_bn_blocks(fuse_bn_blocks(layers, backend), backend)
 
 
 def fuse_conv_bn_blocks(layers, backend):

@@ -43,8 +43,7 @@ Dropout (``dropout`` > 0) follows the hidden dense block as in LeNet-5; only vgg
 plain and resnet refuse a non-zero dropout rather than ignore it.
 """
 from arraybn.nn.conv import MaxPool2d
-from arraybn.nn.conv_bn_block import fuse_conv_bn_blocks
-from arraybn.nn.fused import fuse_bn_blocks
+from arraybn.nn.conv_bn_block import fuse_layers
 from arraybn.nn.groupnorm import default_groups
 from arraybn.nn.layers import Flatten
 from arraybn.nn.residual import GlobalAvgPool2d, ResidualBlock
@@ -131,13 +130,9 @@ def _residual_block(b, prefix, cin, cout, stride):
     if stride != 1 or cin != cout:
         shortcut.linear_norm(shortcut.conv("conv1", cin, cout, 1, stride=stride), cout)
     # the Network fuses top-level runs only; a block's runs are fused here (where the backend can)
-    return ResidualBlock(_fused(branch.layers, b.backend), _fused(shortcut.layers, b.backend),
-                         b.backend.xp, b.backend.conv_ops())
-
-
-def _fused(layers, backend):
-    """``layers`` fused as the Network fuses its own (fused BN blocks, then conv + block)."""
-    return fuse_conv_bn_blocks(fuse_bn_blocks(layers, backend), backend)
+    return ResidualBlock(fuse_layers(branch.layers, b.backend),
+                         fuse_layers(shortcut.layers, b.backend), b.backend.xp,
+                         b.backend.conv_ops())
 
 
 def _resnet(b, in_shape, num_classes, depth, width):

@@ -12,9 +12,8 @@ from arraybn.backends.arrays import to_host
 from arraybn.nn import defaults
 from arraybn.nn.batchnorm import BN_KINDS, BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
-from arraybn.nn.conv_bn_block import fuse_conv_bn_blocks
+from arraybn.nn.conv_bn_block import fuse_layers
 from arraybn.nn.deep_models import DEEP_MODEL_NAMES, build_deep, check_config
-from arraybn.nn.fused import fuse_bn_blocks
 from arraybn.nn.groupnorm import GroupNorm
 from arraybn.nn.initialisation import INIT_SCHEMES, initialise
 from arraybn.nn.layers import Dense, Dropout, Flatten, ReLU
@@ -35,7 +34,7 @@ class Network:
 
     def __init__(self, layers, config, backend, dtype, rng):
         # where the backend has the kernels: fused BN blocks, then each conv + its block as one
-        self.layers = layers = fuse_conv_bn_blocks(fuse_bn_blocks(layers, backend), backend)
+        self.layers = layers = fuse_layers(layers, backend)
         self.config = config
         self.backend = backend
         self.dtype = np.dtype(dtype)
