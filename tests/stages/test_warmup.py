@@ -37,7 +37,8 @@ def test_after_warmup_the_first_run_compiles_nothing(tmp_path):
     cache = tmp_path / "numba-cache"
     assert notice in _arraybn(["warmup"], cache)
     data = write_dataset(tmp_path / "data", n_train=600, n_test=100, size=28)
-    for name, options in (("run", []), ("augmented", ["--augment", "--augment-crop", "2"])):
+    for name, options in (("run", []), ("augmented", ["--augment", "--augment-crop", "2"]),
+                          ("sgd", ["--optimizer", "sgd"])):
         stderr = _arraybn(["run", str(tmp_path / name), "--epochs", "1", "--data-dir", str(data),
                            "--backend", "numba", *options], cache)
         assert notice not in stderr, name
