@@ -168,8 +168,9 @@ class Backend(abc.ABC):
         its gradient in one pass (``numba_loss_kernels``; NumPy's arithmetic, LLVM's ``exp``),
         ``bn_dense_train_forward``/``bn_dense_forward``/``bn_dense_backward``, the fused dense
         BN + ReLU blocks (``numba_dense_bn_kernels``; the unfused layers' bits), and
-        ``sgd_update_applies`` with ``sgd_update``, the SGD step in one pass that ``SGD(ops=...)``
-        takes (``numba_optim_kernels``; NumPy's bits).
+        ``sgd_update_applies`` with ``sgd_update`` and ``adam_update_applies`` with
+        ``adam_update``, the SGD and Adam steps in one pass each that ``SGD(ops=...)`` and
+        ``Adam(ops=...)`` take (``numba_optim_kernels``; NumPy's bits).
         """
         return None
 

@@ -37,7 +37,8 @@ from arraybn.backends.numba_fused_kernels import (bn_pool_backward,  # noqa: F40
 from arraybn.backends.numba_fused_kernels import bn_pool_forward, offset_tables
 from arraybn.backends.numba_loss_kernels import (softmax_cross_entropy,  # noqa: F401
                                                  softmax_cross_entropy_applies)
-from arraybn.backends.numba_optim_kernels import sgd_update, sgd_update_applies  # noqa: F401
+from arraybn.backends.numba_optim_kernels import (adam_update, adam_update_applies,  # noqa: F401
+                                                  sgd_update, sgd_update_applies)
 from arraybn.backends.numba_residual_kernels import (add, add_relu,  # noqa: F401
                                                     elementwise_applies, relu_gradient)
 

@@ -171,17 +171,26 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """PyTorch ``torch.optim.Adam`` (L2 weight decay added to the gradient, no amsgrad)."""
+    """PyTorch ``torch.optim.Adam`` (L2 weight decay added to the gradient, no amsgrad).
+
+    ``ops``: as for ``SGD``; where they offer ``adam_update`` (the numba backend) the update
+    runs there in one pass, NumPy's bits."""
     kind = "adam"
     _buffer_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, ops=None):
         super().__init__(params, lr, weight_decay)
+        self._ops = ops if hasattr(ops, "adam_update") else None
         if not all(0 <= b < 1 for b in betas) or len(betas) != 2 or not eps > 0:
             raise ValueError(f"need betas in [0, 1) (two of them) and eps > 0; got {betas}, {eps}")
         self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
 
     def _apply(self, data, grad, state):
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        if self._ops is not None and self._ops.adam_update_applies(data, grad, m, v):
+            state["exp_avg"], state["exp_avg_sq"] = self._ops.adam_update(
+                data, grad, m, v, self.lr, self.betas, self.eps, self.steps)
+            return
         beta1, beta2 = self.betas
         if "exp_avg" not in state:
             state["exp_avg"] = grad * 0

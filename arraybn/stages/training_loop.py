@@ -30,7 +30,8 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 def make_optimizer(config, model):
     if config.optimizer == "adam":
-        return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay)
+        return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay,
+                    ops=model.backend.conv_ops())
     return SGD(model.parameters(), config.lr, momentum=config.momentum,
                weight_decay=config.weight_decay, ops=model.backend.conv_ops())
 
