@@ -19,6 +19,7 @@ own; each chunk's per-image weight-gradient products are added up in batch order
 another one (not found there), ``available`` is False and the NumPy path runs.
 """
 import ctypes
+import functools
 import glob
 import os
 
@@ -67,6 +68,7 @@ def available(dtype):
     return np.dtype(dtype) in GEMMS
 
 
+@functools.lru_cache(maxsize=None)
 def gemm_args(dtype):
     """(the cblas GEMM, 1, 0) in ``dtype``: the kernels' GEMM function and its alpha and beta."""
     dtype = np.dtype(dtype)

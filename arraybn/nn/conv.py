@@ -27,9 +27,11 @@ gradient of a 'same' convolution (stride 1, padding (k-1)/2) in a per-image layo
 convolution of the output gradient with the flipped weights, not a col2im.
 """
 import functools
+import math
 
 import numpy as np
 
+from arraybn.nn import chunk_threads
 from arraybn.nn.chunk_threads import (CHUNK_MULTIPLE, one_blas_thread, parallel_chunks,
                                       run_chunks)
 from arraybn.nn.layers import Layer, Parameter, kaiming_uniform
@@ -264,13 +266,24 @@ def _chunks(x, weight_shape, stride, pad, xp):
     0.250 -> 0.127 ms), and whether the NumPy path runs them on several threads
     (``parallel_chunks``). Not a function of the number of threads, so neither are the
     results."""
-    n, c, h, w = x.shape
+    settings = (batch_chunks, CHUNK_BYTES, MIN_CHUNK_COLUMNS, CHUNK_MULTIPLE,
+                chunk_threads.MIN_PARALLEL_FLOPS)
+    return _chunk_plan(x.shape, tuple(weight_shape), stride, pad, x.dtype.itemsize, xp, settings)
+
+
+@functools.lru_cache(maxsize=1024)
+def _chunk_plan(x_shape, weight_shape, stride, pad, itemsize, xp, settings):
+    """``_chunks`` by geometry, the chunks as a tuple: computed once, not in every forward and
+    backward of every step (LeNet-5's batch-2 step, one thread: 18 us of 0.31 ms). ``settings``,
+    the module values the plan depends on, are part of the key, so that a changed one (tests
+    change them) is seen."""
+    n, c, h, w = x_shape
     o, _, kh, kw = weight_shape
     positions = _out_size(h, kh, stride, pad) * _out_size(w, kw, stride, pad)
     rows = c * kh * kw
     parallel = parallel_chunks(2 * n * positions * o * rows)     # the forward GEMMs' flops
-    parts = batch_chunks(n, rows * positions * x.dtype.itemsize, positions, xp, CHUNK_MULTIPLE)
-    return parts, parallel
+    parts = batch_chunks(n, rows * positions * itemsize, positions, xp, CHUNK_MULTIPLE)
+    return tuple(parts), parallel
 
 
 def _kernels(ops, dtype, gemm_dims):
@@ -480,7 +493,7 @@ def flat_kernel_chunks(cache, ops, need_gx):
 def summed_weight_gradient(partials, weight_shape, dtype, xp):
     """The weight gradient from the chunks' transposed partials (C*kh*kw, O), added in chunk
     order from zero as ``conv2d_backward`` adds them."""
-    gweight = xp.zeros((int(np.prod(weight_shape[1:])), weight_shape[0]), dtype=dtype)
+    gweight = xp.zeros((math.prod(weight_shape[1:]), weight_shape[0]), dtype=dtype)
     for partial in partials:                                    # in batch order
         gweight += partial
     return xp.ascontiguousarray(gweight.T).reshape(weight_shape)

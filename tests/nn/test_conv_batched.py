@@ -211,6 +211,21 @@ def test_batch_chunks_cover_the_batch_in_even_cache_sized_pieces(n, column_bytes
     assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
 
 
+def test_the_chunk_plan_is_kept_per_geometry_and_follows_changed_settings(monkeypatch):
+    x, weight_shape = np.zeros((8, 3, 10, 10), np.float32), (4, 3, 3, 3)
+    first = plain._chunks(x, weight_shape, 1, 0, np)
+    assert plain._chunks(x.copy(), weight_shape, 1, 0, np) is first       # kept
+    assert len(first[0]) == 4 and not first[1]
+    assert len(plain._chunks(x[:4], weight_shape, 1, 0, np)[0]) == 4      # another batch size
+    monkeypatch.setattr(plain, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(plain, "MIN_CHUNK_COLUMNS", 1)
+    assert plain._chunks(x, weight_shape, 1, 0, np)[0] == tuple(slice(i, i + 1) for i in range(8))
+    monkeypatch.setattr(plain.chunk_threads, "MIN_PARALLEL_FLOPS", 0)
+    assert plain._chunks(x, weight_shape, 1, 0, np)[1]
+    monkeypatch.setattr(plain, "batch_chunks", _pairs)
+    assert len(plain._chunks(x, weight_shape, 1, 0, np)[0]) == 4
+
+
 def test_batch_chunks_leave_a_gpu_batch_whole():
     class FakeCupy:
         pass
