@@ -6,8 +6,9 @@ cache the LeNet-5 pipeline spends about 20 CPU-seconds compiling before its firs
 dataset in a temporary directory, so it compiles exactly what such a run calls, and leaves
 nothing behind but the cache. It trains with augmentation (affine maps and a random crop), so
 that the augmentation kernel's signatures are compiled too; a run without it calls a subset. It
-trains with SGD, whose update is a Numba kernel (Adam's is NumPy's: it compiles nothing), so
-that a run with ``--optimizer sgd`` does not compile it first (0.2 s).
+trains with the default optimizer (Adam) and then takes one step of each optimizer on a small
+parameter, so that the other's update kernel is compiled too (SGD's took 0.2 s in the first
+step of a run with ``--optimizer sgd``).
 ``make setup`` runs it once after installing.
 """
 import os
@@ -16,7 +17,9 @@ import time
 
 import numpy as np
 
+from arraybn.backends import get_backend
 from arraybn.data import FILES, write_idx
+from arraybn.nn import SGD, Adam, Parameter
 from arraybn.stages.config import TrainConfig
 from arraybn.stages.pipeline import run_pipeline
 
@@ -35,6 +38,16 @@ def write_synthetic_dataset(directory, seed=0):
     return directory
 
 
+def _step_each_optimizer(backend, dtype):
+    """One step of SGD and one of Adam on a small ``dtype`` parameter, with ``backend``'s
+    kernels: their update kernels compile whichever optimizer the pipeline trained with."""
+    ops = get_backend(backend).conv_ops()
+    for optimizer in (SGD, Adam):
+        param = Parameter("w", np.zeros(8, dtype))
+        param.grad = np.ones(8, dtype)
+        optimizer([param], 0.1, ops=ops).step()
+
+
 def warm_up(models=("lenet5",), dtypes=("float32",), backend="numba", echo=print):
     """Run one tiny epoch of every (model, dtype) through train, postproc and test on
     ``backend``; returns the seconds each took, ``{(model, dtype): seconds}``."""
@@ -44,10 +57,10 @@ def warm_up(models=("lenet5",), dtypes=("float32",), backend="numba", echo=print
         for model in models:
             for dtype in dtypes:
                 config = TrainConfig(model=model, dtype=dtype, backend=backend, data_dir=data_dir,
-                                     epochs=1, val_split=0.25, augment=True, augment_crop=1,
-                                     optimizer="sgd")
+                                     epochs=1, val_split=0.25, augment=True, augment_crop=1)
                 started = time.perf_counter()
                 run_pipeline(os.path.join(tmp, f"{model}-{dtype}"), config, echo=lambda *_: None)
+                _step_each_optimizer(backend, dtype)
                 seconds[model, dtype] = time.perf_counter() - started
                 echo(f"warmup: {model} {dtype} on {backend}: {seconds[model, dtype]:.1f} s")
     return seconds
