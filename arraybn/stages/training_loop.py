@@ -29,11 +29,11 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 
 def make_optimizer(config, model):
+    ops = model.backend.conv_ops()             # the backend's update kernels, where it has them
     if config.optimizer == "adam":
-        return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay,
-                    ops=model.backend.conv_ops())
+        return Adam(model.parameters(), config.lr, weight_decay=config.weight_decay, ops=ops)
     return SGD(model.parameters(), config.lr, momentum=config.momentum,
-               weight_decay=config.weight_decay, ops=model.backend.conv_ops())
+               weight_decay=config.weight_decay, ops=ops)
 
 
 class ForcedInterrupt(KeyboardInterrupt):
