@@ -22,7 +22,8 @@ import numba
 import numpy as np
 
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_conv_bn_kernels import flat_conv_bn_backward  # noqa: F401
+from arraybn.backends.numba_conv_bn_kernels import (FlatConvBNBackward,  # noqa: F401
+                                                   flat_conv_bn_backward)
 from arraybn.backends.numba_dense_bn_kernels import (bn_dense_backward,  # noqa: F401
                                                      bn_dense_forward, bn_dense_train_forward)
 from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noqa: F401

@@ -217,8 +217,10 @@ def _backward_tasks(gy, x, w2, kh, kw, need_gx, gemm, one, zero, bounds, partial
 def check_arrays(*arrays):
     """TypeError unless the arrays are C-contiguous, of one float dtype the GEMMs take."""
     dtype = arrays[0].dtype
-    if not available(dtype) or any(a.dtype != dtype or not a.flags.c_contiguous
-                                   for a in arrays):
+    mixed = False
+    for a in arrays:              # a loop, not any(): this runs on every kernel call
+        mixed = mixed or a.dtype != dtype or not a.flags.c_contiguous
+    if mixed or dtype not in GEMMS:
         raise TypeError("convolution kernels: x, weight, y/gy and gx must be C-contiguous and all "
                         "float32 or all float64 (with NumPy's OpenBLAS found); got "
                         + ", ".join(f"{a.dtype}" for a in arrays))

@@ -30,13 +30,18 @@ def _blocks(model):
 
 
 def _counting(*layers):
-    """Wrap the layers' kernels; returns the list their calls append (gy's shape, gx or not)."""
+    """Wrap the layers' kernels (before their first backward: they are kept once prepared);
+    returns the list their calls append (gy's shape, gx or not)."""
     calls = []
-    for layer in layers:
-        def counted(*args, kernel=layer._kernel):
+
+    def counted(kernel):
+        def call(*args):
             calls.append((args[0].shape, args[-1] is not None))
             return kernel(*args)
-        layer._kernel = counted
+        return call
+    for layer in layers:
+        assert not layer._prepared
+        layer._prepare = lambda *geometry, prepare=layer._prepare: counted(prepare(*geometry))
     return calls
 
 
@@ -235,6 +240,49 @@ def test_vgg8_trains_as_its_two_layers():
         np.testing.assert_array_equal(g_f, g_r)
 
 
+def test_a_block_keeps_its_prepared_kernel_per_input_shape():
+    """Batches of 8, 5 (an epoch's last) and 8 again: equal to the two layers' own backward each
+    time; one kernel prepared per shape, the first one used again."""
+    model, reference = _pair()
+    calls = _counting(*_blocks(model))
+    kernels = []                                       # conv2's after each step
+    for n in (8, 5, 8):
+        x, g_logits = _data(n, np.float32, seed=n)
+        (logits, grads), (logits_r, grads_r) = (_step(m, x, g_logits)
+                                                for m in (model, reference))
+        np.testing.assert_array_equal(logits, logits_r)
+        for p, g, g_r in zip(model.parameters(), grads, grads_r):
+            np.testing.assert_array_equal(g, g_r, err_msg=p.name)
+        kernels.append(model.layers[1]._prepared[((n, 6, 13, 13), np.dtype(np.float32), True)])
+    assert [shape[0] for shape, _ in calls] == [8, 8, 5, 5, 8, 8]
+    assert len(model.layers[1]._prepared) == 2 and kernels[0] is kernels[2] is not kernels[1]
+
+
+def test_a_prepared_kernel_rejects_arrays_of_another_geometry():
+    ops = get_backend("numba").conv_ops()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 10, 10)).astype(np.float32)
+    weight = rng.standard_normal((3, 1, 3, 3)).astype(np.float32)
+    y = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    gy = rng.standard_normal((4, 3, 4, 4)).astype(np.float32)
+    args = dict(gy=gy, y=y, argmax=np.zeros(gy.shape, np.uint8), mean=np.ones(3),
+                scale=np.ones(3), w=np.ones(3), centered=True, x=x, weight=weight, gx=None)
+    kernel = ops.FlatConvBNBackward(x.shape, weight.shape, y.shape, x.dtype, 2, [slice(0, 4)],
+                                    False)
+    expected = ops.flat_conv_bn_backward(k=2, chunks=[slice(0, 4)], **args)
+    for got, want in zip(kernel(**args), expected):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="prepared shapes"):
+        kernel(**{**args, "x": x[:2], "y": y[:2], "gy": gy[:2]})
+    with pytest.raises(ValueError, match="input gradient"):
+        kernel(**{**args, "gx": np.empty_like(x)})
+    with pytest.raises(TypeError, match="prepared for float32"):
+        kernel(**{**args, "x": x.astype(np.float64)})
+    with pytest.raises(ValueError, match="convolution output"):
+        ops.FlatConvBNBackward(x.shape, weight.shape, (4, 3, 7, 8), x.dtype, 2, [slice(0, 4)],
+                               False)
+
+
 def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
     ops = get_backend("numba").conv_ops()
     rng = np.random.default_rng(0)
@@ -255,7 +303,7 @@ def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
     assert partials.shape == (1, 9, 3) and sum_gy.shape == sum_gy_xc.shape == (3,)
     with pytest.raises(ValueError, match="convolution output"):
         call(y=np.ascontiguousarray(y[:, :, :7]))
-    with pytest.raises(ValueError, match="convolution output"):
+    with pytest.raises(ValueError, match="convolution's input gradient"):
         call(gx=np.empty((4, 1, 10, 9), np.float32))
     with pytest.raises(ValueError, match="pooled shape"):
         call(gy=gy[:, :, :3])
