@@ -14,9 +14,10 @@ that NumPy itself loaded (found in NumPy's ``numpy.libs`` folder, called through
 function is an argument of the kernels, so they stay cacheable). Same library, same arguments:
 the results equal the NumPy path bit for bit, on any number of threads (each image's work is its
 own; each chunk's per-image weight-gradient products are added up in batch order, as NumPy's
-``sum(axis=0)`` adds them on the NumPy path, and the caller adds the chunks' in chunk order). The copy loops index with unsigned integers (``uidx``): LeNet-5's conv1 forward
-+ backward 1.62 -> 0.71 ms, conv2 2.26 -> 1.36 ms (batch 128, one thread). Where NumPy's BLAS is
-another one (not found there), ``available`` is False and the NumPy path runs.
+``sum(axis=0)`` adds them on the NumPy path, and the caller adds the chunks' in chunk order).
+The copy loops index with unsigned integers (``uidx``): LeNet-5's conv1 forward + backward
+1.62 -> 0.71 ms, conv2 2.26 -> 1.36 ms (batch 128, one thread). Where NumPy's BLAS is another
+one (not found there), ``available`` is False and the NumPy path runs.
 """
 import ctypes
 import functools
