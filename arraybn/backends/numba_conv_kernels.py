@@ -30,6 +30,7 @@ from arraybn.backends.numba_dense_kernels import (dense_backward_applies,  # noq
                                                   dense_backward_gemms, dense_forward_applies,
                                                   dense_forward_gemm)
 from arraybn.backends.numba_flat_conv import available as conv_kernels_available  # noqa: F401
+from arraybn.backends.numba_flat_conv import FlatConvForward  # noqa: F401
 from arraybn.backends.numba_flat_conv import flat_conv_backward, flat_conv_forward
 from arraybn.backends.numba_im2col_conv import conv_backward as im2col_conv_backward
 from arraybn.backends.numba_im2col_conv import conv_forward as im2col_conv_forward

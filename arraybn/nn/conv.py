@@ -324,9 +324,15 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
-    oh, ow, layout, kernels = _geometry(x, weight, stride, pad, ops)
+    oh, ow, layout, kernels, prepared = _forward_plan(x, weight, bias is not None, stride, pad,
+                                                      ops, workspace)
     w2 = weight.reshape(o, -1)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
+    if prepared is not None:
+        x = xp.ascontiguousarray(x)
+        one_blas_thread()
+        prepared(x, weight, bias, y)
+        return y, (x, weight, stride, pad, bias is not None)
     if kernels:
         x = _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y)
         return y, (x, weight, stride, pad, bias is not None)
@@ -350,6 +356,27 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
 
     run_chunks(forward_chunk, *_chunks(x, weight.shape, stride, pad, xp))
     return y, (x, weight, stride, pad, bias is not None)
+
+
+def _forward_plan(x, weight, has_bias, stride, pad, ops, workspace):
+    """(OH, OW, layout, kernels, prepared) of a forward of x: ``_geometry``'s and, where the
+    backend's 'flat' kernels run it, its ``FlatConvForward`` prepared for x's chunks (else
+    None). Kept in ``workspace`` (if given) per shape and dtype of x, so that a layer works
+    them out at its first forward of each input shape, not in every step (the chunking and
+    layout settings are read then)."""
+    key = ("forward plan", x.shape, x.dtype, has_bias)
+    plan = None if workspace is None else workspace.get(key)
+    if plan is None:
+        oh, ow, layout, kernels = _geometry(x, weight, stride, pad, ops)
+        prepare = getattr(ops, "FlatConvForward", None)
+        prepared = None
+        if kernels and layout == "flat" and prepare is not None:
+            chunks = _chunks(x, weight.shape, stride, pad, np)[0]
+            prepared = prepare(x.shape, weight.shape, x.dtype, chunks, has_bias)
+        plan = (oh, ow, layout, kernels, prepared)
+        if workspace is not None:
+            workspace[key] = plan
+    return plan
 
 
 def _geometry(x, weight, stride, pad, ops):

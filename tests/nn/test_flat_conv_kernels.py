@@ -44,8 +44,11 @@ def test_a_lenet5_step_is_bit_identical_on_1_and_2_threads_and_equals_numpy():
 
 def test_conv2d_layers_use_the_flat_kernels_where_they_apply(monkeypatch):
     calls = []
-    monkeypatch.setattr(OPS, "flat_conv_forward",
-                        lambda *args: calls.append("forward") or flat.flat_conv_forward(*args))
+
+    def prepare(*geometry):                  # a layer's forward runs its prepared kernel
+        kernel = flat.FlatConvForward(*geometry)
+        return lambda *args: calls.append("forward") or kernel(*args)
+    monkeypatch.setattr(OPS, "FlatConvForward", prepare)
     monkeypatch.setattr(OPS, "flat_conv_backward",
                         lambda *args: calls.append("backward") or flat.flat_conv_backward(*args))
     x = np.random.default_rng(4).standard_normal((4, 1, 28, 28)).astype(np.float32)
@@ -62,6 +65,43 @@ def test_without_numpys_openblas_the_numpy_path_runs(monkeypatch):
     monkeypatch.setattr(flat, "GEMMS", {})
     assert not OPS.conv_kernels_available(np.float32)
     monkeypatch.setattr(OPS, "flat_conv_forward", None)        # would fail if called
+    monkeypatch.setattr(OPS, "FlatConvForward", None)
     x = np.ones((2, 1, 6, 6), np.float32)
     y, _ = plain.conv2d_forward(x, np.ones((2, 1, 3, 3), np.float32), None, 1, 0, np, {}, OPS)
     np.testing.assert_array_equal(y, np.full((2, 2, 4, 4), 9, np.float32))
+
+
+def test_a_layer_keeps_its_prepared_forward_per_input_shape():
+    """Batches of 6, 5 and 6: each forward equals a forward without kept plans (no workspace),
+    and the batch of 6 runs the kernel prepared at its first forward."""
+    conv = build_model("lenet5", backend="numba", seed=0, bn_position="after").layers[0]
+    rng = np.random.default_rng(6)
+    kernels = []
+    for n in (6, 5, 6):
+        x = rng.standard_normal((n, 1, 28, 28)).astype(np.float32)
+        fresh, _ = plain.conv2d_forward(x, conv.weight.data, conv.bias.data, 1, 0, np, None, OPS)
+        np.testing.assert_array_equal(conv.forward(x, True), fresh)
+        kernels.append(conv._workspace[("forward plan", x.shape, x.dtype, True)][-1])
+    assert isinstance(kernels[0], flat.FlatConvForward)
+    assert kernels[0] is kernels[2] is not kernels[1]
+
+
+def test_a_prepared_forward_rejects_arrays_of_another_geometry():
+    x, w = np.ones((4, 2, 6, 6), np.float32), np.ones((3, 2, 3, 3), np.float32)
+    y, bias = np.empty((4, 3, 4, 4), np.float32), np.arange(3, dtype=np.float32)
+    kernel = flat.FlatConvForward(x.shape, w.shape, x.dtype, [slice(0, 2), slice(2, 4)], True)
+    kernel(x, w, bias, y)
+    np.testing.assert_array_equal(y, np.broadcast_to((18 + bias)[:, None, None], y.shape))
+    with pytest.raises(ValueError, match="prepared shapes"):
+        kernel(x[:2], w, bias, y[:2])
+    with pytest.raises(ValueError, match="prepared shapes"):
+        kernel(x, w, None, y)
+    with pytest.raises(TypeError, match="prepared for float32"):
+        kernel(x.astype(np.float64), w.astype(np.float64), bias.astype(np.float64),
+               y.astype(np.float64))
+    with pytest.raises(TypeError, match="C-contiguous"):
+        kernel(x, w, bias, np.empty((4, 3, 4, 8), np.float32)[..., ::2])
+    with pytest.raises(ValueError, match="does not fit"):
+        flat.FlatConvForward(x.shape, (3, 1, 3, 3), x.dtype, [slice(0, 4)], False)
+    with pytest.raises(TypeError, match="not a dtype the GEMMs take"):
+        flat.FlatConvForward(x.shape, w.shape, np.float16, [slice(0, 4)], False)
