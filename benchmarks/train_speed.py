@@ -115,9 +115,10 @@ def time_steps(step, first, count):
     return (time.perf_counter() - start) / count
 
 
-def time_contender(args):
-    """Seconds per step of ``args.contender`` ('torch' or a backend name), in this process,
-    with the heap kept as in ``arraybn train`` (``timing.steady_heap``)."""
+def warm_step(args):
+    """The ``step(i)`` of ``args.contender`` ('torch' or a backend name) in this process, after
+    ``args.warmup`` untimed steps, with the heap kept as in ``arraybn train``
+    (``timing.steady_heap``)."""
     import numpy as np
     from timing import steady_heap
     steady_heap()
@@ -131,7 +132,12 @@ def time_contender(args):
         step = arraybn_contender(args.contender, args, images, labels)
     for i in range(args.warmup):
         step(i)
-    return time_steps(step, args.warmup, args.steps)
+    return step
+
+
+def time_contender(args):
+    """Seconds per step of ``args.contender`` in this process (``warm_step``)."""
+    return time_steps(warm_step(args), args.warmup, args.steps)
 
 
 def contenders(args):
