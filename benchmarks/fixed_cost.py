@@ -5,8 +5,8 @@ at several batch sizes, each contender and batch in fresh processes of their own
 interleaved: the median step of a round (one slow step in a thousand moves a mean by more than
 the 30 us this measures), the median round. It fits ``ms/step = fixed + batch * per_image`` by
 least squares. ``fixed`` is the cost of a step's calls (Python, dispatch, allocations, the
-optimizer's pass over the parameters); ``per_image`` the work each image adds. A batch-2 step is not the fixed cost: it
-holds two images' work too. Usage::
+optimizer's pass over the parameters); ``per_image`` the work each image adds. A batch-2 step
+is not the fixed cost: it holds two images' work too. Usage::
 
     python3 benchmarks/fixed_cost.py --batches 2,4,8,16,32 --threads 1 --steps 1000
 """
