@@ -24,8 +24,8 @@ import numpy as np
 from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_flat_conv import (backward_buffers, check_arrays, chunk_bounds,
-                                              gemm_args, image_backward)
+from arraybn.backends.numba_flat_conv import (available, backward_buffers, check_arrays,
+                                              chunk_bounds, gemm_args, image_backward)
 from arraybn.backends.numba_fused_kernels import (INACTIVE, _planes, channel_values,
                                                   check_argmax, offset_tables,
                                                   sums_and_coefficients)
@@ -125,9 +125,10 @@ class FlatConvBNBackward:
                 or ow != x_shape[3] - weight_shape[3] + 1 or weight_shape[1] != x_shape[1]):
             raise ValueError(f"conv + BN backward: y {y_shape} must be the stride-1, unpadded "
                              f"convolution output of x {x_shape} with weight {weight_shape}")
-        self.shapes = (tuple(x_shape), tuple(weight_shape), tuple(y_shape))
-        self.pooled = (n, o, oh // k, ow // k)
         self.dtype, self.k, self.need_gx = np.dtype(dtype), int(k), bool(need_gx)
+        if not available(self.dtype):
+            raise TypeError(f"conv + BN backward: {self.dtype} is not a dtype the GEMMs take")
+        self.shapes = (tuple(x_shape), tuple(weight_shape), tuple(y_shape))
         self.bounds = chunk_bounds(chunks)
         self.partials_shape = (len(chunks), math.prod(weight_shape[1:]), o)
         self.gemm = gemm_args(self.dtype)

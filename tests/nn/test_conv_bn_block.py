@@ -281,6 +281,9 @@ def test_a_prepared_kernel_rejects_arrays_of_another_geometry():
     with pytest.raises(ValueError, match="convolution output"):
         ops.FlatConvBNBackward(x.shape, weight.shape, (4, 3, 7, 8), x.dtype, 2, [slice(0, 4)],
                                False)
+    with pytest.raises(TypeError, match="not a dtype the GEMMs take"):
+        ops.FlatConvBNBackward(x.shape, weight.shape, y.shape, np.float16, 2, [slice(0, 4)],
+                               False)
 
 
 def test_the_kernel_rejects_misshaped_and_mistyped_arrays():
