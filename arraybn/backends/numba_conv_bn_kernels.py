@@ -116,8 +116,9 @@ class FlatConvBNBackward:
     (O, C, kh, kw), y (N, O, OH, OW), dtype, k, chunks and whether gx is wanted. What depends
     only on those (their checks, the chunks' bounds, the GEMM arguments, the shapes of the
     outputs) is done once; a call checks that its arrays have the prepared shapes, dtype and
-    layout and runs the kernel. ``ConvBNBlock`` keeps one per input shape: LeNet-5's batch-2
-    step, one thread, spent 17-37 us of Python in each block's backward."""
+    layout and runs the kernel. ``ConvBNBlock`` keeps one per input shape: in LeNet-5's batch-2
+    step (one thread) each block's backward spent 24-37 us in Python besides its kernel's
+    19-32, and the step took 0.301 ms, 0.285 with the kernels kept."""
 
     def __init__(self, x_shape, weight_shape, y_shape, dtype, k, chunks, need_gx):
         n, o, oh, ow = y_shape
