@@ -25,7 +25,8 @@ from numba import prange
 
 from arraybn.backends.numba_config import jit, uidx
 from arraybn.backends.numba_flat_conv import (available, backward_buffers, check_arrays,
-                                              chunk_bounds, gemm_args, image_backward)
+                                              check_prepared, chunk_bounds, gemm_args,
+                                              image_backward)
 from arraybn.backends.numba_fused_kernels import (INACTIVE, _planes, channel_values,
                                                   check_argmax, offset_tables,
                                                   sums_and_coefficients)
@@ -129,7 +130,8 @@ class FlatConvBNBackward:
         self.dtype, self.k, self.need_gx = np.dtype(dtype), int(k), bool(need_gx)
         if not available(self.dtype):
             raise TypeError(f"conv + BN backward: {self.dtype} is not a dtype the GEMMs take")
-        self.shapes = (tuple(x_shape), tuple(weight_shape), tuple(y_shape))
+        self.shapes = (tuple(x_shape), tuple(weight_shape), tuple(y_shape),
+                       tuple(x_shape) if need_gx else None)        # gx: x's shape, if wanted
         self.bounds = chunk_bounds(chunks)
         self.partials_shape = (len(chunks), math.prod(weight_shape[1:]), o)
         self.gemm = gemm_args(self.dtype)
@@ -137,16 +139,9 @@ class FlatConvBNBackward:
 
     def __call__(self, gy, y, argmax, mean, scale, w, centered, x, weight, gx):
         """As ``flat_conv_bn_backward``, for arrays of the prepared geometry."""
-        if (x.shape, weight.shape, y.shape) != self.shapes:
-            raise ValueError(f"conv + BN backward: x {x.shape}, weight {weight.shape} and y "
-                             f"{y.shape} must have the prepared shapes {self.shapes}")
-        if (gx is not None) != self.need_gx or (gx is not None and gx.shape != x.shape):
-            raise ValueError(f"conv + BN backward: gx {None if gx is None else gx.shape} must "
-                             f"be the convolution's input gradient, x's shape {x.shape}, where "
-                             f"prepared with one ({self.need_gx}), else None")
-        if x.dtype != self.dtype:
-            raise TypeError(f"conv + BN backward: x is {x.dtype}, prepared for {self.dtype}")
-        check_arrays(x, weight, y, *(() if gx is None else (gx,)))
+        check_prepared("conv + BN backward", "x, weight, y and gx (x's shape or None)",
+                       (x.shape, weight.shape, y.shape, None if gx is None else gx.shape),
+                       self.shapes, self.dtype, (x, weight, y) + (() if gx is None else (gx,)))
         gy = np.ascontiguousarray(gy, dtype=self.dtype)
         check_argmax(gy, argmax, y.shape, self.k)
         o = y.shape[1]

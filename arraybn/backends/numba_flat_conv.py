@@ -227,6 +227,17 @@ def check_arrays(*arrays):
                         + ", ".join(f"{a.dtype}" for a in arrays))
 
 
+def check_prepared(kernel, names, shapes, prepared, dtype, arrays):
+    """ValueError unless the call's arrays ``names`` have the ``prepared`` shapes (None for an
+    array left out); TypeError unless ``arrays`` (x first) are C-contiguous, of the prepared
+    ``dtype`` (``check_arrays``). For the kernels prepared for one geometry."""
+    if shapes != prepared:
+        raise ValueError(f"{kernel}: {names} have shapes {shapes}; prepared for {prepared}")
+    if arrays[0].dtype != dtype:
+        raise TypeError(f"{kernel}: x is {arrays[0].dtype}, prepared for {dtype}")
+    check_arrays(*arrays)
+
+
 def chunk_bounds(chunks):
     """The chunks (slices of the batch, in order, end to end) as the kernels' bounds array:
     chunk t is [bounds[t], bounds[t + 1]); none (an empty batch) is [0]."""
@@ -258,21 +269,16 @@ class FlatConvForward:
         self.dtype = np.dtype(dtype)
         if self.dtype not in GEMMS:
             raise TypeError(f"flat convolution: {self.dtype} is not a dtype the GEMMs take")
-        self.shapes = (tuple(x_shape), tuple(weight_shape), (n, o, h - kh + 1, w - kw + 1))
-        self.bias_shape = (o,) if has_bias else None
+        self.shapes = (tuple(x_shape), tuple(weight_shape), (n, o, h - kh + 1, w - kw + 1),
+                       (o,) if has_bias else None)
         self.bounds, self.gemm = chunk_bounds(chunks), gemm_args(self.dtype)
         self.no_bias = np.zeros(o, self.dtype)
 
     def __call__(self, x, weight, bias, y):
         """As ``flat_conv_forward``, for arrays of the prepared geometry."""
-        if ((x.shape, weight.shape, y.shape) != self.shapes
-                or (None if bias is None else bias.shape) != self.bias_shape):
-            raise ValueError(f"flat convolution: x {x.shape}, weight {weight.shape}, y "
-                             f"{y.shape} and bias {None if bias is None else bias.shape} must "
-                             f"have the prepared shapes {self.shapes}, bias {self.bias_shape}")
-        if x.dtype != self.dtype:
-            raise TypeError(f"flat convolution: x is {x.dtype}, prepared for {self.dtype}")
-        check_arrays(x, weight, y, *(() if bias is None else (bias,)))
+        check_prepared("flat convolution", "x, weight, y and bias",
+                       (x.shape, weight.shape, y.shape, None if bias is None else bias.shape),
+                       self.shapes, self.dtype, (x, weight, y) + (() if bias is None else (bias,)))
         o, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
         _forward_tasks(x, weight.reshape(o, -1), self.no_bias if bias is None else bias,
                        bias is not None, kh, kw, *self.gemm, self.bounds, y)
