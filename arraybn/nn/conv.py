@@ -328,13 +328,8 @@ def conv2d_forward(x, weight, bias, stride, pad, xp, workspace=None, ops=None):
                                                       ops, workspace)
     w2 = weight.reshape(o, -1)
     y = xp.empty((n, o, oh, ow), dtype=x.dtype)
-    if prepared is not None:
-        x = xp.ascontiguousarray(x)
-        one_blas_thread()
-        prepared(x, weight, bias, y)
-        return y, (x, weight, stride, pad, bias is not None)
     if kernels:
-        x = _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y)
+        x = _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y, prepared=prepared)
         return y, (x, weight, stride, pad, bias is not None)
 
     def forward_chunk(part, slot):
@@ -389,13 +384,16 @@ def _geometry(x, weight, stride, pad, ops):
     return oh, ow, layout, _kernels(ops, x.dtype, _gemm_dims(o, c, kh, kw, oh, ow, w, layout))
 
 
-def _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y, *epilogue):
-    """The backend's kernels write y (and apply ``epilogue`` if given); returns x as they took
-    it (C-contiguous)."""
+def _run_kernels(x, weight, bias, stride, pad, xp, ops, layout, y, *epilogue, prepared=None):
+    """The backend's kernels write y (and apply ``epilogue`` if given), ``prepared`` (a
+    ``_forward_plan``'s) if given; returns x as they took it (C-contiguous)."""
     x = xp.ascontiguousarray(x)
     one_blas_thread()
-    ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride, pad,
-                     layout, y, *epilogue)
+    if prepared is not None:
+        prepared(x, weight, bias, y)
+    else:
+        ops.conv_forward(x, weight, bias, _chunks(x, weight.shape, stride, pad, xp)[0], stride,
+                         pad, layout, y, *epilogue)
     return x
 
 
