@@ -267,7 +267,7 @@ class FlatConvForward:
             raise ValueError(f"flat convolution: weight {weight_shape} does not fit x {x_shape}: "
                              "it needs x's channels and a kernel no larger than x's plane")
         self.dtype = np.dtype(dtype)
-        if self.dtype not in GEMMS:
+        if not available(self.dtype):
             raise TypeError(f"flat convolution: {self.dtype} is not a dtype the GEMMs take")
         self.shapes = (tuple(x_shape), tuple(weight_shape), (n, o, h - kh + 1, w - kw + 1),
                        (o,) if has_bias else None)
