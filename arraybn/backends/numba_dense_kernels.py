@@ -26,7 +26,7 @@ from numba import prange
 
 from arraybn.backends.numba_config import jit
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, available,
-                                              blas_threads, gemm_args)
+                                              blas_threads, cblas_gemm, gemm_args)
 
 MIN_MULTIPLY_ADDS = 1 << 22     # per GEMM: LeNet-5's fc1 (6.1 M) pays in the step, fc2 (1.3 M)
                                 # not: 0.054 -> 0.074 ms (waking the worker costs more)
@@ -39,11 +39,11 @@ def _backward_gemms(gy, x, weight, gemm, one, zero, gx, gweight):
     i = x.shape[1]
     for task in prange(2):
         if task == 0:
-            gemm(ROW_MAJOR, NO_TRANS, NO_TRANS, n, i, o, one, gy.ctypes.data, o,
-                 weight.ctypes.data, i, zero, gx.ctypes.data, i)
+            cblas_gemm(gemm, ROW_MAJOR, NO_TRANS, NO_TRANS, n, i, o, one, gy.ctypes.data, o,
+                       weight.ctypes.data, i, zero, gx.ctypes.data, i)
         else:
-            gemm(ROW_MAJOR, TRANS, NO_TRANS, o, i, n, one, gy.ctypes.data, o, x.ctypes.data, i,
-                 zero, gweight.ctypes.data, i)
+            cblas_gemm(gemm, ROW_MAJOR, TRANS, NO_TRANS, o, i, n, one, gy.ctypes.data, o,
+                       x.ctypes.data, i, zero, gweight.ctypes.data, i)
 
 
 @jit(parallel=True)
@@ -55,9 +55,9 @@ def _forward_halves(x, weight, gemm, one, zero, y):
     half = (o + 1) // 2
     for task in prange(2):
         lo = task * half
-        gemm(ROW_MAJOR, NO_TRANS, TRANS, n, min(o, lo + half) - lo, i, one, x.ctypes.data, i,
-             weight.ctypes.data + lo * i * weight.itemsize, i, zero,
-             y.ctypes.data + lo * y.itemsize, o)
+        cblas_gemm(gemm, ROW_MAJOR, NO_TRANS, TRANS, n, min(o, lo + half) - lo, i, one,
+                   x.ctypes.data, i, weight.ctypes.data + lo * i * weight.itemsize, i, zero,
+                   y.ctypes.data + lo * y.itemsize, o)
 
 
 def _gemms_apply(n, o, i, arrays):

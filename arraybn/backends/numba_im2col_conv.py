@@ -34,8 +34,8 @@ from arraybn.backends import numba_across_chunk as across_chunk
 from arraybn.backends import numba_conv_epilogue as epilogues
 from arraybn.backends import numba_gemm
 from arraybn.backends.numba_config import jit, uidx
-from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, check_arrays,
-                                              chunk_bounds, gemm_args)
+from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, add_to, cblas_gemm,
+                                              check_arrays, chunk_bounds, gemm_args)
 
 OWN_GEMM_MAX = 32     # numba_gemm where the output channels or im2col rows are this few or fewer
 # Per-image weight gradients on numba_gemm read their windows in place with at most this many
@@ -77,8 +77,8 @@ def weights_times(own, packed, w2, transpose, gemm, one, zero, b, out):
     o, rows = w2.shape
     n = b.shape[1]
     m, k = (rows, o) if transpose else (o, rows)
-    gemm(ROW_MAJOR, TRANS if transpose else NO_TRANS, NO_TRANS, m, n, k, one, w2.ctypes.data,
-         rows, b.ctypes.data, n, zero, out.ctypes.data, n)
+    cblas_gemm(gemm, ROW_MAJOR, TRANS if transpose else NO_TRANS, NO_TRANS, m, n, k, one,
+               w2.ctypes.data, rows, b.ctypes.data, n, zero, out.ctypes.data, n)
 
 
 @jit()
@@ -242,8 +242,9 @@ def _columns_times_gy(own, gemm, one, zero, cols, gy2, accumulate, product, part
     rows, positions = cols.shape
     o = gy2.shape[0]
     target = product if accumulate else partial
-    gemm(ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data, positions,
-         gy2.ctypes.data, gy2.strides[0] // gy2.itemsize, zero, target.ctypes.data, o)
+    cblas_gemm(gemm, ROW_MAJOR, NO_TRANS, TRANS, rows, o, positions, one, cols.ctypes.data,
+               positions, gy2.ctypes.data, gy2.strides[0] // gy2.itemsize, zero,
+               target.ctypes.data, o)
     if accumulate:
         add_to(partial, product)
 
