@@ -4,6 +4,8 @@ and standing aside where NumPy's OpenBLAS is not there (what both kinds of convo
 share, threads and refusals included, is tested in test_im2col_conv_kernels)."""
 import numpy as np
 import pytest
+from numba import njit
+from numba.core.errors import TypingError
 
 from arraybn.backends import numba_flat_conv as flat
 from arraybn.nn import build_model
@@ -13,6 +15,33 @@ from tests.nn.threaded_steps import step_results
 
 pytestmark = pytest.mark.skipif(not flat.available(np.float32),
                                 reason="NumPy's own OpenBLAS not found: the NumPy path runs")
+
+
+@njit
+def _gemm_through_address(gemm, one, zero, a, b, c, trans_b):
+    """c = a @ b (or a @ b.T) by ``cblas_gemm``, as the kernels call it."""
+    m, k = a.shape
+    n, ldb = c.shape[1], b.shape[1]
+    flat.cblas_gemm(gemm, flat.ROW_MAJOR, flat.NO_TRANS, flat.TRANS if trans_b else flat.NO_TRANS,
+                    m, n, k, one, a.ctypes.data, k, b.ctypes.data, ldb, zero, c.ctypes.data, n)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cblas_gemm_calls_numpys_gemm_by_its_address(dtype):
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(shape).astype(dtype) for shape in ((7, 33), (33, 12)))
+    for trans_b, b_in in ((False, b), (True, np.ascontiguousarray(b.T))):
+        c = np.full((7, 12), np.nan, dtype)
+        _gemm_through_address(*flat.gemm_args(dtype), a, b_in, c, trans_b)
+        expected = a @ (b_in.T if trans_b else b_in)   # NumPy's matmul: the same GEMM call
+        assert np.array_equal(c, expected)
+
+
+def test_cblas_gemm_refuses_alpha_and_beta_that_are_not_one_float_type():
+    one, zero = np.float32(1), np.float64(0)
+    a = np.ones((2, 2), np.float32)
+    with pytest.raises(TypingError):
+        _gemm_through_address(flat.gemm_args(np.float32)[0], one, zero, a, a, a.copy(), False)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
