@@ -145,7 +145,7 @@ class FlatConvBNBackward:
         gy = np.ascontiguousarray(gy, dtype=self.dtype)
         check_argmax(gy, argmax, y.shape, self.k)
         o = y.shape[1]
-        mean, scale, w = (channel_values(v, o) for v in (mean, scale, w))
+        mean, scale, w = channel_values(mean, o), channel_values(scale, o), channel_values(w, o)
         sum_gy, sum_gy_xc, a_x, b = np.empty((4, o))
         partials = np.empty(self.partials_shape, self.dtype)
         tasks = max(1, min(numba.get_num_threads(), o))

@@ -82,7 +82,7 @@ def bn_dense_train_forward(x, gamma, beta, eps, center_only, momentum, running_m
     running buffers untouched, when a statistic is NaN or inf."""
     x3, c = _as_x3(x, k), x.shape[1]
     y, mask = np.empty_like(x), np.empty(x.shape, np.uint8)
-    mean, var, inv_std = np.empty(c), np.empty(c), np.empty(c)
+    mean, var, inv_std = np.empty((3, c))
     finite = _train_forward(x3, channel_values(gamma, c), channel_values(beta, c), float(eps),
                             bool(center_only), float(momentum),
                             _running_buffer(running_mean, c, "running_mean"),
@@ -109,9 +109,9 @@ def bn_dense_backward(gy, x, mask, mean, scale, w, centered, relu_before, k=1):
     if gy.shape != x.shape or mask.shape != x.shape:
         raise ValueError(f"fused BN block: gy {gy.shape} and mask {mask.shape} must have "
                          f"x's shape {x.shape}")
-    sum_gy, sum_gy_xc = np.empty(c), np.empty(c)
+    sum_gy, sum_gy_xc = np.empty((2, c))
     g, gx = np.empty_like(x), np.empty_like(x)
-    _backward(gy.reshape(x3.shape), x3, mask, *(channel_values(v, c) for v in (mean, scale, w)),
-              bool(centered), bool(relu_before), g.reshape(x3.shape), gx.reshape(x3.shape),
-              sum_gy, sum_gy_xc)
+    _backward(gy.reshape(x3.shape), x3, mask, channel_values(mean, c), channel_values(scale, c),
+              channel_values(w, c), bool(centered), bool(relu_before), g.reshape(x3.shape),
+              gx.reshape(x3.shape), sum_gy, sum_gy_xc)
     return gx, sum_gy, sum_gy_xc

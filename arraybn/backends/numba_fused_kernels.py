@@ -512,7 +512,7 @@ def bn_pool_train_forward(x, gamma, beta, eps, center_only, momentum, running_me
     gamma, beta = channel_values(gamma, c), channel_values(beta, c)
     buffers = (_running_buffer(running_mean, c, "running_mean"),
                _running_buffer(running_var, c, "running_var"))
-    mean, var, a, inv_std = np.empty(c), np.empty(c), np.empty(c), np.empty(c)
+    mean, var, a, inv_std = np.empty((4, c))
     options = (float(eps), bool(center_only), bool(relu_after), int(k), float(momentum))
     tasks = _tasks(x)
     if tasks:
@@ -538,8 +538,8 @@ def bn_pool_backward(gy, x, argmax, mean, scale, w, centered, relu_before, k):
     check_argmax(gy, argmax, x.shape, k)
     channels = x.shape[1]
     mean, scale, w = (channel_values(v, channels) for v in (mean, scale, w))
-    sum_gy, sum_gy_xc = np.empty(channels), np.empty(channels)
-    a_x, b, gx = np.empty(channels), np.empty(channels), np.empty_like(x)
+    sum_gy, sum_gy_xc, a_x, b = np.empty((4, channels))
+    gx = np.empty_like(x)
     args = (gy, x, argmax, mean, scale, w, bool(centered), bool(relu_before), int(k))
     tasks = _tasks(x)
     if tasks:
