@@ -97,10 +97,18 @@ def dense_backward_applies(gy, x, weight):
     return x.shape[0] == n and weight.shape == (o, i) and _gemms_apply(n, o, i, arrays)
 
 
-def dense_backward_gemms(gy, x, weight):
+def dense_backward_gemms(gy, x, weight, gweight=None):
     """(gy @ weight, gy.T @ x) of a dense layer's backward, computed side by side; the caller
-    checks ``dense_backward_applies`` first."""
+    checks ``dense_backward_applies`` first. gweight: where to write gy.T @ x (a C-contiguous
+    array of weight's shape and dtype), or None for a new array."""
     gx = np.empty(x.shape, gy.dtype)
-    gweight = np.empty(weight.shape, gy.dtype)
+    if gweight is None:
+        gweight = np.empty(weight.shape, gy.dtype)
+    elif not (isinstance(gweight, np.ndarray) and gweight.shape == weight.shape
+              and gweight.dtype == gy.dtype and gweight.flags.c_contiguous
+              and gweight.flags.writeable):
+        raise ValueError(f"dense backward: gweight must be a writeable C-contiguous {gy.dtype} "
+                         f"array of shape {weight.shape}; got {getattr(gweight, 'dtype', '')} "
+                         f"{getattr(gweight, 'shape', type(gweight).__name__)}")
     _backward_gemms(gy, x, weight, *gemm_args(gy.dtype), gx, gweight)
     return gx, gweight

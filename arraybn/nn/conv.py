@@ -515,13 +515,17 @@ def flat_kernel_chunks(cache, ops, need_gx):
     return _chunks(x, weight.shape, stride, pad, np)[0]
 
 
-def summed_weight_gradient(partials, weight_shape, dtype, xp):
+def summed_weight_gradient(partials, weight_shape, dtype, xp, out=None):
     """The weight gradient from the chunks' transposed partials (C*kh*kw, O), added in chunk
-    order from zero as ``conv2d_backward`` adds them."""
+    order from zero as ``conv2d_backward`` adds them; written into ``out`` (C-contiguous, of
+    the weight's shape and ``dtype``: a ``grad_out``) if given."""
     gweight = xp.zeros((math.prod(weight_shape[1:]), weight_shape[0]), dtype=dtype)
     for partial in partials:                                    # in batch order
         gweight += partial
-    return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
+    if out is None:
+        return xp.ascontiguousarray(gweight.T).reshape(weight_shape)
+    out.reshape(weight_shape[0], -1)[...] = gweight.T
+    return out
 
 
 def _chunk_bias_gradient(gy, part):

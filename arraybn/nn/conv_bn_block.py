@@ -35,7 +35,7 @@ import numpy as np
 
 from arraybn.nn.conv import Conv2d, flat_kernel_chunks, summed_weight_gradient
 from arraybn.nn.fused import FusedBNBlock, fuse_bn_blocks
-from arraybn.nn.layers import Layer
+from arraybn.nn.layers import Layer, grad_out
 
 _KERNEL = "FlatConvBNBackward"
 _KEEP = 8          # prepared kernels a block keeps (input shapes: a batch size and the last
@@ -134,7 +134,8 @@ class ConvBNBlock(Layer):
         partials, sum_gy, sum_gy_xc = kernel(gy, y, argmax, mean, scale, w, centered, x, weight,
                                              gx)
         self.block.set_gradients(sum_gy, sum_gy_xc, xhat_scale)
-        self.conv.weight.grad = summed_weight_gradient(partials, weight.shape, y.dtype, np)
+        self.conv.weight.grad = summed_weight_gradient(partials, weight.shape, y.dtype, np,
+                                                       grad_out(self.conv.weight, y.dtype))
         return gx
 
     def _fused_kernel(self):

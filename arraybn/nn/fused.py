@@ -27,7 +27,7 @@ import numpy as np
 from arraybn.core import validation as v
 from arraybn.nn.batchnorm import BatchNorm
 from arraybn.nn.conv import Conv2d, MaxPool2d
-from arraybn.nn.layers import Dense, Layer, ReLU
+from arraybn.nn.layers import Dense, Layer, ReLU, grad_out
 
 FUSED_KINDS = ("full", "mean-only")
 _FUSED_OPTIONS = {"training", "variant", "eps", "momentum", "running_mean", "running_var"}
@@ -129,10 +129,20 @@ class FusedBNBlock(Layer):
         return gx
 
     def set_gradients(self, sum_gy, sum_gy_xc, xhat_scale):
-        """The BN's weight and bias gradients from a fused backward's sums (float64)."""
-        dtype = self.bn.weight.data.dtype
-        self.bn.weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
-        self.bn.bias.grad = sum_gy.astype(dtype, copy=False)
+        """The BN's weight and bias gradients from a fused backward's sums (float64), rounded
+        once to the parameters' dtype (into their ``grad_buffer`` where they have one)."""
+        weight, bias = self.bn.weight, self.bn.bias
+        dtype = weight.data.dtype
+        weight_out, bias_out = grad_out(weight, dtype), grad_out(bias, dtype)
+        if weight_out is None:
+            weight.grad = (sum_gy_xc * xhat_scale).astype(dtype, copy=False)
+        else:               # the float64 product, rounded once on the way out
+            weight.grad = np.multiply(sum_gy_xc, xhat_scale, out=weight_out, casting="same_kind")
+        if bias_out is None:
+            bias.grad = sum_gy.astype(dtype, copy=False)
+        else:
+            bias_out[...] = sum_gy
+            bias.grad = bias_out
 
     # --- the BN's statistics and coefficients -----------------------------------------------
 

@@ -15,16 +15,29 @@ class Parameter:
     """A trainable array: ``name`` (PyTorch state_dict key), ``data`` and ``grad`` (same shape).
 
     ``grad`` is overwritten by every backward pass (never accumulated); None before the first.
+    ``grad_buffer``: None, or where a backward may write ``grad`` in place: an optimizer whose
+    parameters share one flat array (``arraybn.nn.flat``) gives each a view of its flat
+    gradient, and the layers that can compute their gradient into it do (``out=``), which spares
+    the optimizer a copy of every gradient per step. ``grad`` may then be the same array from
+    one step to the next, as in PyTorch: copy it to keep a step's gradient.
     """
-    __slots__ = ("name", "data", "grad")
+    __slots__ = ("name", "data", "grad", "grad_buffer")
 
     def __init__(self, name, data):
         self.name = name
         self.data = data
         self.grad = None
+        self.grad_buffer = None
 
     def __repr__(self):
         return f"Parameter({self.name!r}, shape={tuple(self.data.shape)}, dtype={self.data.dtype})"
+
+
+def grad_out(param, dtype):
+    """``param.grad_buffer`` where a gradient computed in ``dtype`` can be written into it as
+    it is (the same dtype), else None (also for ``param`` None)."""
+    buffer = None if param is None else param.grad_buffer
+    return buffer if buffer is not None and buffer.dtype == dtype else None
 
 
 def kaiming_uniform(rng, shape, fan_in, dtype):
@@ -79,19 +92,21 @@ def dense_forward(x, weight, bias, ops=None):
     return y, (x, weight, bias is not None)
 
 
-def dense_backward(gy, cache, need_gx=True, ops=None):
+def dense_backward(gy, cache, need_gx=True, ops=None, out=(None, None)):
     """gy: (N, out) -> (gx (N, in) or None, gweight (out, in), gbias (out,) or None).
 
     ops: the backend's ``conv_ops()``; where it has ``dense_backward_gemms`` (numba) and that
-    applies, the two GEMMs run side by side, with the same results."""
+    applies, the two GEMMs run side by side, with the same results. out: NumPy arrays of gy's
+    dtype for gweight and gbias to be written into (``grad_out``), or None each."""
     x, weight, has_bias = cache
+    gweight_out, gbias_out = out
     applies = getattr(ops, "dense_backward_applies", None)
     if need_gx and applies is not None and applies(gy, x, weight):
-        gx, gweight = ops.dense_backward_gemms(gy, x, weight)
+        gx, gweight = ops.dense_backward_gemms(gy, x, weight, gweight_out)
     else:
         gx = gy @ weight if need_gx else None
-        gweight = gy.T @ x
-    gbias = gy.sum(axis=0) if has_bias else None
+        gweight = gy.T @ x if gweight_out is None else np.matmul(gy.T, x, out=gweight_out)
+    gbias = gy.sum(axis=0, out=gbias_out) if has_bias else None
     return gx, gweight, gbias
 
 
@@ -116,8 +131,9 @@ class Dense(Layer):
         return y
 
     def backward(self, gy):
+        out = grad_out(self.weight, gy.dtype), grad_out(self.bias, gy.dtype)
         gx, self.weight.grad, gbias = dense_backward(gy, self._take_cache(), self.need_input_grad,
-                                                     self._ops)
+                                                     self._ops, out)
         if self.bias is not None:
             self.bias.grad = gbias
         return gx

@@ -44,6 +44,32 @@ def test_both_gemms_equal_numpys_bit_for_bit(rng, dtype, shape, two_threads):
     np.testing.assert_array_equal(gweight, gy.T @ x)
 
 
+def test_the_weight_gradient_goes_into_the_array_given(rng, two_threads):
+    gy, x, weight = _operands(rng, 128, 120, 400, np.float32)
+    out = np.full(weight.shape, np.nan, np.float32)
+    gx, gweight = kernels.dense_backward_gemms(gy, x, weight, out)
+    assert gweight is out
+    np.testing.assert_array_equal(out, gy.T @ x)
+    np.testing.assert_array_equal(gx, gy @ weight)
+
+
+def _read_only(shape):
+    array = np.zeros(shape, np.float32)
+    array.flags.writeable = False
+    return array
+
+
+@pytest.mark.parametrize("make", [lambda: np.zeros((120, 401), np.float32),
+                                  lambda: np.zeros((120, 400), np.float64),
+                                  lambda: np.zeros((400, 120), np.float32).T,
+                                  lambda: _read_only((120, 400)),
+                                  lambda: [[0.0] * 400] * 120])
+def test_a_weight_gradient_array_that_does_not_fit_is_refused(rng, two_threads, make):
+    gy, x, weight = _operands(rng, 128, 120, 400, np.float32)
+    with pytest.raises(ValueError, match="gweight must be a writeable C-contiguous float32"):
+        kernels.dense_backward_gemms(gy, x, weight, make())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(128, 120, 400), (97, 131, 401), (256, 4, 4096),
                                    (3, 1000, 2000)])

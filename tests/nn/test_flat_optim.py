@@ -120,6 +120,40 @@ def test_a_model_trains_identically_with_flat_and_per_parameter_steps(kind):
         np.testing.assert_array_equal(models[0].state_dict()[key], value, err_msg=key)
 
 
+@pytest.mark.parametrize("backend,in_place", [("numba", 14), ("numpy", 4)])
+def test_layers_compute_their_gradients_into_the_flat_gradient(backend, in_place):
+    """With a flat optimizer, the layers that can write a gradient into its ``grad_buffer`` do
+    (numba's LeNet-5 + BN: all 14; NumPy's: the dense layers' 4, the rest is copied in); the
+    gradients, the flat gradient and the steps are bit for bit those of a model without an
+    optimizer's buffers, whose layers return new arrays."""
+    model, ref = (build_model("lenet5", backend=backend, seed=3) for _ in range(2))
+    ops = model.backend.conv_ops()
+    opt = SGD(model.parameters(), 0.05, momentum=0.9, ops=ops)
+    ref_opt = _per_parameter(SGD(ref.parameters(), 0.05, momentum=0.9, ops=ops))
+    for p in ref.parameters():
+        p.grad_buffer = None
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 6)
+    kept = None
+    for _ in range(3):
+        for m in (model, ref):
+            _, g = softmax_cross_entropy(m.forward(x, True), y, ops)
+            m.backward(g)
+        params = model.parameters()
+        assert sum(p.grad is p.grad_buffer for p in params) == in_place
+        if kept is not None:                       # the same arrays, overwritten, step to step
+            assert all(p.grad is k for p, k in zip(params, kept) if k is p.grad_buffer)
+        kept = [p.grad for p in params]
+        for p, r in zip(params, ref.parameters()):
+            np.testing.assert_array_equal(p.grad, r.grad, err_msg=p.name)
+        np.testing.assert_array_equal(opt.flat_grad(),
+                                      np.concatenate([r.grad.ravel() for r in ref.parameters()]))
+        opt.step()
+        ref_opt.step()
+    for key, value in ref.state_dict().items():
+        np.testing.assert_array_equal(model.state_dict()[key], value, err_msg=key)
+
+
 @pytest.mark.parametrize("model,flat", [("lenet5", True), ("vgg8", False)])
 def test_only_small_models_go_flat(model, flat):
     """LeNet-5's 60k parameter values share one array; VGG-8's 585k, where gathering every
