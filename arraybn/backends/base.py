@@ -159,7 +159,9 @@ class Backend(abc.ABC):
         ``arraybn.nn.fused`` uses (see ``numba_fused_kernels``), and ``conv_kernels_available``
         with ``conv_forward``/``conv_backward``, the convolution kernels that ``arraybn.nn.conv``
         runs a chunk of the batch in (``numba_conv_kernels``; they must give the ``xp`` code's
-        results bit for bit), and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
+        results bit for bit; ``FlatConvForward`` and ``FlatConvBNBackward``, the flat
+        convolution's forward and a ``ConvBNBlock``'s backward, prepared once per input shape),
+        and ``elementwise_applies`` with ``add_relu``, ``relu_gradient``
         and ``add``, the residual blocks' element-wise kernels (``numba_residual_kernels``; the
         same bits as NumPy's), ``dense_backward_applies`` with ``dense_backward_gemms``, a
         dense layer's two backward GEMMs side by side, and ``dense_forward_applies`` with
