@@ -14,6 +14,8 @@ values in 32 parameters), 0.70x for LeNet-5 (61k in 14), 0.89-0.94x for ResNet-2
 (272-279k), 1.13x for the MLP (236k in 8) and 1.23x for VGG-8; SGD likewise, up to 1.63x for
 VGG-8. So only models of at most ``MAX_VALUES`` parameter values go flat.
 """
+import operator
+
 import numpy as np
 
 MAX_VALUES = 1 << 17          # 512 KB of float32: the gather and the temporaries stay in cache
@@ -61,12 +63,14 @@ class FlatParameters:
         ``grad`` copied in (in one call when none is); None when some parameter has no
         gradient."""
         grads = [p.grad for p in self.params]
+        in_place = list(map(operator.is_, grads, self._grad_views))
+        if all(in_place):
+            return self.grad
         if any(g is None for g in grads):
             return None
-        in_place = [g is view for g, view in zip(grads, self._grad_views)]
         if not any(in_place):
             self.xp.concatenate([g.reshape(-1) for g in grads], out=self.grad)
-        elif not all(in_place):
+        else:
             for g, view, done in zip(grads, self._grad_views, in_place):
                 if not done:
                     view[...] = g
