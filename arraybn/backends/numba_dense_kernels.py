@@ -24,6 +24,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from arraybn.backends.numba_backend import _output
 from arraybn.backends.numba_config import jit
 from arraybn.backends.numba_flat_conv import (NO_TRANS, ROW_MAJOR, TRANS, available,
                                               blas_threads, cblas_gemm, gemm_args)
@@ -102,13 +103,6 @@ def dense_backward_gemms(gy, x, weight, gweight=None):
     checks ``dense_backward_applies`` first. gweight: where to write gy.T @ x (a C-contiguous
     array of weight's shape and dtype), or None for a new array."""
     gx = np.empty(x.shape, gy.dtype)
-    if gweight is None:
-        gweight = np.empty(weight.shape, gy.dtype)
-    elif not (isinstance(gweight, np.ndarray) and gweight.shape == weight.shape
-              and gweight.dtype == gy.dtype and gweight.flags.c_contiguous
-              and gweight.flags.writeable):
-        raise ValueError(f"dense backward: gweight must be a writeable C-contiguous {gy.dtype} "
-                         f"array of shape {weight.shape}; got {getattr(gweight, 'dtype', '')} "
-                         f"{getattr(gweight, 'shape', type(gweight).__name__)}")
+    gweight = _output(gweight, weight, "gweight")        # weight: C-contiguous, gy's dtype
     _backward_gemms(gy, x, weight, *gemm_args(gy.dtype), gx, gweight)
     return gx, gweight
